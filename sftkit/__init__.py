@@ -1,0 +1,1 @@
+"""sftkit: supervised fine-tuning of LLMs and agents."""

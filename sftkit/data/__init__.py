@@ -1,0 +1,1 @@
+"""Raw rows -> canonical conversations -> token ids and labels."""

@@ -1,0 +1,87 @@
+"""Tiny tokenizers and models built on the fly, so tests never need a hub or real weights."""
+from __future__ import annotations
+
+import os
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+CHATML_JINJA = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>", "<unk>"]
+
+CORPUS = [
+    "You are a helpful assistant. Answer the question briefly.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Translate to Chinese: hello world. 你好，世界。今天天气很好。",
+    "[INST] <<SYS>> system <</SYS>> [/INST] ### Instruction: ### Input: ### Response:",
+    "<|startofthink|>```JSON\n{\"api_name\": \"weather\", \"parameters\": {\"city\": \"Paris\"}}\n```<|endofthink|>",
+    "<|startofexec|>```JSON\n{\"result\": \"sunny, 21 C\"}\n```<|endofexec|>",
+    "user assistant system tool function name arguments: 0 1 2 3 4 5 6 7 8 9 + - * / = ? ! , . ; :",
+    "The quick brown fox jumps over the lazy dog. Numbers like 42 and 3.14 appear too.",
+    "Human: Assistant: <reserved_106> <reserved_107> [gMASK]sop <|user|> <|assistant|> <|system|>",
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>",
+] * 4
+
+
+def make_tokenizer(vocab_size: int = 600):
+    """A byte-level BPE tokenizer with ChatML specials and chat template, trained in well under a second."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        chat_template=CHATML_JINJA,
+    )
+
+
+def make_model(tokenizer, arch: str = "llama", hidden: int = 64, layers: int = 2, seed: int = 0):
+    """A randomly initialised causal LM of the given transformers architecture."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    if arch in ("gemma", "gemma2", "gemma3_text"):
+        kwargs["head_dim"] = hidden // 4
+    config = AutoConfig.for_model(arch, **kwargs)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def save_tiny(path, arch: str = "llama", seed: int = 0) -> str:
+    """Write a tiny model + tokenizer with save_pretrained so the real loading path runs on it."""
+    tokenizer = make_tokenizer()
+    model = make_model(tokenizer, arch=arch, seed=seed)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
