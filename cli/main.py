@@ -1,0 +1,34 @@
+"""`sftkit`: the click group. Commands are thin: build the config, call the library."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from sftkit.config import PreviewConfig
+
+from .options import config_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def main():
+    """sftkit: supervised fine-tuning of LLMs and tool-calling agents."""
+
+
+@main.command()
+@config_command(PreviewConfig)
+def preview(config: PreviewConfig):
+    """Print encoded examples with trainable tokens marked, and token length statistics."""
+    from sftkit.data.errors import DataError
+    from sftkit.data.preview import preview as run_preview
+
+    if config.color is None:
+        config = __import__("dataclasses").replace(config, color=sys.stdout.isatty())
+    try:
+        run_preview(config, echo=click.echo)
+    except DataError as error:
+        raise click.ClickException(str(error)) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""encode -> mask -> truncate -> collate, and build_example composing them. Pure functions, in pipeline order."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from bisect import bisect_right
+
+from .formats import Message, to_messages
+from .templates import Segment, Template, get_template, render
+
+TRAIN_ON = ("assistant", "last", "all")
+TRAINABLE_ROLES = ("assistant", "tool_call")
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids and, per token, the role of the segment it came from."""
+
+    input_ids: list[int]
+    roles: list[str | None]
+
+
+def encode(segments: list[Segment], tokenizer) -> Encoded:
+    """Tokenize the joined text once and give each token the role of the segment holding its last character.
+
+    Encoding the joined text (not segment by segment) keeps the ids identical to what the model sees
+    at inference, whatever the tokenizer does at boundaries (merges, SentencePiece's leading space).
+    """
+    text = "".join(segment_text for segment_text, _ in segments)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ends, position = [], 0
+    for segment_text, _ in segments:
+        position += len(segment_text)
+        ends.append(position)
+    roles = []
+    for start, end in encoding["offset_mapping"]:
+        index = bisect_right(ends, max(end, start + 1) - 1)
+        roles.append(segments[min(index, len(segments) - 1)][1])
+    return Encoded(list(encoding["input_ids"]), roles)
+
+
+def mask(encoded: Encoded, train_on: str = "assistant") -> list[int]:
+    """Labels: the token id where the model must learn, IGNORE_INDEX elsewhere.
+
+    "assistant" trains every answer and tool call, "last" only those after the final user turn,
+    "all" every token. Tool results never train, whatever train_on says.
+    """
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on must be one of {TRAIN_ON}, got '{train_on}'")
+    first = 0
+    if train_on == "last":
+        users = [index for index, role in enumerate(encoded.roles) if role == "user"]
+        first = users[-1] + 1 if users else 0
+    labels = []
+    for index, (token, role) in enumerate(zip(encoded.input_ids, encoded.roles)):
+        trainable = role != "tool" and (train_on == "all" or (role in TRAINABLE_ROLES and index >= first))
+        labels.append(token if trainable else IGNORE_INDEX)
+    return labels
+
+
+def loss_weights(encoded: Encoded, labels: list[int], scale: dict[str, float]) -> list[float]:
+    """Per-token loss weights by segment role (e.g. tool_call 2.0, assistant 1.0); untrained tokens weigh 0."""
+    return [0.0 if label == IGNORE_INDEX else float(scale.get(role or "", 1.0)) for label, role in zip(labels, encoded.roles)]
+
+
+def truncate(input_ids: list[int], labels: list[int], max_length: int | None, side: str = "right"):
+    """Cut to max_length tokens from the chosen side; None when no trainable token survives."""
+    if side not in ("right", "left"):
+        raise ValueError(f"truncation side must be 'right' or 'left', got '{side}'")
+    if max_length is not None and len(input_ids) > max_length:
+        kept = slice(0, max_length) if side == "right" else slice(len(input_ids) - max_length, None)
+        input_ids, labels = input_ids[kept], labels[kept]
+    # The first label is never a target: position t predicts token t+1.
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        return None
+    return input_ids, labels
+
+
+def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """Right-pad a batch to its longest example (optionally up to a multiple of N) into tensors."""
+    import torch
+
+    longest = max(len(example["input_ids"]) for example in examples)
+    if pad_to_multiple_of:
+        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    batch = {"input_ids": [], "labels": [], "attention_mask": []}
+    has_weights = any("loss_weights" in example for example in examples)
+    if has_weights:
+        batch["loss_weights"] = []
+    for example in examples:
+        padding = longest - len(example["input_ids"])
+        batch["input_ids"].append(list(example["input_ids"]) + [pad_token_id] * padding)
+        batch["labels"].append(list(example["labels"]) + [IGNORE_INDEX] * padding)
+        batch["attention_mask"].append([1] * len(example["input_ids"]) + [0] * padding)
+        if has_weights:
+            weights = example.get("loss_weights") or [float(label != IGNORE_INDEX) for label in example["labels"]]
+            batch["loss_weights"].append(list(weights) + [0.0] * padding)
+    return {key: torch.tensor(value, dtype=torch.float32 if key == "loss_weights" else torch.long) for key, value in batch.items()}
+
+
+def build_example(
+    record: "dict | list[Message]",
+    *,
+    tokenizer,
+    template: "str | Template",
+    max_length: int | None = None,
+    train_on: str = "assistant",
+    truncation_side: str = "right",
+    system: str | None = None,
+    schema: str | None = None,
+    loss_scale: dict[str, float] | None = None,
+) -> dict | None:
+    """One raw row (or canonical conversation) -> {"input_ids", "labels"[, "loss_weights"]}, or None when
+    truncation leaves nothing to learn (the caller counts those)."""
+    messages = record if isinstance(record, list) else to_messages(record, schema)
+    template = get_template(template)
+    segments = render(
+        messages, template, bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "",
+        system=system, tokenizer=tokenizer,
+    )
+    encoded = encode(segments, tokenizer)
+    labels = mask(encoded, train_on)
+    if loss_scale:
+        weights = loss_weights(encoded, labels, loss_scale)
+        kept = truncate(list(range(len(labels))), labels, max_length, truncation_side)
+        if kept is None:
+            return None
+        positions, labels = kept
+        return {"input_ids": [encoded.input_ids[i] for i in positions], "labels": labels, "loss_weights": [weights[i] for i in positions]}
+    kept = truncate(encoded.input_ids, labels, max_length, truncation_side)
+    if kept is None:
+        return None
+    return {"input_ids": kept[0], "labels": kept[1]}
+
+
+def build_examples(conversations: list[list[Message]], **kwargs) -> tuple[list[dict], int]:
+    """build_example over a dataset: the kept examples and how many truncation left with nothing to learn."""
+    examples = [build_example(conversation, **kwargs) for conversation in conversations]
+    kept = [example for example in examples if example is not None]
+    return kept, len(examples) - len(kept)

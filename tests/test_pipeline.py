@@ -1,0 +1,82 @@
+"""mask / truncate / collate / build_example on their own."""
+import pytest
+import torch
+
+from sftkit.data.formats import Message
+from sftkit.data.pipeline import IGNORE_INDEX, Encoded, build_example, build_examples, collate, loss_weights, mask, truncate
+
+ROLES = [None, "user", None, "assistant", "assistant", None, "user", None, "tool_call", "tool", "assistant"]
+ENCODED = Encoded(list(range(100, 111)), ROLES)
+
+
+def trained_positions(labels):
+    return [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+
+
+def test_mask_assistant_trains_answers_and_calls_never_results():
+    assert trained_positions(mask(ENCODED, "assistant")) == [3, 4, 8, 10]
+
+
+def test_mask_last_trains_only_after_final_user_turn():
+    assert trained_positions(mask(ENCODED, "last")) == [8, 10]
+
+
+def test_mask_all_still_skips_tool_results():
+    assert trained_positions(mask(ENCODED, "all")) == [i for i in range(11) if i != 9]
+
+
+def test_mask_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="train_on"):
+        mask(ENCODED, "everything")
+
+
+def test_loss_weights_by_role():
+    labels = mask(ENCODED)
+    weights = loss_weights(ENCODED, labels, {"tool_call": 2.0, "assistant": 1.0})
+    assert weights == [0, 0, 0, 1, 1, 0, 0, 0, 2, 0, 1]
+
+
+def test_truncate_sides_and_drop():
+    ids, labels = list(range(6)), [IGNORE_INDEX, IGNORE_INDEX, 2, 3, IGNORE_INDEX, IGNORE_INDEX]
+    assert truncate(ids, labels, 4, "right") == ([0, 1, 2, 3], labels[:4])
+    assert truncate(ids, labels, 4, "left") == ([2, 3, 4, 5], labels[2:])
+    assert truncate(ids, labels, 2, "right") is None
+    assert truncate(ids, labels, None) == (ids, labels)
+    with pytest.raises(ValueError):
+        truncate(ids, labels, 4, "middle")
+
+
+def test_collate_pads_right_to_multiple():
+    batch = collate([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}], pad_token_id=0, pad_to_multiple_of=4)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 0], [4, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 2, 3, -100], [4, -100, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    assert batch["input_ids"].dtype == torch.long and "loss_weights" not in batch
+
+
+def test_collate_carries_loss_weights():
+    batch = collate([{"input_ids": [1, 2], "labels": [1, 2], "loss_weights": [0.0, 2.0]}, {"input_ids": [3], "labels": [3]}], pad_token_id=0)
+    assert batch["loss_weights"].tolist() == [[0.0, 2.0], [1.0, 0.0]]
+
+
+def test_build_example_from_raw_row(tokenizer):
+    example = build_example({"instruction": "hi", "output": "hello"}, tokenizer=tokenizer, template="chatml")
+    assert len(example["input_ids"]) == len(example["labels"])
+    assert tokenizer.decode([t for t, l in zip(example["input_ids"], example["labels"]) if l != IGNORE_INDEX]) == "hello<|im_end|>"
+
+
+def test_build_example_drops_when_truncation_removes_every_answer(tokenizer):
+    row = {"instruction": "a long question " * 20, "output": "short"}
+    assert build_example(row, tokenizer=tokenizer, template="chatml", max_length=10) is None
+    kept, dropped = build_examples([[Message("user", "a long question " * 20), Message("assistant", "ok")]] * 3,
+                                   tokenizer=tokenizer, template="chatml", max_length=10)
+    assert (kept, dropped) == ([], 3)
+
+
+def test_build_example_loss_scale_survives_truncation(tokenizer):
+    row = {"query": "weather?", "response": '<|startofthink|>{"api_name": "w"}<|endofthink|>\n\n<|startofexec|>sun<|endofexec|>\nSunny.'}
+    full = build_example(row, tokenizer=tokenizer, template="chatml", loss_scale={"tool_call": 2.0})
+    cut = build_example(row, tokenizer=tokenizer, template="chatml", loss_scale={"tool_call": 2.0}, max_length=len(full["input_ids"]) - 3)
+    assert set(full["loss_weights"]) == {0.0, 1.0, 2.0}
+    assert cut["loss_weights"] == full["loss_weights"][: len(cut["input_ids"])]
+    assert cut["input_ids"] == full["input_ids"][: len(cut["input_ids"])]

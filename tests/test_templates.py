@@ -1,0 +1,148 @@
+"""Templates: golden renderings, exact parity with apply_chat_template, and the tokens that train."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from sftkit.data.formats import Message
+from sftkit.data.pipeline import IGNORE_INDEX, build_example, encode, mask
+from sftkit.data.templates import TEMPLATES, Template, get_template, register_template, render
+
+GOLDEN = Path(__file__).parent / "golden" / "templates.json"
+THINK = '<|startofthink|>{"api_name": "weather", "parameters": {"city": "Paris"}}<|endofthink|>'
+
+CONVERSATION = [
+    Message("system", "You are terse."),
+    Message("user", "What is 2+2?"),
+    Message("assistant", "4."),
+    Message("user", "Weather in Paris?"),
+    Message("tool_call", '{"api_name": "weather", "parameters": {"city": "Paris"}}'),
+    Message("tool", '{"temp": 18}'),
+    Message("assistant", "18 C."),
+]
+NAMED = sorted(name for name in TEMPLATES if name != "auto")
+
+
+def specials(tokenizer):
+    return dict(bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+
+
+def rendering(name, tokenizer):
+    segments = render(CONVERSATION, name, tokenizer=tokenizer, **specials(tokenizer))
+    encoded = encode(segments, tokenizer)
+    return {"segments": [list(s) for s in segments], "input_ids": encoded.input_ids, "labels": mask(encoded)}
+
+
+def golden_text(renderings) -> str:
+    """One segment per line and the ids on one line each, so a diff of the golden file reads well."""
+    blocks = []
+    for name, value in sorted(renderings.items()):
+        segments = ",\n    ".join(json.dumps(segment, ensure_ascii=False) for segment in value["segments"])
+        blocks.append(f'  "{name}": {{\n   "segments": [\n    {segments}\n   ],\n'
+                      f'   "input_ids": {json.dumps(value["input_ids"])},\n   "labels": {json.dumps(value["labels"])}\n  }}')
+    return "{\n" + ",\n".join(blocks) + "\n}\n"
+
+
+def test_builtin_templates_match_golden(tokenizer):
+    """Golden text + ids + labels per template; regenerate with SFTKIT_UPDATE_GOLDEN=1 after a deliberate change."""
+    current = {name: rendering(name, tokenizer) for name in NAMED + ["auto"]}
+    if os.environ.get("SFTKIT_UPDATE_GOLDEN"):
+        GOLDEN.write_text(golden_text(current), encoding="utf-8")
+    golden = json.loads(GOLDEN.read_text(encoding="utf-8"))
+    assert sorted(golden) == sorted(current)
+    for name in current:
+        assert current[name] == golden[name], name
+
+
+def test_required_builtins_exist():
+    for name in ["default", "chatml", "llama2", "llama3", "mistral", "baichuan", "chatglm2", "chatglm3", "internlm", "xverse", "auto"]:
+        assert name in TEMPLATES
+
+
+@pytest.mark.parametrize("name", NAMED + ["auto"])
+def test_joined_encoding_equals_plain_tokenization(name, tokenizer):
+    segments = render(CONVERSATION, name, tokenizer=tokenizer, **specials(tokenizer))
+    text = "".join(t for t, _ in segments)
+    assert encode(segments, tokenizer).input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+MARKERS = ["<|user|>", "<|assistant|>", "<|system|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
+           "<eoa>", "<reserved_106>", "<reserved_107>", "[gMASK]", "sop"]
+
+
+@pytest.fixture(scope="module")
+def marker_tokenizer():
+    """The tiny tokenizer with each template's markers as special tokens, as real model tokenizers have them."""
+    import tiny
+
+    extended = tiny.make_tokenizer()
+    extended.add_special_tokens({"additional_special_tokens": MARKERS})
+    return extended
+
+
+@pytest.mark.parametrize("name", NAMED)
+def test_trainable_text_is_answers_calls_and_end_of_turn(name, marker_tokenizer):
+    tokenizer = marker_tokenizer
+    template = get_template(name)
+    example = build_example(CONVERSATION, tokenizer=tokenizer, template=name)
+    trained = tokenizer.decode([t for t, l in zip(example["input_ids"], example["labels"]) if l != IGNORE_INDEX])
+    suffix = template.suffix.replace("{{EOS}}", tokenizer.eos_token).replace("{{BOS}}", tokenizer.bos_token)
+    call = template.tool_call.replace("{{CONTENT}}", CONVERSATION[4].content)
+    # A space that ends the prompt glue rides on the answer's first token (" 4"): ignore spaces.
+    assert trained.replace(" ", "") == ("4." + suffix + call + "18 C." + suffix).replace(" ", "")
+    assert '{"temp": 18}' not in trained and "Paris?" not in trained
+
+
+def as_chat(messages):
+    return [{"role": "assistant" if m.role == "tool_call" else m.role, "content": m.content} for m in messages]
+
+
+@pytest.mark.parametrize("name", ["chatml", "auto"])
+@pytest.mark.parametrize("with_system", [True, False])
+def test_chatml_and_auto_equal_apply_chat_template(name, with_system, tokenizer):
+    conversation = [m for m in CONVERSATION[:4] if with_system or m.role != "system"] + [Message("assistant", "It is 18 C.")]
+    example = build_example(conversation, tokenizer=tokenizer, template=name)
+    expected = tokenizer.apply_chat_template(as_chat(conversation), tokenize=True, return_dict=True)["input_ids"]
+    assert example["input_ids"] == list(expected)
+    trained = tokenizer.decode([t for t, l in zip(example["input_ids"], example["labels"]) if l != IGNORE_INDEX])
+    assert trained == "4.<|im_end|>It is 18 C.<|im_end|>"
+
+
+def test_generation_prompt_when_conversation_ends_with_user(tokenizer):
+    conversation = [Message("user", "hi")]
+    for name in ("chatml", "auto"):
+        text = "".join(t for t, _ in render(conversation, name, tokenizer=tokenizer))
+        assert text == tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+
+
+def test_system_default_and_override(tokenizer):
+    conversation = [Message("user", "hi"), Message("assistant", "yo")]
+    assert render(conversation, "qwen")[0] == ("<|im_start|>system\n", None)
+    assert render(conversation, "qwen")[1] == ("You are a helpful assistant.", "system")
+    assert render(conversation, "qwen", system="Be brief.")[1] == ("Be brief.", "system")
+    assert render(conversation, "chatml")[0] == ("<|im_start|>user\n", None)
+
+
+def test_template_without_system_slot_prefixes_first_query():
+    segments = render([Message("system", "S"), Message("user", "hi"), Message("assistant", "yo")], "mistral", bos_token="<s>", eos_token="</s>")
+    assert "".join(t for t, _ in segments) == "<s>[INST] S\n\nhi [/INST]yo</s>"
+
+
+def test_register_and_lookup_errors():
+    custom = Template(prefix="", prompt="Q: {{QUERY}}\nA: ", suffix="\n")
+    register_template("test-qa", custom)
+    assert get_template("test-qa") is custom
+    with pytest.raises(ValueError, match="already registered"):
+        register_template("test-qa", custom)
+    with pytest.raises(ValueError, match="did you mean"):
+        get_template("chatm")
+    del TEMPLATES["test-qa"]
+
+
+def test_auto_needs_a_chat_template(tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    bare = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
+    with pytest.raises(ValueError, match="chat_template"):
+        render(CONVERSATION, "auto", tokenizer=bare)
