@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from sftkit.config import PreviewConfig
+from sftkit.config import PreviewConfig, TrainConfig
 
 from .options import config_command
 
@@ -27,6 +27,20 @@ def preview(config: PreviewConfig):
     try:
         run_preview(config, echo=click.echo)
     except DataError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@main.command()
+@config_command(TrainConfig)
+def train(config: TrainConfig):
+    """Fine-tune a causal LM with LoRA or full parameters (default: the embedded SmolLM2 on the bundled data)."""
+    from sftkit.data.errors import DataError
+    from sftkit.model import ModelLoadError
+    from sftkit.train import TrainingError, train as run_train
+
+    try:
+        run_train(config)
+    except (DataError, ModelLoadError, TrainingError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from None
 
 

@@ -59,6 +59,92 @@ class PreviewConfig:
         return self.dataset or (bundled("data/chat.jsonl"),)
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """sftkit train: fine-tune a causal LM with LoRA or full parameters (ms-swift sft spellings accepted)."""
+
+    # model and data
+    model: str | None = option(None, "local model dir or hub id (default: the embedded SmolLM2-135M-Instruct)",
+                               aliases=("model_id_or_path",))
+    hub: str = option("modelscope", "where hub ids download from", choices=("modelscope", "hf"))
+    model_revision: str | None = option(None, "hub revision of the model")
+    model_cache_dir: str | None = option(None, "where hub downloads go")
+    dataset: tuple[str, ...] = option((), "training data: files, registered names, hf::ID or ms::ID (default: the bundled example)",
+                                      aliases=("custom_train_dataset_path",))
+    val_dataset: tuple[str, ...] = option((), "validation data (default: dataset_test_ratio of the training data)",
+                                          aliases=("custom_val_dataset_path",))
+    dataset_test_ratio: float = option(0.01, "share of the training data held out for validation when no val_dataset")
+    train_dataset_sample: int = option(-1, "use this many training rows after the split (-1: all)")
+    template: str = option("auto", "chat template name or 'auto' (the tokenizer's own chat_template)", aliases=("template_type",))
+    system: str | None = option(None, "system prompt for rows that have none (default: the template's)")
+    max_length: int | None = option(2048, "truncate examples to this many tokens")
+    truncation_side: str = option("right", "which end truncation cuts", choices=("right", "left"))
+    check_dataset_strategy: str = option("error", "what a bad row does", choices=("error", "warning", "skip"))
+    train_on: str = option("assistant", "which tokens train", choices=("assistant", "last", "all"))
+    # method
+    sft_type: str = option("lora", "LoRA adapters or all parameters", choices=("lora", "full"))
+    lora_rank: int = option(8, "LoRA rank r")
+    lora_alpha: float = option(32, "LoRA alpha (scaling = alpha / r)")
+    lora_dropout: float = option(0.05, "dropout on the LoRA input", aliases=("lora_dropout_p",))
+    lora_target_modules: tuple[str, ...] = option(("all-linear",), "module names, a regex, or all-linear")
+    use_rslora: bool = option(False, "scale by alpha / sqrt(r)")
+    # optimisation
+    batch_size: int = option(1, "examples per micro-batch", aliases=("per_device_train_batch_size",))
+    eval_batch_size: int = option(1, "examples per evaluation batch", aliases=("per_device_eval_batch_size",))
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    num_train_epochs: float = option(1, "passes over the training data")
+    max_steps: int = option(-1, "stop after this many optimizer steps (-1: from the epochs)")
+    learning_rate: float | None = option(None, "peak learning rate (default: 1e-4 for lora, 2e-5 for full)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
+    lr_scheduler_type: str = option("cosine", "learning-rate schedule after warmup", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = option(0.05, "share of the steps spent warming up linearly")
+    dtype: str = option("auto", "auto (fp32 on CPU, bf16 on capable GPUs), bf16, fp16 or fp32", aliases=("torch_dtype",),
+                        choices=("auto", "bf16", "fp16", "fp32"))
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    seed: int = option(42, "seed for data order, splits and initialisation")
+    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)")
+    # evaluation, checkpoints, logs
+    eval_steps: int = option(50, "evaluate every this many optimizer steps")
+    save_steps: int | None = option(None, "save every this many steps (default: eval_steps)")
+    save_total_limit: int = option(2, "keep at most this many checkpoints besides the best")
+    only_save_model: bool = option(False, "checkpoints hold only weights (no optimizer state: cannot resume)")
+    logging_steps: int = option(5, "log every this many steps")
+    dataloader_num_workers: int = option(0, "worker processes that collate batches")
+    output_dir: str = option("output", "where runs are written")
+    add_output_dir_suffix: bool = option(True, "write into <output_dir>/<model_type>/v<N>-<timestamp>/")
+    resume_from_checkpoint: str | None = option(None, "a checkpoint-<step> folder (or run folder) to continue from")
+    logging_dir: str | None = option(None, "TensorBoard folder (default: <run dir>/runs)")
+
+    def problems(self) -> list[str]:
+        checks = [_positive(name, getattr(self, name)) for name in
+                  ("lora_rank", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "eval_steps",
+                   "logging_steps", "max_length", "save_steps")]
+        checks += [_positive("num_train_epochs", self.num_train_epochs),
+                   _positive("save_total_limit", self.save_total_limit, zero_ok=True),
+                   _positive("dataloader_num_workers", self.dataloader_num_workers, zero_ok=True)]
+        if not 0 <= self.dataset_test_ratio < 1:
+            checks.append(f"dataset_test_ratio must be in [0, 1), got {self.dataset_test_ratio}")
+        if not 0 <= self.warmup_ratio < 1:
+            checks.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.lora_dropout < 1:
+            checks.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            checks.append(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            checks.append(f"max_steps must be > 0 or -1, got {self.max_steps}")
+        return [check for check in checks if check]
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate or (1e-4 if self.sft_type == "lora" else 2e-5)
+
+    def datasets(self) -> tuple[str, ...]:
+        return self.dataset or (bundled("data/chat.jsonl"),)
+
+
 def _positive(name: str, value, zero_ok: bool = False) -> str | None:
     if value is None or value > 0 or (zero_ok and value == 0):
         return None

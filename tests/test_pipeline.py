@@ -71,6 +71,8 @@ def test_build_example_drops_when_truncation_removes_every_answer(tokenizer):
     kept, dropped = build_examples([[Message("user", "a long question " * 20), Message("assistant", "ok")]] * 3,
                                    tokenizer=tokenizer, template="chatml", max_length=10)
     assert (kept, dropped) == ([], 3)
+    kept, dropped = build_examples([[Message("user", "hi"), Message("assistant", "ok")]], tokenizer=tokenizer, template="chatml")
+    assert dropped == 0 and kept[0]["conversation"][1].content == "ok"
 
 
 def test_build_example_loss_scale_survives_truncation(tokenizer):

@@ -134,7 +134,11 @@ def build_example(
 
 
 def build_examples(conversations: list[list[Message]], **kwargs) -> tuple[list[dict], int]:
-    """build_example over a dataset: the kept examples and how many truncation left with nothing to learn."""
-    examples = [build_example(conversation, **kwargs) for conversation in conversations]
-    kept = [example for example in examples if example is not None]
-    return kept, len(examples) - len(kept)
+    """build_example over a dataset: the kept examples, each with its "conversation" (for generation and
+    reports), and how many truncation left with nothing to learn."""
+    kept = []
+    for conversation in conversations:
+        example = build_example(conversation, **kwargs)
+        if example is not None:
+            kept.append({**example, "conversation": conversation})
+    return kept, len(conversations) - len(kept)

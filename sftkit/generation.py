@@ -1,0 +1,252 @@
+"""Token-by-token generation with the KV cache, written out instead of calling `model.generate`.
+
+One decoding loop serves streaming (one row) and batches (left-padded rows); text is released only once it
+is stable: complete UTF-8 characters that cannot be the start of a stop string.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Iterator
+
+import torch
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to pick each next token; do_sample=False is greedy and ignores the sampling knobs."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        problems = generation_problems(self)
+        if problems:
+            raise ValueError("invalid GenerationConfig: " + "; ".join(problems))
+
+
+def generation_problems(options) -> list[str]:
+    """Every bad generation value of a GenerationConfig or any command config carrying the same fields."""
+    problems = []
+    if options.max_new_tokens is None or options.max_new_tokens <= 0:
+        problems.append(f"max_new_tokens must be > 0, got {options.max_new_tokens}")
+    if options.temperature <= 0:
+        problems.append(f"temperature must be > 0 (use do_sample false for greedy), got {options.temperature}")
+    if options.top_k is not None and options.top_k < 0:
+        problems.append(f"top_k must be >= 0 (0 or none: off), got {options.top_k}")
+    if not 0 < options.top_p <= 1:
+        problems.append(f"top_p must be in (0, 1], got {options.top_p}")
+    if options.repetition_penalty <= 0:
+        problems.append(f"repetition_penalty must be > 0, got {options.repetition_penalty}")
+    return problems
+
+
+def generation_config(options) -> GenerationConfig:
+    """A GenerationConfig from any object with the same field names (ChatConfig, InferConfig, EvalConfig)."""
+    return GenerationConfig(**{item.name: getattr(options, item.name) for item in fields(GenerationConfig)})
+
+
+def stop_criteria(tokenizer, template) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """(stop strings, stop token ids) for a template: its suffix and stop words end a reply.
+
+    One that is a single token stops on that id (exact, and cheaper); longer ones are matched as text.
+    The tokenizer's EOS always stops, so it is not listed.
+    """
+    eos = tokenizer.eos_token or ""
+    words = {template.suffix.replace("{{EOS}}", eos).strip(), *template.stop_words} - {"", eos}
+    strings, ids = [], []
+    for word in sorted(words):
+        encoded = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(encoded) == 1:
+            ids.append(encoded[0])
+        else:
+            strings.append(word)
+    return tuple(strings), tuple(ids)
+
+
+def generate_stream(model, tokenizer, input_ids, config: GenerationConfig, stop_strings=(), stop_token_ids=(),
+                    *, stop_after=()) -> Iterator[str]:
+    """Yield the reply to one prompt piece by piece as it becomes stable.
+
+    Stops at EOS or a stop token (not shown), at a stop string (not shown), or after a `stop_after` string
+    (shown: e.g. the marker that closes a tool call, which belongs to the reply).
+    """
+    stops = _stop_ids(tokenizer, stop_token_ids)
+    decoder = IncrementalDecoder(tokenizer)
+    text, shown = "", 0
+    for tokens in _token_steps(model, *_left_pad([list(input_ids)], _pad_id(tokenizer), model.device), config):
+        token = int(tokens[0])
+        if token in stops:
+            break
+        text += decoder.push(token)
+        end, stopped = visible_end(text, stop_strings, stop_after)
+        if end > shown:
+            yield text[shown:end]
+            shown = end
+        if stopped:
+            return
+    # Out of tokens or at EOS: a held-back partial stop string is plain text after all, and an unfinished
+    # UTF-8 character decodes as tokenizer.decode would.
+    rest = text + decoder.flush()
+    if len(rest) > shown:
+        yield rest[shown:]
+
+
+def generate_batch(model, tokenizer, batch_input_ids, config: GenerationConfig, stop_strings=(), stop_token_ids=(),
+                   *, stop_after=()) -> list[str]:
+    """The replies to several prompts at once (left-padded); each row stops on its own, as generate_stream would."""
+    if not batch_input_ids:
+        return []
+    stops = _stop_ids(tokenizer, stop_token_ids)
+    decoders = [IncrementalDecoder(tokenizer) for _ in batch_input_ids]
+    texts = [""] * len(batch_input_ids)
+    done = [False] * len(batch_input_ids)
+    padded = _left_pad([list(ids) for ids in batch_input_ids], _pad_id(tokenizer), model.device)
+    for tokens in _token_steps(model, *padded, config):
+        for row, token in enumerate(tokens.tolist()):
+            if done[row]:
+                continue
+            if token in stops:
+                done[row] = True
+                continue
+            texts[row] += decoders[row].push(token)
+            end, stopped = visible_end(texts[row], stop_strings, stop_after)
+            if stopped:
+                texts[row], done[row] = texts[row][:end], True
+        if all(done):
+            break
+    return [text if finished else text + decoder.flush() for text, finished, decoder in zip(texts, done, decoders)]
+
+
+def visible_end(text: str, stop_strings=(), stop_after=()) -> tuple[int, bool]:
+    """How much of `text` may be shown, and whether a stop string has ended it.
+
+    Without a hit, a tail that could still grow into a stop string is held back, so a stop string is
+    never half shown.
+    """
+    hits = [(text.find(word), word) for word in (*stop_strings, *stop_after) if word and word in text]
+    if hits:
+        position, word = min(hits, key=lambda hit: (hit[0], -len(hit[1])))
+        return (position + len(word) if word in stop_after else position), True
+    held = max((size for word in (*stop_strings, *stop_after) for size in range(1, len(word))
+                if text.endswith(word[:size])), default=0)
+    return len(text) - held, False
+
+
+class IncrementalDecoder:
+    """Decode a growing list of token ids into text pieces, releasing only whole characters.
+
+    Byte-level BPE splits a character (most CJK ones) across tokens, and SentencePiece drops a leading space
+    when decoding from the middle: so each piece is the difference between two decodes of the same window.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.prefix_offset, self.read_offset = tokenizer, [], 0, 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        after = self._decode(self.ids[self.prefix_offset:])
+        if len(after) <= len(before) or after.endswith(REPLACEMENT_CHAR):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return after[len(before):]
+
+    def flush(self) -> str:
+        """Whatever is still held back (an unfinished character shows as the replacement character)."""
+        before = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        after = self._decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return after[len(before):]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _stop_ids(tokenizer, stop_token_ids) -> set[int]:
+    eos = tokenizer.eos_token_id
+    return set(stop_token_ids) | ({eos} if isinstance(eos, int) else set(eos or ()))
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has no pad or eos token to pad a batch with")
+    return pad
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), left-padded so every row's next token lands in the last column."""
+    if any(not row for row in rows):
+        raise ValueError("cannot generate from an empty prompt")
+    longest = max(len(row) for row in rows)
+    ids = [[pad_id] * (longest - len(row)) + row for row in rows]
+    mask = [[0] * (longest - len(row)) + [1] * len(row) for row in rows]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+@torch.no_grad()
+def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig):
+    """Yield the next token of every row, max_new_tokens times; the caller stops early by not asking for more.
+
+    Positions count real tokens only, so a left-padded row sees the same positions as when it runs alone.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    seen = None  # [batch, vocab] tokens already in each row, for the repetition penalty
+    generator = None
+    if config.do_sample and config.seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(config.seed)
+    step_ids = input_ids
+    for step in range(config.max_new_tokens):
+        if step:
+            step_ids = tokens[:, None]
+            positions = positions[:, -1:] + 1
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(tokens), 1))], dim=-1)
+            if seen is not None:
+                seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
+        output = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = output.past_key_values
+        logits = output.logits[:, -1, :].float()
+        if config.repetition_penalty != 1.0 and seen is None:
+            seen = _seen_tokens(input_ids, attention_mask, logits.shape[-1])
+        tokens = next_tokens(logits, config, seen, generator)
+        yield tokens
+
+
+def _seen_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[batch, vocab] True where a row's prompt holds the token; padding does not count."""
+    seen = torch.zeros((input_ids.shape[0], vocab_size), dtype=torch.bool, device=input_ids.device)
+    rows, columns = attention_mask.nonzero(as_tuple=True)
+    seen[rows, input_ids[rows, columns]] = True
+    return seen
+
+
+def next_tokens(logits: torch.Tensor, config: GenerationConfig, seen: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from [batch, vocab] logits: repetition penalty, then temperature, top-k, top-p (HF's order)."""
+    if seen is not None:
+        penalised = torch.where(logits < 0, logits * config.repetition_penalty, logits / config.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if not config.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / config.temperature
+    if config.top_k:
+        kth = torch.topk(logits, min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        ordered, order = torch.sort(logits, dim=-1, descending=True)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass; the best one always stays.
+        before = ordered.softmax(dim=-1).cumsum(dim=-1) - ordered.softmax(dim=-1)
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(1, order, before >= config.top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)

