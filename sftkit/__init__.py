@@ -1,1 +1,32 @@
-"""sftkit: supervised fine-tuning of LLMs and agents."""
+"""sftkit: supervised fine-tuning of LLMs and tool-calling agents.
+
+The public API, re-exported: the data pipeline, LoRA, model loading, training.
+"""
+from .config import PreviewConfig, TrainConfig, build_config
+from .data.errors import DataError
+from .data.formats import Message, to_messages
+from .data.loading import load_conversations, register_dataset, split_and_sample
+from .data.pipeline import build_example, build_examples, collate, encode, mask, truncate
+from .data.templates import Template, get_template, register_template, render
+from .lora import (
+    LoRAConfig,
+    LoRALinear,
+    count_parameters,
+    inject_lora,
+    load_adapter,
+    lora_state_dict,
+    merge_lora,
+    save_adapter,
+    unload_lora,
+    unmerge_lora,
+)
+from .model import load_model, load_model_and_tokenizer, load_tokenizer, resolve_model_dir
+from .train import TrainingError, train
+
+__all__ = [
+    "DataError", "LoRAConfig", "LoRALinear", "Message", "PreviewConfig", "Template", "TrainConfig", "TrainingError",
+    "build_config", "build_example", "build_examples", "collate", "count_parameters", "encode", "get_template",
+    "inject_lora", "load_adapter", "load_conversations", "load_model", "load_model_and_tokenizer", "load_tokenizer",
+    "lora_state_dict", "mask", "merge_lora", "register_dataset", "register_template", "render", "resolve_model_dir",
+    "save_adapter", "split_and_sample", "to_messages", "train", "truncate", "unload_lora", "unmerge_lora",
+]

