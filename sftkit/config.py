@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 
 from .paths import bundled
 
+TEXT_METRICS = ("rouge-l", "bleu-4")
+AGENT_METRICS = ("tool_name_acc", "args_exact_match", "args_f1", "answer_rouge_l")
+GENERATION_METRICS = TEXT_METRICS + AGENT_METRICS
+LOSS_SCALE_PRESETS = {"agent": {"tool_call": 2.0, "assistant": 1.0}}
 TRUE = ("true", "1", "yes", "on")
 FALSE = ("false", "0", "no", "off")
 
@@ -81,6 +85,8 @@ class TrainConfig:
     truncation_side: str = option("right", "which end truncation cuts", choices=("right", "left"))
     check_dataset_strategy: str = option("error", "what a bad row does", choices=("error", "warning", "skip"))
     train_on: str = option("assistant", "which tokens train", choices=("assistant", "last", "all"))
+    loss_scale: str | None = option(None, "per-segment loss weights: 'agent' (tool calls 2, answers 1) or JSON such as "
+                                          "'{\"tool_call\": 2, \"assistant\": 1}'; tool results always weigh 0")
     # method
     sft_type: str = option("lora", "LoRA adapters or all parameters", choices=("lora", "full"))
     lora_rank: int = option(8, "LoRA rank r")
@@ -108,6 +114,15 @@ class TrainConfig:
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)")
     # evaluation, checkpoints, logs
     eval_steps: int = option(50, "evaluate every this many optimizer steps")
+    metric_for_best_model: str = option("loss", "what picks the best checkpoint: loss, ppl, or a generation metric "
+                                                "(rouge-l, bleu-4, tool_name_acc, args_exact_match, args_f1, answer_rouge_l)",
+                                        choices=("loss", "ppl") + GENERATION_METRICS)
+    metric_rule_for_best_model: str | None = option(None, "min or max (default: min for loss/ppl, max otherwise)",
+                                                    choices=("min", "max"))
+    predict_with_generate: bool = option(False, "also evaluate by generating answers (ROUGE-L/BLEU-4, or agent metrics)")
+    eval_generation_mode: str = option("rouge", "generation evaluation: rouge (text) or agent (tool calls)", choices=("rouge", "agent"))
+    eval_generation_limit: int = option(50, "validation conversations to generate for at each evaluation")
+    eval_max_new_tokens: int = option(256, "longest generated answer during evaluation")
     save_steps: int | None = option(None, "save every this many steps (default: eval_steps)")
     save_total_limit: int = option(2, "keep at most this many checkpoints besides the best")
     only_save_model: bool = option(False, "checkpoints hold only weights (no optimizer state: cannot resume)")
@@ -135,7 +150,25 @@ class TrainConfig:
             checks.append(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.max_steps == 0 or self.max_steps < -1:
             checks.append(f"max_steps must be > 0 or -1, got {self.max_steps}")
+        try:
+            loss_scale_weights(self.loss_scale)
+        except ValueError as error:
+            checks.append(str(error))
+        if self.metric_for_best_model in AGENT_METRICS and self.eval_generation_mode != "agent":
+            checks.append(f"metric_for_best_model {self.metric_for_best_model} needs eval_generation_mode agent")
+        if self.metric_for_best_model in TEXT_METRICS and self.eval_generation_mode != "rouge":
+            checks.append(f"metric_for_best_model {self.metric_for_best_model} needs eval_generation_mode rouge")
         return [check for check in checks if check]
+
+    @property
+    def generates(self) -> bool:
+        """Whether evaluation generates answers (asked for, or needed by the best-model metric)."""
+        return self.predict_with_generate or self.metric_for_best_model in GENERATION_METRICS
+
+    @property
+    def best_is_max(self) -> bool:
+        rule = self.metric_rule_for_best_model or ("min" if self.metric_for_best_model in ("loss", "ppl") else "max")
+        return rule == "max"
 
     @property
     def lr(self) -> float:
@@ -143,6 +176,22 @@ class TrainConfig:
 
     def datasets(self) -> tuple[str, ...]:
         return self.dataset or (bundled("data/chat.jsonl"),)
+
+
+def loss_scale_weights(value: str | None) -> dict[str, float] | None:
+    """--loss_scale -> weights by segment role; None when unset. Tool results are never weighted in."""
+    if value is None:
+        return None
+    if value in LOSS_SCALE_PRESETS:
+        return dict(LOSS_SCALE_PRESETS[value])
+    try:
+        weights = json.loads(value)
+    except json.JSONDecodeError:
+        raise ValueError(f"loss_scale must be {' or '.join(LOSS_SCALE_PRESETS)} or a JSON object, got '{value}'") from None
+    if not isinstance(weights, dict) or not set(weights) <= {"assistant", "tool_call"} or \
+            not all(isinstance(w, (int, float)) and w >= 0 for w in weights.values()):
+        raise ValueError(f"loss_scale keys must be assistant and/or tool_call with weights >= 0, got '{value}'")
+    return {role: float(weight) for role, weight in weights.items()}
 
 
 def _positive(name: str, value, zero_ok: bool = False) -> str | None:
@@ -261,3 +310,87 @@ def coerce(value, kind):
 def config_dict(config) -> dict:
     """The resolved config as plain JSON-able data (written into the run directory)."""
     return {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(config).items()}
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """The fields every command that generates shares: which model, how to prompt it, how to pick tokens.
+
+    Not a command: ChatConfig, InferConfig and EvalConfig extend it, each staying one flat dataclass.
+    """
+
+    ckpt_dir: str | None = option(None, "a checkpoint-<step> folder of a training run, or the run folder (its best checkpoint)")
+    model: str | None = option(None, "model dir or hub id; with --ckpt_dir, the base a LoRA checkpoint goes on "
+                               "(default: the run's base, else the embedded SmolLM2-135M-Instruct)",
+                               aliases=("model_id_or_path",))
+    template: str | None = option(None, "chat template name or 'auto' (default: the run's, else 'auto')",
+                                  aliases=("template_type",))
+    system: str | None = option(None, "system prompt (default: the run's, else the template's)")
+    dtype: str | None = option(None, "auto, bf16, fp16 or fp32 (default: the run's, else auto)", aliases=("torch_dtype",),
+                               choices=("auto", "bf16", "fp16", "fp32"))
+    max_new_tokens: int = option(512, "most tokens generated per reply")
+    do_sample: bool = option(False, "sample the next token instead of taking the most likely one")
+    temperature: float = option(1.0, "sampling temperature (with do_sample)")
+    top_k: int | None = option(None, "sample among the k most likely tokens (none or 0: all)")
+    top_p: float = option(1.0, "sample among the fewest tokens holding this much probability")
+    repetition_penalty: float = option(1.0, "scale down tokens already in the prompt or reply (1: off)")
+    seed: int | None = option(None, "seed for sampling, so a sampled run can be repeated")
+
+    def problems(self) -> list[str]:
+        from .generation import generation_problems
+
+        return generation_problems(self)
+
+
+@dataclass(frozen=True)
+class ChatConfig(GenerateOptions):
+    """sftkit chat: talk to a model, or pipe one message per line through it."""
+
+    agent: bool = option(False, "after a tool call, read the tool's result (next line) and let the model continue")
+    stream: bool = option(True, "print replies token by token")
+
+
+@dataclass(frozen=True)
+class InferConfig(GenerateOptions):
+    """sftkit infer: answer every row of a dataset and write {prompt, reference, prediction} lines."""
+
+    dataset: tuple[str, ...] = option((), "data to answer (default: the run's saved validation split)",
+                                      aliases=("val_dataset", "custom_val_dataset_path"))
+    output: str | None = option(None, "JSONL file to write (default: <checkpoint>/infer_result.jsonl)")
+    batch_size: int = option(8, "prompts generated together", aliases=("eval_batch_size", "per_device_eval_batch_size"))
+    show_dataset_sample: int = option(10, "how many results to print")
+    check_dataset_strategy: str = option("error", "what a bad row does", choices=("error", "warning", "skip"))
+
+    def problems(self) -> list[str]:
+        checks = [_positive("batch_size", self.batch_size), _positive("show_dataset_sample", self.show_dataset_sample, zero_ok=True)]
+        return super().problems() + [check for check in checks if check]
+
+
+@dataclass(frozen=True)
+class EvalConfig(GenerateOptions):
+    """sftkit eval: generate answers and score them (ROUGE-L/BLEU-4, or tool calls for agents)."""
+
+    dataset: tuple[str, ...] = option((), "data to score on (default: the run's saved validation split)",
+                                      aliases=("val_dataset", "custom_val_dataset_path"))
+    metrics: str = option("rouge", "rouge: ROUGE-L and BLEU-4; agent: tool calls with results inserted, and the answer",
+                          choices=("rouge", "agent"))
+    output: str | None = option(None, "JSON report to write (default: <checkpoint>/eval_report.json)")
+    batch_size: int = option(8, "prompts generated together", aliases=("eval_batch_size", "per_device_eval_batch_size"))
+    limit: int | None = option(None, "score only the first N rows", aliases=("val_dataset_sample",))
+    check_dataset_strategy: str = option("error", "what a bad row does", choices=("error", "warning", "skip"))
+
+    def problems(self) -> list[str]:
+        checks = [_positive("batch_size", self.batch_size), _positive("limit", self.limit)]
+        return super().problems() + [check for check in checks if check]
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """sftkit merge: fold a LoRA checkpoint into its base and save a plain transformers model."""
+
+    ckpt_dir: str | None = option(None, "the checkpoint-<step> folder (or run folder: its best) whose adapter to merge")
+    output_dir: str | None = option(None, "where the merged model goes (default: <ckpt_dir>-merged)")
+    dequantize: bool = option(False, "for a QLoRA run: reload the quantized base in full precision and merge")
+
+    def problems(self) -> list[str]:
+        return [] if self.ckpt_dir else ["ckpt_dir is required: the checkpoint whose LoRA adapter to merge"]

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from .checkpoint import TrainState, mark_best, pointer, prune, resolve_checkpoint, save_checkpoint
-from .config import TrainConfig, config_dict
+from .config import TrainConfig, config_dict, loss_scale_weights
 from .data.loading import load_conversations, split_and_sample
 from .data.pipeline import IGNORE_INDEX, build_examples, collate
 from .logs import RunLog, plot_losses
@@ -140,14 +140,16 @@ def train(config: TrainConfig) -> str:
             finished = state.step == total_steps
             evaluated = None
             if val_examples and (state.step % config.eval_steps == 0 or finished):
-                evaluated = evaluate_loss(model, val_examples, config.eval_batch_size, pad_id, device, autocast)
+                evaluated = evaluate(model, tokenizer, config, val_examples, device, autocast)
                 log.write({"step": state.step, **evaluated})
                 state.log_history.append({"step": state.step, **evaluated})
-                progress.write(f"[sftkit] step {state.step}: eval_loss {evaluated['eval_loss']:.4f}, eval_ppl {evaluated['eval_ppl']:.3f}")
+                progress.write(f"[sftkit] step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
             if state.step % save_steps == 0 or finished or stop.requested or evaluated:
-                improved = evaluated is not None and (state.best_metric is None or evaluated["eval_loss"] < state.best_metric)
+                score = evaluated.get(best_metric_key(config)) if evaluated else None
+                improved = score is not None and (state.best_metric is None or
+                                                  (score > state.best_metric if config.best_is_max else score < state.best_metric))
                 if improved:
-                    state.best_metric = evaluated["eval_loss"]
+                    state.best_metric = score
                     state.best_checkpoint = f"checkpoint-{state.step}"
                 checkpoint = save(state.step)
                 if improved or not val_examples:
@@ -164,8 +166,8 @@ def train(config: TrainConfig) -> str:
     plot = plot_losses(run_dir)
     best = pointer(run_dir, "best") or pointer(run_dir, "latest")
     wall = time.time() - started
-    best_loss = f"{state.best_metric:.4f}" if state.best_metric is not None else "n/a"
-    print(f"[sftkit] done: best checkpoint {best} (eval_loss {best_loss}), wall time {wall:.1f}s, "
+    best_score = f"{state.best_metric:.4f}" if state.best_metric is not None else "n/a"
+    print(f"[sftkit] done: best checkpoint {best} ({best_metric_key(config)} {best_score}), wall time {wall:.1f}s, "
           f"{state.trainable_tokens / max(wall, 1e-9):.1f} trainable tokens/s" + (f", curves {plot}" if plot else ""))
     print(f"[sftkit] chat with it: sftkit chat --ckpt_dir {best}")
     return best
@@ -196,7 +198,8 @@ def prepare_data(config: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]
                                                   sample=config.train_dataset_sample, seed=config.seed)
     print(f"[sftkit] training data: {report.summary()}")
     options = dict(tokenizer=tokenizer, template=config.template, max_length=config.max_length,
-                   truncation_side=config.truncation_side, train_on=config.train_on, system=config.system)
+                   truncation_side=config.truncation_side, train_on=config.train_on, system=config.system,
+                   loss_scale=loss_scale_weights(config.loss_scale))
     train_examples, dropped = build_examples(train_rows, **options)
     val_examples, val_dropped = build_examples(validation, **options)
     if dropped or val_dropped:
@@ -241,13 +244,36 @@ def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
     return factor
 
 
+def best_metric_key(config: TrainConfig) -> str:
+    """The evaluation record key that --metric_for_best_model names."""
+    return "eval_" + {"rouge-l": "rouge_l", "bleu-4": "bleu4"}.get(config.metric_for_best_model, config.metric_for_best_model)
+
+
+def evaluate(model, tokenizer, config: TrainConfig, examples: list[dict], device, autocast) -> dict:
+    """Validation loss and perplexity; with generation, the metrics of `sftkit eval` on the same split."""
+    metrics = evaluate_loss(model, examples, config.eval_batch_size, tokenizer.pad_token_id, device, autocast)
+    if config.generates:
+        from .chat import evaluate_generation
+        from .generation import GenerationConfig
+
+        with torch.no_grad(), autocast:
+            report = evaluate_generation(model, tokenizer, config.template, [e["conversation"] for e in examples],
+                                         mode=config.eval_generation_mode, system=config.system,
+                                         gen_config=GenerationConfig(max_new_tokens=config.eval_max_new_tokens),
+                                         limit=config.eval_generation_limit, batch_size=config.eval_batch_size)
+        metrics.update({f"eval_{key}": value for key, value in report["metrics"].items()
+                        if isinstance(value, (int, float)) and not isinstance(value, bool)})
+    return metrics
+
+
 @torch.no_grad()
 def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int, device, autocast) -> dict:
-    """Token-weighted mean loss over the validation set, and its perplexity."""
+    """Token-mean loss over the validation set (unweighted, whatever --loss_scale says), and its perplexity."""
     model.eval()
     total, tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+        unweighted = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples[start:start + batch_size]]
+        batch = {k: v.to(device) for k, v in collate(unweighted, pad_id).items()}
         with autocast:
             summed, count = loss_sum(model, batch)
         total, tokens = total + summed.item(), tokens + count

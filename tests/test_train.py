@@ -1,4 +1,5 @@
 """The training loop: token-correct accumulation, the loss, exact resume, crash-safe saves, signals, NaN, CLI."""
+import importlib
 import json
 import os
 import shutil
@@ -9,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from sftkit import train as train_module
+train_module = importlib.import_module("sftkit.train")  # the package re-exports the function under the same name
 from sftkit.checkpoint import pointer, resolve_checkpoint, save_checkpoint
 from sftkit.config import TrainConfig
 from sftkit.data.pipeline import build_example, collate
