@@ -1,6 +1,8 @@
 """`sftkit`: the click group. Commands are thin: build the config, call the library."""
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 
 import click
@@ -35,9 +37,14 @@ def preview(config: PreviewConfig):
 def train(config: TrainConfig):
     """Fine-tune a causal LM with LoRA or full parameters (default: the embedded SmolLM2 on the bundled data)."""
     from sftkit.data.errors import DataError
+    from sftkit.distributed import relaunch_command
     from sftkit.model import ModelLoadError
     from sftkit.train import TrainingError, train as run_train
 
+    nproc = int(os.environ.get("NPROC_PER_NODE", "1"))
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        # As ms-swift does: NPROC_PER_NODE=N sftkit train ... reruns itself under torchrun.
+        sys.exit(subprocess.call(relaunch_command(nproc, sys.argv[1:])))
     try:
         run_train(config)
     except (DataError, ModelLoadError, TrainingError, FileNotFoundError) as error:

@@ -112,6 +112,8 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     seed: int = option(42, "seed for data order, splits and initialisation")
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)")
+    devices: tuple[str, ...] = option((), "spread the model's layers over these devices, e.g. cpu,cuda:0 "
+                                          "(pipeline-style model parallel; with several ranks each takes its share of the GPUs)")
     # evaluation, checkpoints, logs
     eval_steps: int = option(50, "evaluate every this many optimizer steps")
     metric_for_best_model: str = option("loss", "what picks the best checkpoint: loss, ppl, or a generation metric "

@@ -21,8 +21,10 @@ def loss_sum(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, 
     targets = shifted_targets(batch["labels"])
     selected = targets != IGNORE_INDEX
     hidden = backbone_hidden(model, batch)
+    # With model parallel the hidden states end on the last device, the labels start on the first.
+    selected, targets = selected.to(hidden.device), targets.to(hidden.device)
     hidden, targets = hidden[selected], targets[selected]
-    weights = shifted_weights(batch)[selected] if "loss_weights" in batch else None
+    weights = shifted_weights(batch).to(hidden.device)[selected] if "loss_weights" in batch else None
     head = model.get_output_embeddings()
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_size):

@@ -6,6 +6,7 @@ losses divided by the trainable tokens of the whole window, so 4 x 1 and 1 x 4 g
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from . import distributed
 from .checkpoint import TrainState, mark_best, pointer, prune, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig, config_dict, loss_scale_weights
 from .data.loading import load_conversations, split_and_sample
@@ -25,6 +27,7 @@ from .logs import RunLog, plot_losses
 from .lora import LoRAConfig, count_parameters, inject_lora, lora_state_dict, save_adapter
 from .loss import loss_sum
 from .model import EMBEDDED_CACHE_NAME, load_model_and_tokenizer, resolve_dtype
+from .placement import place
 
 
 class TrainingError(RuntimeError):
@@ -33,9 +36,14 @@ class TrainingError(RuntimeError):
 
 def train(config: TrainConfig) -> str:
     """Fine-tune as `config` says; returns the best checkpoint folder (the last one without evaluation)."""
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Processes and devices: one rank per process (torchrun), each owning one device or, for
+    # pipeline-style model parallel, a group of devices its layers are spread over.
+    world = distributed.init("cuda" if (config.device or "cuda").startswith("cuda") and torch.cuda.is_available() else "cpu")
+    devices = rank_devices(config, world)
+    device = torch.device(devices[0])
     compute_dtype = resolve_dtype(config.dtype, device)
     resume = resolve_checkpoint(config.resume_from_checkpoint) if config.resume_from_checkpoint else None
+    say = print if world.is_main else (lambda *args, **kwargs: None)
     seed_everything(config.seed)
 
     # Model. LoRA keeps the frozen base in the compute dtype and its adapters in float32; full
@@ -43,7 +51,7 @@ def train(config: TrainConfig) -> str:
     load_dtype = config.dtype if config.sft_type == "lora" else "fp32"
     model, tokenizer, model_dir = load_model_and_tokenizer(
         config.model, hub=config.hub, revision=config.model_revision, cache_dir=config.model_cache_dir,
-        dtype=load_dtype, device=device, gradient_checkpointing=config.gradient_checkpointing,
+        dtype=load_dtype, device="cpu" if len(devices) > 1 else device, gradient_checkpointing=config.gradient_checkpointing,
     )
     lora_config = None
     if config.sft_type == "lora":
@@ -52,20 +60,25 @@ def train(config: TrainConfig) -> str:
         inject_lora(model, lora_config)
         for parameter in lora_state_dict(model).values():
             parameter.data = parameter.data.float()
+    if len(devices) > 1:
+        say(f"[sftkit] model parallel over {devices}: {place(model, devices)}")
     trainable, total = count_parameters(model)
-    print(f"[sftkit] model {model_dir}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+    say(f"[sftkit] model {model_dir}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
 
-    # Data, tokenized once up front.
-    train_examples, val_examples = prepare_data(config, tokenizer)
-    batches_per_epoch = math.ceil(len(train_examples) / config.batch_size)
+    # Data, tokenized once up front (every rank tokenizes the same data and takes its own slices).
+    train_examples, val_examples = prepare_data(config, tokenizer, say)
+    global_batch = config.batch_size * world.size
+    batches_per_epoch = math.ceil(len(train_examples) / global_batch)
     steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(steps_per_epoch * config.num_train_epochs)
     save_steps = config.save_steps or config.eval_steps
 
-    # Run folder: a resumed run writes on into the folder of its checkpoint.
-    run_dir = os.path.dirname(os.path.abspath(resume)) if resume else make_run_dir(config, model_dir)
-    write_run_files(run_dir, config, model_dir, val_examples)
-    log = RunLog(run_dir, config.logging_dir)
+    # Run folder: a resumed run writes on into the folder of its checkpoint. Rank 0 writes shared files.
+    run_dir = os.path.dirname(os.path.abspath(resume)) if resume else distributed.broadcast(
+        make_run_dir(config, model_dir) if world.is_main else None, world)
+    if world.is_main:
+        write_run_files(run_dir, config, model_dir, val_examples)
+    log = RunLog(run_dir, config.logging_dir, enabled=world.is_main)
 
     # Optimizer, schedule, and the state a resume restores.
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -76,38 +89,52 @@ def train(config: TrainConfig) -> str:
     scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
     state = TrainState()
     if resume:
-        state = restore(resume, model, optimizer, scheduler, scaler, sft_type=config.sft_type)
-        print(f"[sftkit] resumed from {resume} at step {state.step}")
+        state = restore(resume, model, optimizer, scheduler, scaler, sft_type=config.sft_type, rank=world.rank)
+        say(f"[sftkit] resumed from {resume} at step {state.step}")
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
-    batches = batch_positions(len(train_examples), config.batch_size, config.seed, state.epoch, state.batches_in_epoch)
+    batches = batch_positions(len(train_examples), global_batch, config.seed, state.epoch, state.batches_in_epoch)
     pad_id = tokenizer.pad_token_id
 
-    def save(step: int) -> str:
-        return save_checkpoint(run_dir, step, lambda folder: write_checkpoint(
-            folder, model, tokenizer, lora_config, model_dir, state,
-            None if config.only_save_model else (optimizer, scheduler, scaler)))
+    # The backend: one process, or DDP, whose gradient all-reduce rides on the loss module's backward.
+    forward = LossModule(model)
+    if world.distributed:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            forward, device_ids=[device.index] if device.type == "cuda" and len(devices) == 1 else None)
 
-    print(f"[sftkit] {len(train_examples)} training / {len(val_examples)} validation examples, "
-          f"{total_steps} steps, run folder {run_dir}")
+    def save(step: int) -> str:
+        rngs = distributed.gather(rng_states(), world)
+        checkpoint = None
+        if world.is_main:
+            checkpoint = save_checkpoint(run_dir, step, lambda folder: write_checkpoint(
+                folder, model, tokenizer, lora_config, model_dir, state,
+                None if config.only_save_model else (optimizer, scheduler, scaler, rngs)))
+        distributed.barrier(world)
+        return checkpoint or os.path.join(run_dir, f"checkpoint-{step}")
+
+    say(f"[sftkit] {len(train_examples)} training / {len(val_examples)} validation examples, "
+        f"{total_steps} steps, world size {world.size}, run folder {run_dir}")
     started = time.time()
-    progress = _progress(total_steps, state.step)
+    progress = _progress(total_steps, state.step, enabled=world.is_main)
     with StopOnSignal() as stop:
         while state.step < total_steps:
             window_started = time.time()
-            # One optimizer step: accumulate the window's gradients, normalised by its trainable tokens.
+            # One optimizer step: accumulate the window's gradients, normalised by the trainable tokens
+            # of the whole window on all ranks (DDP averages gradients, hence the world-size factor).
             window = [next(batches) for _ in range(config.gradient_accumulation_steps)]
-            examples = [[train_examples[i] for i in indices] for _, _, indices in window]
-            window_tokens = sum(trainable_tokens(example) for batch in examples for example in batch)
+            shards = [rank_shard([train_examples[i] for i in indices], world.rank, config.batch_size) for _, _, indices in window]
+            window_tokens = distributed.sum_int(sum(trainable_tokens(e) for shard, weight in shards if weight for e in shard), world)
             model.train()
             window_loss = 0.0
-            for batch_examples in examples:
-                batch = {k: v.to(device) for k, v in collate(batch_examples, pad_id).items()}
-                with autocast:
-                    summed, _ = loss_sum(model, batch)
-                loss = summed / max(window_tokens, 1)
+            for index, (shard, weight) in enumerate(shards):
+                batch = {k: v.to(device) for k, v in collate(shard, pad_id).items()}
+                syncing = index == len(shards) - 1 or not world.distributed
+                with (contextlib.nullcontext() if syncing else forward.no_sync()), autocast:
+                    summed, _ = forward(batch)
+                    summed = summed * weight
+                loss = summed * world.size / max(window_tokens, 1)
                 (scaler.scale(loss) if scaler else loss).backward()
                 window_loss += summed.item()
-            mean_loss = window_loss / max(window_tokens, 1)
+            mean_loss = distributed.sum_floats([window_loss], world)[0] / max(window_tokens, 1)
             if not math.isfinite(mean_loss):
                 last = pointer(run_dir, "latest")
                 raise TrainingError(f"loss is {mean_loss} at step {state.step + 1}; stopped without updating the weights. "
@@ -138,13 +165,14 @@ def train(config: TrainConfig) -> str:
                 state.log_history.append(record)
 
             finished = state.step == total_steps
+            stopping = distributed.sum_int(int(stop.requested), world) > 0
             evaluated = None
             if val_examples and (state.step % config.eval_steps == 0 or finished):
-                evaluated = evaluate(model, tokenizer, config, val_examples, device, autocast)
+                evaluated = evaluate(model, tokenizer, config, val_examples, device, autocast, world)
                 log.write({"step": state.step, **evaluated})
                 state.log_history.append({"step": state.step, **evaluated})
                 progress.write(f"[sftkit] step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
-            if state.step % save_steps == 0 or finished or stop.requested or evaluated:
+            if state.step % save_steps == 0 or finished or stopping or evaluated:
                 score = evaluated.get(best_metric_key(config)) if evaluated else None
                 improved = score is not None and (state.best_metric is None or
                                                   (score > state.best_metric if config.best_is_max else score < state.best_metric))
@@ -152,25 +180,69 @@ def train(config: TrainConfig) -> str:
                     state.best_metric = score
                     state.best_checkpoint = f"checkpoint-{state.step}"
                 checkpoint = save(state.step)
-                if improved or not val_examples:
-                    mark_best(run_dir, checkpoint)
-                prune(run_dir, config.save_total_limit, protect=(pointer(run_dir, "best"), checkpoint))
-            if stop.requested:
+                if world.is_main:
+                    if improved or not val_examples:
+                        mark_best(run_dir, checkpoint)
+                    prune(run_dir, config.save_total_limit, protect=(pointer(run_dir, "best"), checkpoint))
+            if stopping:
                 progress.close()
-                print(f"[sftkit] stopped by signal after step {state.step}; checkpoint saved.\n"
-                      f"  resume with: sftkit train --resume_from_checkpoint {pointer(run_dir, 'latest')} (and the same options)")
+                say(f"[sftkit] stopped by signal after step {state.step}; checkpoint saved.\n"
+                    f"  resume with: sftkit train --resume_from_checkpoint {os.path.join(run_dir, f'checkpoint-{state.step}')} "
+                    "(and the same options)")
                 log.close()
-                return pointer(run_dir, "latest")
+                distributed.shutdown(world)
+                return os.path.join(run_dir, f"checkpoint-{state.step}")
     progress.close()
     log.close()
-    plot = plot_losses(run_dir)
+    distributed.barrier(world)
     best = pointer(run_dir, "best") or pointer(run_dir, "latest")
-    wall = time.time() - started
-    best_score = f"{state.best_metric:.4f}" if state.best_metric is not None else "n/a"
-    print(f"[sftkit] done: best checkpoint {best} ({best_metric_key(config)} {best_score}), wall time {wall:.1f}s, "
-          f"{state.trainable_tokens / max(wall, 1e-9):.1f} trainable tokens/s" + (f", curves {plot}" if plot else ""))
-    print(f"[sftkit] chat with it: sftkit chat --ckpt_dir {best}")
+    if world.is_main:
+        plot = plot_losses(run_dir)
+        wall = time.time() - started
+        best_score = f"{state.best_metric:.4f}" if state.best_metric is not None else "n/a"
+        say(f"[sftkit] done: best checkpoint {best} ({best_metric_key(config)} {best_score}), wall time {wall:.1f}s, "
+            f"{state.trainable_tokens / max(wall, 1e-9):.1f} trainable tokens/s" + (f", curves {plot}" if plot else ""))
+        say(f"[sftkit] chat with it: sftkit chat --ckpt_dir {best}")
+    distributed.shutdown(world)
     return best
+
+
+class LossModule(torch.nn.Module):
+    """The model with its loss as forward, so DDP's hooks wrap exactly what training runs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict):
+        return loss_sum(self.model, batch)
+
+
+def rank_devices(config: TrainConfig, world: distributed.World) -> list[str]:
+    """This rank's devices: --devices as given (one process), else its share of the visible GPUs, else CPU."""
+    if config.devices:
+        if world.distributed:
+            raise ValueError("--devices places one process's model; with several ranks each takes its share of the GPUs")
+        return list(config.devices)
+    if config.device and not config.device.startswith("cuda"):
+        return [config.device]
+    if config.device and ":" in config.device:
+        return [config.device]
+    if not torch.cuda.is_available():
+        if config.device:
+            raise ValueError(f"device {config.device} asked for, but CUDA is not available")
+        return ["cpu"]
+    per_rank = torch.cuda.device_count() // world.size
+    if per_rank < 1:
+        raise ValueError(f"{world.size} ranks but only {torch.cuda.device_count()} GPUs")
+    return [f"cuda:{world.rank * per_rank + i}" for i in range(per_rank)]
+
+
+def rank_shard(examples: list[dict], rank: int, batch_size: int) -> tuple[list[dict], float]:
+    """This rank's slice of a global micro-batch, and its weight: a rank left without examples at the end
+    of an epoch still runs one (weighted 0) so every rank joins the gradient all-reduce."""
+    shard = examples[rank * batch_size:(rank + 1) * batch_size]
+    return (shard, 1.0) if shard else (examples[:1], 0.0)
 
 
 def lora_targets(modules: tuple[str, ...]) -> "str | tuple[str, ...]":
@@ -186,24 +258,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_data(config: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
+def prepare_data(config: TrainConfig, tokenizer, say=print) -> tuple[list[dict], list[dict]]:
     """Load, split, sample and tokenize; prints what was skipped or dropped, and why."""
     conversations, report = load_conversations(list(config.datasets()), strategy=config.check_dataset_strategy)
     if config.val_dataset:
         validation, val_report = load_conversations(list(config.val_dataset), strategy=config.check_dataset_strategy)
         train_rows, _ = split_and_sample(conversations, test_ratio=0.0, sample=config.train_dataset_sample, seed=config.seed)
-        print(f"[sftkit] validation data: {val_report.summary()}")
+        say(f"[sftkit] validation data: {val_report.summary()}")
     else:
         train_rows, validation = split_and_sample(conversations, test_ratio=config.dataset_test_ratio,
                                                   sample=config.train_dataset_sample, seed=config.seed)
-    print(f"[sftkit] training data: {report.summary()}")
+    say(f"[sftkit] training data: {report.summary()}")
     options = dict(tokenizer=tokenizer, template=config.template, max_length=config.max_length,
                    truncation_side=config.truncation_side, train_on=config.train_on, system=config.system,
                    loss_scale=loss_scale_weights(config.loss_scale))
     train_examples, dropped = build_examples(train_rows, **options)
     val_examples, val_dropped = build_examples(validation, **options)
     if dropped or val_dropped:
-        print(f"[sftkit] dropped {dropped} training and {val_dropped} validation examples: "
+        say(f"[sftkit] dropped {dropped} training and {val_dropped} validation examples: "
               f"nothing trainable left after truncation to {config.max_length} tokens")
     if not train_examples:
         raise ValueError("no training examples left: check the dataset, max_length and check_dataset_strategy")
@@ -249,25 +321,34 @@ def best_metric_key(config: TrainConfig) -> str:
     return "eval_" + {"rouge-l": "rouge_l", "bleu-4": "bleu4"}.get(config.metric_for_best_model, config.metric_for_best_model)
 
 
-def evaluate(model, tokenizer, config: TrainConfig, examples: list[dict], device, autocast) -> dict:
-    """Validation loss and perplexity; with generation, the metrics of `sftkit eval` on the same split."""
-    metrics = evaluate_loss(model, examples, config.eval_batch_size, tokenizer.pad_token_id, device, autocast)
+def evaluate(model, tokenizer, config: TrainConfig, examples: list[dict], device, autocast,
+             world: distributed.World = distributed.World()) -> dict:
+    """Validation loss and perplexity (each rank a share, summed); with generation, the metrics of
+    `sftkit eval` on the same split, computed by rank 0 and sent to all."""
+    metrics = evaluate_loss(model, examples[world.rank::world.size], config.eval_batch_size, tokenizer.pad_token_id,
+                            device, autocast, world)
     if config.generates:
-        from .chat import evaluate_generation
-        from .generation import GenerationConfig
-
-        with torch.no_grad(), autocast:
-            report = evaluate_generation(model, tokenizer, config.template, [e["conversation"] for e in examples],
-                                         mode=config.eval_generation_mode, system=config.system,
-                                         gen_config=GenerationConfig(max_new_tokens=config.eval_max_new_tokens),
-                                         limit=config.eval_generation_limit, batch_size=config.eval_batch_size)
-        metrics.update({f"eval_{key}": value for key, value in report["metrics"].items()
-                        if isinstance(value, (int, float)) and not isinstance(value, bool)})
+        return distributed.broadcast(_with_generation(metrics, model, tokenizer, config, examples, autocast)
+                                     if world.is_main else None, world)
     return metrics
 
 
+def _with_generation(metrics: dict, model, tokenizer, config: TrainConfig, examples: list[dict], autocast) -> dict:
+    from .chat import evaluate_generation
+    from .generation import GenerationConfig
+
+    with torch.no_grad(), autocast:
+        report = evaluate_generation(model, tokenizer, config.template, [e["conversation"] for e in examples],
+                                     mode=config.eval_generation_mode, system=config.system,
+                                     gen_config=GenerationConfig(max_new_tokens=config.eval_max_new_tokens),
+                                     limit=config.eval_generation_limit, batch_size=config.eval_batch_size)
+    return {**metrics, **{f"eval_{key}": value for key, value in report["metrics"].items()
+                          if isinstance(value, (int, float)) and not isinstance(value, bool)}}
+
+
 @torch.no_grad()
-def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int, device, autocast) -> dict:
+def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int, device, autocast,
+                  world: distributed.World = distributed.World()) -> dict:
     """Token-mean loss over the validation set (unweighted, whatever --loss_scale says), and its perplexity."""
     model.eval()
     total, tokens = 0.0, 0
@@ -277,6 +358,7 @@ def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int, dev
         with autocast:
             summed, count = loss_sum(model, batch)
         total, tokens = total + summed.item(), tokens + count
+    total, tokens = distributed.sum_floats([total, float(tokens)], world)
     loss = total / max(tokens, 1)
     return {"eval_loss": round(loss, 6), "eval_ppl": round(math.exp(min(loss, 50.0)), 4)}
 
@@ -317,10 +399,10 @@ def write_checkpoint(folder: str, model, tokenizer, lora_config, model_dir: str,
         handle.write(state.to_json())
     if optimizer_state is None:
         return
-    optimizer, scheduler, scaler = optimizer_state
+    optimizer, scheduler, scaler, rngs = optimizer_state
     torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
     torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "rng": rng_states()}, os.path.join(folder, "training_state.pt"))
+                "rng": rngs}, os.path.join(folder, "training_state.pt"))
 
 
 def rng_states() -> dict:
@@ -328,8 +410,8 @@ def rng_states() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def restore(checkpoint: str, model, optimizer, scheduler, scaler, *, sft_type: str) -> TrainState:
-    """Load weights, optimizer, scheduler, scaler and RNG from a checkpoint; returns its TrainState."""
+def restore(checkpoint: str, model, optimizer, scheduler, scaler, *, sft_type: str, rank: int = 0) -> TrainState:
+    """Load weights, optimizer, scheduler, scaler and this rank's RNG from a checkpoint; returns its TrainState."""
     if not os.path.isfile(os.path.join(checkpoint, "optimizer.pt")):
         raise FileNotFoundError(f"{checkpoint} holds no optimizer state (saved with only_save_model): it cannot be resumed")
     if sft_type == "lora":
@@ -344,11 +426,14 @@ def restore(checkpoint: str, model, optimizer, scheduler, scaler, *, sft_type: s
     scheduler.load_state_dict(extra["scheduler"])
     if scaler and extra["scaler"]:
         scaler.load_state_dict(extra["scaler"])
-    random.setstate(extra["rng"]["python"])
-    np.random.set_state(extra["rng"]["numpy"])
-    torch.set_rng_state(extra["rng"]["torch"])
-    if extra["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
+    rngs = extra["rng"]
+    if rank >= len(rngs):
+        raise ValueError(f"{checkpoint} was saved by {len(rngs)} ranks; resume it with the same number of processes")
+    random.setstate(rngs[rank]["python"])
+    np.random.set_state(rngs[rank]["numpy"])
+    torch.set_rng_state(rngs[rank]["torch"])
+    if rngs[rank]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rngs[rank]["cuda"])
     with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as handle:
         return TrainState.from_json(handle.read())
 
@@ -394,8 +479,8 @@ class StopOnSignal:
         return False
 
 
-def _progress(total: int, done: int):
+def _progress(total: int, done: int, enabled: bool = True):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True, disable=not enabled)
 

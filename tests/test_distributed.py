@@ -1,0 +1,128 @@
+"""DDP on CPU with gloo (2 processes == 1 process with the same global batch), resume, and model parallel placement."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sftkit.config import TrainConfig
+from sftkit.data.pipeline import build_example, collate
+from sftkit.distributed import relaunch_command
+from sftkit.loss import loss_sum
+from sftkit.placement import place, plan_placement
+from sftkit.train import train
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ddp") / "train.jsonl"
+    rows = [{"query": f"What is {a} times {b}?", "response": f"{a} times {b} is {a * b}."} for a in range(5) for b in range(4)]
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return str(path)
+
+
+def options(model_dir, data_file, output_dir, **extra):
+    values = {"model": model_dir, "dataset": data_file, "template": "chatml", "max_steps": 4, "eval_steps": 2,
+              "save_steps": 2, "logging_steps": 1, "learning_rate": 5e-3, "lora_dropout": 0.0, "dataset_test_ratio": 0.2,
+              "output_dir": str(output_dir), "add_output_dir_suffix": False, "save_total_limit": 10}
+    values.update(extra)
+    return values
+
+
+def torchrun(values: dict, nproc: int = 2):
+    port = _free_port()
+    argv = ["train"] + [item for key, value in values.items() for item in (f"--{key}", str(value))]
+    command = relaunch_command(nproc, argv)
+    command.insert(3, f"--master_port={port}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def records(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
+        return [json.loads(line) for line in handle]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_with_the_same_global_batch(tiny_model_dir, data_file, tmp_path):
+    torchrun(options(tiny_model_dir, data_file, tmp_path / "ddp", batch_size=2))
+    train(TrainConfig(**{**options(tiny_model_dir, data_file, tmp_path / "single"), "dataset": (data_file,), "batch_size": 4}))
+    ddp, single = records(tmp_path / "ddp"), records(tmp_path / "single")
+    assert [r["step"] for r in ddp] == [r["step"] for r in single]
+    for a, b in zip(ddp, single):
+        for key in ("loss", "eval_loss"):
+            if key in b:
+                assert abs(a[key] - b[key]) < 1e-5, (a, b)
+    ddp_weights = load_file(str(tmp_path / "ddp" / "checkpoint-4" / "adapter_model.safetensors"))
+    single_weights = load_file(str(tmp_path / "single" / "checkpoint-4" / "adapter_model.safetensors"))
+    for key in single_weights:
+        torch.testing.assert_close(ddp_weights[key], single_weights[key], rtol=1e-4, atol=1e-5)
+    # Only rank 0 wrote shared files: one line per step and evaluation, one checkpoint per save.
+    assert len([r for r in ddp if "loss" in r]) == 4 and sorted(os.listdir(tmp_path / "ddp")).count("checkpoint-2") == 1
+
+    # DDP resumes from its own checkpoint to the same weights.
+    copy = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "ddp", copy)
+    shutil.rmtree(copy / "checkpoint-4")
+    torchrun(options(tiny_model_dir, data_file, tmp_path / "unused", batch_size=2, resume_from_checkpoint=copy / "checkpoint-2"))
+    resumed = load_file(str(copy / "checkpoint-4" / "adapter_model.safetensors"))
+    for key in resumed:
+        assert torch.equal(resumed[key], ddp_weights[key]), key
+
+
+def test_nproc_per_node_relaunches_under_torchrun(monkeypatch):
+    from click.testing import CliRunner
+
+    from sftkit_cli import main as cli_main
+
+    seen = {}
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(cli_main.subprocess, "call", lambda command: seen.setdefault("command", command) and 0)
+    monkeypatch.setattr(cli_main.sys, "argv", ["sftkit", "train", "--max_steps", "2"])
+    CliRunner().invoke(cli_main.main, ["train", "--max_steps", "2"])
+    assert seen["command"][1:5] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "-m"]
+    assert seen["command"][-3:] == ["train", "--max_steps", "2"]
+
+
+@pytest.mark.parametrize("sizes,devices,first,last,expected", [
+    ([10] * 8, ["a", "b"], 0, 0, ["a"] * 4 + ["b"] * 4),
+    ([10] * 8, ["a", "b"], 40, 0, ["a"] * 2 + ["b"] * 6),
+    ([10] * 8, ["a", "b"], 0, 40, ["a"] * 6 + ["b"] * 2),
+    ([10] * 8, ["a", "b", "c", "d"], 0, 0, ["a", "a", "b", "b", "c", "c", "d", "d"]),
+    ([10, 30, 10, 10, 10, 10], ["a", "b"], 0, 0, ["a", "a", "b", "b", "b", "b"]),
+    ([10] * 3, ["a", "b", "c"], 100, 100, ["b", "b", "c"]),  # a is full with the embeddings alone
+    ([5] * 4, ["only"], 0, 0, ["only"] * 4),
+])
+def test_placement_plan(sizes, devices, first, last, expected):
+    plan = plan_placement(sizes, devices, first, last)
+    assert plan == expected
+    assert plan == sorted(plan, key=devices.index)  # contiguous runs, in device order
+
+
+def test_placed_model_gives_the_same_loss(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    batch = collate([build_example({"query": "What is 2 times 3?", "response": "6."}, tokenizer=tokenizer, template="chatml")],
+                    tokenizer.pad_token_id)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    placed = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    devices = ["cpu", "cuda:0"] if torch.cuda.is_available() else ["cpu", "cpu"]
+    mapping = place(placed, devices)
+    assert mapping["layers.0"] == devices[0] and mapping["lm_head"] == devices[-1]
+    expected, _ = loss_sum(plain, batch)
+    got, _ = loss_sum(placed, batch)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
