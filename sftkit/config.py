@@ -94,6 +94,8 @@ class TrainConfig:
     lora_dropout: float = option(0.05, "dropout on the LoRA input", aliases=("lora_dropout_p",))
     lora_target_modules: tuple[str, ...] = option(("all-linear",), "module names, a regex, or all-linear")
     use_rslora: bool = option(False, "scale by alpha / sqrt(r)")
+    packing: bool = option(False, "pack examples into rows of max_length tokens with no padding (attention stays per example)")
+    group_by_length: bool = option(False, "batch examples of similar length together (less padding; the alternative to packing)")
     # optimisation
     batch_size: int = option(1, "examples per micro-batch", aliases=("per_device_train_batch_size",))
     eval_batch_size: int = option(1, "examples per evaluation batch", aliases=("per_device_eval_batch_size",))

@@ -22,7 +22,7 @@ from . import distributed
 from .checkpoint import TrainState, mark_best, pointer, prune, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig, config_dict, loss_scale_weights
 from .data.loading import load_conversations, split_and_sample
-from .data.pipeline import IGNORE_INDEX, build_examples, collate
+from .data.pipeline import IGNORE_INDEX, build_examples, collate, collate_packed, length_grouped_order, pack
 from .logs import RunLog, plot_losses
 from .lora import LoRAConfig, count_parameters, inject_lora, lora_state_dict, save_adapter
 from .loss import loss_sum
@@ -67,6 +67,11 @@ def train(config: TrainConfig) -> str:
 
     # Data, tokenized once up front (every rank tokenizes the same data and takes its own slices).
     train_examples, val_examples = prepare_data(config, tokenizer, say)
+    collate_train = collate
+    if config.packing:
+        unpacked = len(train_examples)
+        train_examples, collate_train = pack(train_examples, config.max_length or 2048), collate_packed
+        say(f"[sftkit] packed {unpacked} examples into {len(train_examples)} rows of at most {config.max_length or 2048} tokens")
     global_batch = config.batch_size * world.size
     batches_per_epoch = math.ceil(len(train_examples) / global_batch)
     steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
@@ -92,7 +97,8 @@ def train(config: TrainConfig) -> str:
         state = restore(resume, model, optimizer, scheduler, scaler, sft_type=config.sft_type, rank=world.rank)
         say(f"[sftkit] resumed from {resume} at step {state.step}")
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
-    batches = batch_positions(len(train_examples), global_batch, config.seed, state.epoch, state.batches_in_epoch)
+    lengths = [len(example["input_ids"]) for example in train_examples] if config.group_by_length else None
+    batches = batch_positions(len(train_examples), global_batch, config.seed, state.epoch, state.batches_in_epoch, lengths)
     pad_id = tokenizer.pad_token_id
 
     # The backend: one process, or DDP, whose gradient all-reduce rides on the loss module's backward.
@@ -126,7 +132,7 @@ def train(config: TrainConfig) -> str:
             model.train()
             window_loss = 0.0
             for index, (shard, weight) in enumerate(shards):
-                batch = {k: v.to(device) for k, v in collate(shard, pad_id).items()}
+                batch = {k: v.to(device) for k, v in collate_train(shard, pad_id).items()}
                 syncing = index == len(shards) - 1 or not world.distributed
                 with (contextlib.nullcontext() if syncing else forward.no_sync()), autocast:
                     summed, _ = forward(batch)
@@ -287,13 +293,16 @@ def trainable_tokens(example: dict) -> int:
     return sum(label != IGNORE_INDEX for label in example["labels"][1:])
 
 
-def batch_positions(size: int, batch_size: int, seed: int, epoch: int = 0, start: int = 0):
-    """Endless (epoch, batch index, example indices): each epoch a fresh seeded permutation.
-
-    Starting at (epoch, start) reproduces exactly the batches a run that never stopped would see.
+def batch_positions(size: int, batch_size: int, seed: int, epoch: int = 0, start: int = 0, lengths: list[int] | None = None):
+    """Endless (epoch, batch index, example indices): each epoch a fresh seeded permutation (grouped by
+    length when `lengths` is given). Starting at (epoch, start) reproduces exactly the batches a run
+    that never stopped would see.
     """
     while True:
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        if lengths is not None:
+            order = length_grouped_order(lengths, batch_size, seed + epoch)
+        else:
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         batches = [order[i:i + batch_size] for i in range(0, size, batch_size)]
         for index in range(start, len(batches)):
             yield epoch, index, batches[index]

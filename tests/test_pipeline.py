@@ -82,3 +82,45 @@ def test_build_example_loss_scale_survives_truncation(tokenizer):
     assert set(full["loss_weights"]) == {0.0, 1.0, 2.0}
     assert cut["loss_weights"] == full["loss_weights"][: len(cut["input_ids"])]
     assert cut["input_ids"] == full["input_ids"][: len(cut["input_ids"])]
+
+
+def test_pack_best_fit_and_positions_restart():
+    from sftkit.data.pipeline import pack
+
+    examples = [{"input_ids": [n] * n, "labels": [n] * n} for n in [5, 3, 7, 2, 8, 1, 4]]
+    rows = pack(examples, 10)
+    assert sorted(len(row["input_ids"]) for row in rows) == [10, 10, 10]
+    assert sorted(token for row in rows for token in row["input_ids"]) == sorted(t for e in examples for t in e["input_ids"])
+    for row in rows:
+        starts = [i for i, position in enumerate(row["position_ids"]) if position == 0]
+        assert all(row["labels"][i] == IGNORE_INDEX for i in starts)  # no example predicts the next one
+    with pytest.raises(ValueError, match="does not fit"):
+        pack([{"input_ids": [1] * 11, "labels": [1] * 11}], 10)
+
+
+@pytest.mark.parametrize("train_on", ["assistant", "all"])
+def test_packed_loss_equals_unpacked(train_on, tokenizer):
+    from sftkit.data.pipeline import collate_packed, pack
+    from sftkit.loss import loss_sum
+    import tiny
+
+    model = tiny.make_model(tokenizer)
+    rows = [{"query": f"What is {a} plus 2?", "response": f"It is {a + 2}, of course." * (a % 3 + 1)} for a in range(7)]
+    examples = [build_example(row, tokenizer=tokenizer, template="chatml", train_on=train_on) for row in rows]
+    expected = sum(float(loss_sum(model, collate([e], 0))[0]) for e in examples)
+    expected_tokens = sum(loss_sum(model, collate([e], 0))[1] for e in examples)
+    packed = pack(examples, 96)
+    assert len(packed) < len(examples)
+    got, tokens = loss_sum(model, collate_packed(packed, tokenizer.pad_token_id))
+    assert tokens == expected_tokens
+    assert abs(float(got) - expected) < 1e-3
+
+
+def test_length_grouped_order_is_a_seeded_permutation_with_similar_lengths():
+    from sftkit.data.pipeline import length_grouped_order
+
+    lengths = [((i * 37) % 100) + 1 for i in range(400)]
+    order = length_grouped_order(lengths, 8, seed=3)
+    assert sorted(order) == list(range(400)) and order == length_grouped_order(lengths, 8, seed=3)
+    spread = sum(max(lengths[i] for i in order[k:k + 8]) - min(lengths[i] for i in order[k:k + 8]) for k in range(0, 400, 8))
+    assert spread < 0.25 * sum(max(lengths) - min(lengths) for _ in range(50))

@@ -192,3 +192,16 @@ def test_embedded_default_trains_a_few_steps(tmp_path):
     assert len(losses) == 3 and all(loss == loss for loss in losses)
     assert json.load(open(os.path.join(best, "adapter_config.json")))["r"] == 8
     assert os.path.basename(os.path.dirname(os.path.dirname(best))) == "smollm2-135m-instruct"
+
+
+@pytest.mark.parametrize("mode", [{"packing": True}, {"group_by_length": True}])
+def test_packing_and_length_grouping_see_every_trainable_token_once(mode, tiny_model_dir, data_file, tmp_path):
+    def epoch_tokens(folder, **extra):
+        best = train(config(tiny_model_dir, data_file, folder, max_steps=-1, num_train_epochs=1, batch_size=2,
+                            max_length=256, eval_steps=1000, **extra))
+        return json.load(open(os.path.join(best, "trainer_state.json")))
+
+    plain, other = epoch_tokens(tmp_path / "plain"), epoch_tokens(tmp_path / "other", **mode)
+    assert other["trainable_tokens"] == plain["trainable_tokens"]
+    if "packing" in mode:
+        assert other["step"] < plain["step"]

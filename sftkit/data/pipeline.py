@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right, insort
 
 from .formats import Message, to_messages
 from .templates import Segment, Template, get_template, render
@@ -142,3 +142,79 @@ def build_examples(conversations: list[list[Message]], **kwargs) -> tuple[list[d
         if example is not None:
             kept.append({**example, "conversation": conversation})
     return kept, len(conversations) - len(kept)
+
+
+def pack(examples: list[dict], capacity: int) -> list[dict]:
+    """Best-fit-decreasing packing of examples into rows of at most `capacity` tokens, without padding.
+
+    Each row carries position_ids that restart at every example, which transformers turns into a
+    block-causal mask: attention never crosses examples. The first label of every example is
+    ignored so that no position learns to predict the next example.
+    """
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (tokens still free, row index), kept sorted
+    for index in order:
+        length = len(examples[index]["input_ids"])
+        if length > capacity:
+            raise ValueError(f"example of {length} tokens does not fit a packed row of {capacity}: truncate first")
+        slot = bisect_left(free, (length, -1))
+        if slot == len(free):
+            rows.append([index])
+            insort(free, (capacity - length, len(rows) - 1))
+        else:
+            room, row = free.pop(slot)
+            rows[row].append(index)
+            insort(free, (room - length, row))
+    return [_packed_row([examples[i] for i in sorted(row)]) for row in rows]
+
+
+def _packed_row(parts: list[dict]) -> dict:
+    row = {"input_ids": [], "labels": [], "position_ids": []}
+    weighted = any("loss_weights" in part for part in parts)
+    if weighted:
+        row["loss_weights"] = []
+    for part in parts:
+        row["input_ids"] += part["input_ids"]
+        row["labels"] += [IGNORE_INDEX] + list(part["labels"][1:])
+        row["position_ids"] += list(range(len(part["input_ids"])))
+        if weighted:
+            weights = part.get("loss_weights") or [float(label != IGNORE_INDEX) for label in part["labels"]]
+            row["loss_weights"] += [0.0] + list(weights[1:])
+    return row
+
+
+def collate_packed(rows: list[dict], pad_token_id: int) -> dict:
+    """Packed rows -> tensors; the padding is one more sequence (positions restart) that nothing attends to or learns."""
+    import torch
+
+    longest = max(len(row["input_ids"]) for row in rows)
+    batch = {"input_ids": [], "labels": [], "position_ids": []}
+    weighted = any("loss_weights" in row for row in rows)
+    if weighted:
+        batch["loss_weights"] = []
+    for row in rows:
+        padding = longest - len(row["input_ids"])
+        batch["input_ids"].append(row["input_ids"] + [pad_token_id] * padding)
+        batch["labels"].append(row["labels"] + [IGNORE_INDEX] * padding)
+        batch["position_ids"].append(row["position_ids"] + list(range(padding)))
+        if weighted:
+            batch["loss_weights"].append(row.get("loss_weights", [0.0] * len(row["labels"])) + [0.0] * padding)
+    return {key: torch.tensor(value, dtype=torch.float32 if key == "loss_weights" else torch.long) for key, value in batch.items()}
+
+
+def length_grouped_order(lengths: list[int], batch_size: int, seed: int) -> list[int]:
+    """A shuffled order in which each batch holds examples of similar length (less padding), batches shuffled."""
+    import random
+
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    # Sort within mega-batches of 50 batches, as HF's LengthGroupedSampler does, so epochs still differ.
+    mega = batch_size * 50
+    grouped = []
+    for start in range(0, len(order), mega):
+        grouped += sorted(order[start:start + mega], key=lambda i: -lengths[i])
+    batches = [grouped[i:i + batch_size] for i in range(0, len(grouped), batch_size)]
+    rng.shuffle(batches)
+    return [index for batch in batches for index in batch]
