@@ -10,6 +10,8 @@ import click
 from sftkit.config import PreviewConfig, TrainConfig
 
 from .options import config_command
+from .registry import list_command
+from .use import chat, evaluate, infer, merge
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -50,6 +52,9 @@ def train(config: TrainConfig):
     except (DataError, ModelLoadError, TrainingError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from None
 
+
+for command in (list_command, chat, infer, evaluate, merge):
+    main.add_command(command)
 
 if __name__ == "__main__":
     main()

@@ -102,7 +102,9 @@ def _checkpoint_folder(ckpt_dir: str) -> str:
     try:
         return resolve_checkpoint(ckpt_dir, "best")
     except FileNotFoundError:
-        # A folder of another name (e.g. a copied checkpoint) is used as is; read_run_args then checks its parent.
+        if os.path.isfile(os.path.join(ckpt_dir, ARGS_FILE)):
+            raise CheckpointError(f"the run folder {ckpt_dir} holds no checkpoint yet") from None
+        # A folder of another name (e.g. a merged copy) is used as is; read_run_args then checks its parent.
         return ckpt_dir
 
 
@@ -194,7 +196,8 @@ def chat_repl(model, tokenizer, template, system, gen_config: GenerationConfig, 
     interactive = bool(getattr(input, "isatty", lambda: False)())
     template = get_template(template)
     stop_strings, stop_ids = stop_criteria(tokenizer, template)
-    stop_after = (tool_call_end(template),) if agent else ()
+    call_end = tool_call_end(template) if agent else ""
+    stop_after = (call_end,) if call_end else ()
     history: list[Message] = []
     while True:
         line = _read_line(input, output, "<<< " if interactive else "")
@@ -213,7 +216,7 @@ def chat_repl(model, tokenizer, template, system, gen_config: GenerationConfig, 
             pieces = generate_stream(model, tokenizer, ids, gen_config, stop_strings, stop_ids, stop_after=stop_after)
             text = _show(pieces, output, stream)
             turn += reply_messages(text)
-            if not (stop_after and text.endswith(stop_after[0])):
+            if not (call_end and text.endswith(call_end)):
                 break
             result = _read_line(input, output, "tool result> " if interactive else "")
             if result is None:

@@ -19,6 +19,7 @@ TEXT_METRICS = ("rouge-l", "bleu-4")
 AGENT_METRICS = ("tool_name_acc", "args_exact_match", "args_f1", "answer_rouge_l")
 GENERATION_METRICS = TEXT_METRICS + AGENT_METRICS
 LOSS_SCALE_PRESETS = {"agent": {"tool_call": 2.0, "assistant": 1.0}}
+HUB_STRATEGIES = ("end", "push_best", "push_last", "checkpoint", "all_checkpoints")
 TRUE = ("true", "1", "yes", "on")
 FALSE = ("false", "0", "no", "off")
 
@@ -70,6 +71,9 @@ class TrainConfig:
     # model and data
     model: str | None = option(None, "local model dir or hub id (default: the embedded SmolLM2-135M-Instruct)",
                                aliases=("model_id_or_path",))
+    model_type: str | None = option(None, "a registered model type (sftkit list models); not together with --model")
+    trust_remote_code: bool = option(False, "allow models whose repository ships Python code")
+    use_flash_attn: bool | None = option(None, "flash-attention 2 when installed and on CUDA (default: when usable), else SDPA")
     hub: str = option("modelscope", "where hub ids download from", choices=("modelscope", "hf"))
     model_revision: str | None = option(None, "hub revision of the model")
     model_cache_dir: str | None = option(None, "where hub downloads go")
@@ -79,7 +83,8 @@ class TrainConfig:
                                           aliases=("custom_val_dataset_path",))
     dataset_test_ratio: float = option(0.01, "share of the training data held out for validation when no val_dataset")
     train_dataset_sample: int = option(-1, "use this many training rows after the split (-1: all)")
-    template: str = option("auto", "chat template name or 'auto' (the tokenizer's own chat_template)", aliases=("template_type",))
+    template: str | None = option(None, "chat template name, or 'auto' for the tokenizer's own chat_template "
+                                        "(default: the model type's template, else auto)", aliases=("template_type",))
     system: str | None = option(None, "system prompt for rows that have none (default: the template's)")
     max_length: int | None = option(2048, "truncate examples to this many tokens")
     truncation_side: str = option("right", "which end truncation cuts", choices=("right", "left"))
@@ -92,7 +97,8 @@ class TrainConfig:
     lora_rank: int = option(8, "LoRA rank r")
     lora_alpha: float = option(32, "LoRA alpha (scaling = alpha / r)")
     lora_dropout: float = option(0.05, "dropout on the LoRA input", aliases=("lora_dropout_p",))
-    lora_target_modules: tuple[str, ...] = option(("all-linear",), "module names, a regex, or all-linear")
+    lora_target_modules: tuple[str, ...] = option(("all-linear",), "module names, a regex, all-linear (ALL), "
+                                                                   "or DEFAULT (the model type's own targets)")
     use_rslora: bool = option(False, "scale by alpha / sqrt(r)")
     packing: bool = option(False, "pack examples into rows of max_length tokens with no padding (attention stays per example)")
     group_by_length: bool = option(False, "batch examples of similar length together (less padding; the alternative to packing)")
@@ -136,6 +142,11 @@ class TrainConfig:
     add_output_dir_suffix: bool = option(True, "write into <output_dir>/<model_type>/v<N>-<timestamp>/")
     resume_from_checkpoint: str | None = option(None, "a checkpoint-<step> folder (or run folder) to continue from")
     logging_dir: str | None = option(None, "TensorBoard folder (default: <run dir>/runs)")
+    push_to_hub: bool = option(False, "upload checkpoints / the final model to the ModelScope hub")
+    hub_model_id: str | None = option(None, "ModelScope repository to push to, e.g. me/my-model")
+    hub_private_repo: bool = option(False, "create the hub repository as private")
+    push_hub_strategy: str = option("push_best", "what to push when", choices=HUB_STRATEGIES)
+    hub_token: str | None = option(None, "ModelScope token (default: $MODELSCOPE_API_TOKEN)")
 
     def problems(self) -> list[str]:
         checks = [_positive(name, getattr(self, name)) for name in
@@ -158,6 +169,10 @@ class TrainConfig:
             loss_scale_weights(self.loss_scale)
         except ValueError as error:
             checks.append(str(error))
+        if self.model and self.model_type:
+            checks.append("give --model_type or --model (--model_id_or_path), not both: a model type names its own weights")
+        if self.push_to_hub and not self.hub_model_id:
+            checks.append("push_to_hub needs hub_model_id")
         if self.metric_for_best_model in AGENT_METRICS and self.eval_generation_mode != "agent":
             checks.append(f"metric_for_best_model {self.metric_for_best_model} needs eval_generation_mode agent")
         if self.metric_for_best_model in TEXT_METRICS and self.eval_generation_mode != "rouge":

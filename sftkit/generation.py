@@ -5,6 +5,7 @@ is stable: complete UTF-8 characters that cannot be the start of a stop string.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 from typing import Iterator
 
@@ -77,7 +78,7 @@ def generate_stream(model, tokenizer, input_ids, config: GenerationConfig, stop_
     Stops at EOS or a stop token (not shown), at a stop string (not shown), or after a `stop_after` string
     (shown: e.g. the marker that closes a tool call, which belongs to the reply).
     """
-    stops = _stop_ids(tokenizer, stop_token_ids)
+    stops = _stop_ids(model, tokenizer, stop_token_ids)
     decoder = IncrementalDecoder(tokenizer)
     text, shown = "", 0
     for tokens in _token_steps(model, *_left_pad([list(input_ids)], _pad_id(tokenizer), model.device), config):
@@ -103,7 +104,7 @@ def generate_batch(model, tokenizer, batch_input_ids, config: GenerationConfig, 
     """The replies to several prompts at once (left-padded); each row stops on its own, as generate_stream would."""
     if not batch_input_ids:
         return []
-    stops = _stop_ids(tokenizer, stop_token_ids)
+    stops = _stop_ids(model, tokenizer, stop_token_ids)
     decoders = [IncrementalDecoder(tokenizer) for _ in batch_input_ids]
     texts = [""] * len(batch_input_ids)
     done = [False] * len(batch_input_ids)
@@ -113,7 +114,7 @@ def generate_batch(model, tokenizer, batch_input_ids, config: GenerationConfig, 
             if done[row]:
                 continue
             if token in stops:
-                done[row] = True
+                texts[row], done[row] = texts[row] + decoders[row].flush(), True
                 continue
             texts[row] += decoders[row].push(token)
             end, stopped = visible_end(texts[row], stop_strings, stop_after)
@@ -169,9 +170,12 @@ class IncrementalDecoder:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def _stop_ids(tokenizer, stop_token_ids) -> set[int]:
-    eos = tokenizer.eos_token_id
-    return set(stop_token_ids) | ({eos} if isinstance(eos, int) else set(eos or ()))
+def _stop_ids(model, tokenizer, stop_token_ids) -> set[int]:
+    """The caller's stop tokens plus every EOS the tokenizer or the model's generation config names (Llama 3 has several)."""
+    ids = set(stop_token_ids)
+    for eos in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        ids |= {eos} if isinstance(eos, int) else set(eos or ())
+    return ids
 
 
 def _pad_id(tokenizer) -> int:
@@ -191,6 +195,19 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
 
 
+@contextlib.contextmanager
+def evaluating(model):
+    """Dropout off while generating, and the caller's mode restored after: training generates mid-run."""
+    training = getattr(model, "training", False)
+    if training:
+        model.eval()
+    try:
+        yield
+    finally:
+        if training:
+            model.train()
+
+
 @torch.no_grad()
 def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig):
     """Yield the next token of every row, max_new_tokens times; the caller stops early by not asking for more.
@@ -206,21 +223,22 @@ def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     if config.do_sample and config.seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(config.seed)
     step_ids = input_ids
-    for step in range(config.max_new_tokens):
-        if step:
-            step_ids = tokens[:, None]
-            positions = positions[:, -1:] + 1
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(tokens), 1))], dim=-1)
-            if seen is not None:
-                seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
-        output = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = output.past_key_values
-        logits = output.logits[:, -1, :].float()
-        if config.repetition_penalty != 1.0 and seen is None:
-            seen = _seen_tokens(input_ids, attention_mask, logits.shape[-1])
-        tokens = next_tokens(logits, config, seen, generator)
-        yield tokens
+    with evaluating(model):
+        for step in range(config.max_new_tokens):
+            if step:
+                step_ids = tokens[:, None]
+                positions = positions[:, -1:] + 1
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(tokens), 1))], dim=-1)
+                if seen is not None:
+                    seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
+            output = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
+                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache = output.past_key_values
+            logits = output.logits[:, -1, :].float()
+            if config.repetition_penalty != 1.0 and seen is None:
+                seen = _seen_tokens(input_ids, attention_mask, logits.shape[-1])
+            tokens = next_tokens(logits, config, seen, generator)
+            yield tokens
 
 
 def _seen_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:

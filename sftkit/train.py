@@ -14,6 +14,7 @@ import random
 import re
 import signal
 import time
+from dataclasses import replace
 import numpy as np
 import torch
 from safetensors.torch import load_file
@@ -26,8 +27,12 @@ from .data.pipeline import IGNORE_INDEX, build_examples, collate, collate_packed
 from .logs import RunLog, plot_losses
 from .lora import LoRAConfig, count_parameters, inject_lora, lora_state_dict, save_adapter
 from .loss import loss_sum
-from .model import EMBEDDED_CACHE_NAME, load_model_and_tokenizer, resolve_dtype
+from .hub import HubError, maybe_push, push_to_hub
+from .model import load_model_and_tokenizer, resolve_dtype
 from .placement import place
+from .registry import MODELS, attn_implementation, get_model_tokenizer, infer_model_type, resolve_lora_targets
+
+EMBEDDED_MODEL_TYPE = "smollm2-135m-instruct"
 
 
 class TrainingError(RuntimeError):
@@ -49,14 +54,14 @@ def train(config: TrainConfig) -> str:
     # Model. LoRA keeps the frozen base in the compute dtype and its adapters in float32; full
     # fine-tuning keeps float32 master weights. Half precision comes from autocast in both.
     load_dtype = config.dtype if config.sft_type == "lora" else "fp32"
-    model, tokenizer, model_dir = load_model_and_tokenizer(
-        config.model, hub=config.hub, revision=config.model_revision, cache_dir=config.model_cache_dir,
-        dtype=load_dtype, device="cpu" if len(devices) > 1 else device, gradient_checkpointing=config.gradient_checkpointing,
-    )
+    model, tokenizer, model_dir, model_type = load_base(config, load_dtype, "cpu" if len(devices) > 1 else device, say)
+    config = replace(config, model_type=model_type, template=resolve_template(config, model_type))
     lora_config = None
     if config.sft_type == "lora":
+        targets = resolve_lora_targets(model_type, config.lora_target_modules)
         lora_config = LoRAConfig(r=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                                 target_modules=lora_targets(config.lora_target_modules), use_rslora=config.use_rslora)
+                                 target_modules=targets if isinstance(targets, str) else lora_targets(targets),
+                                 use_rslora=config.use_rslora)
         inject_lora(model, lora_config)
         for parameter in lora_state_dict(model).values():
             parameter.data = parameter.data.float()
@@ -106,6 +111,12 @@ def train(config: TrainConfig) -> str:
     if world.distributed:
         forward = torch.nn.parallel.DistributedDataParallel(
             forward, device_ids=[device.index] if device.type == "cuda" and len(devices) == 1 else None)
+
+    def upload(folder: str, path_in_repo: str) -> None:
+        try:
+            push_to_hub(folder, config.hub_model_id, path_in_repo, token=config.hub_token, private=config.hub_private_repo)
+        except HubError as error:  # a network blip must not end a long run
+            say(f"[sftkit] warning: push to {config.hub_model_id} failed: {error}")
 
     def save(step: int) -> str:
         rngs = distributed.gather(rng_states(), world)
@@ -190,6 +201,8 @@ def train(config: TrainConfig) -> str:
                     if improved or not val_examples:
                         mark_best(run_dir, checkpoint)
                     prune(run_dir, config.save_total_limit, protect=(pointer(run_dir, "best"), checkpoint))
+                    if config.push_to_hub:
+                        maybe_push(config.push_hub_strategy, "save", checkpoint, improved, upload)
             if stopping:
                 progress.close()
                 say(f"[sftkit] stopped by signal after step {state.step}; checkpoint saved.\n"
@@ -209,6 +222,8 @@ def train(config: TrainConfig) -> str:
         say(f"[sftkit] done: best checkpoint {best} ({best_metric_key(config)} {best_score}), wall time {wall:.1f}s, "
             f"{state.trainable_tokens / max(wall, 1e-9):.1f} trainable tokens/s" + (f", curves {plot}" if plot else ""))
         say(f"[sftkit] chat with it: sftkit chat --ckpt_dir {best}")
+        if config.push_to_hub:
+            maybe_push(config.push_hub_strategy, "end", best, False, upload)
     distributed.shutdown(world)
     return best
 
@@ -249,6 +264,33 @@ def rank_shard(examples: list[dict], rank: int, batch_size: int) -> tuple[list[d
     of an epoch still runs one (weighted 0) so every rank joins the gradient all-reduce."""
     shard = examples[rank * batch_size:(rank + 1) * batch_size]
     return (shard, 1.0) if shard else (examples[:1], 0.0)
+
+
+def load_base(config: TrainConfig, dtype: str, device, say=print):
+    """(model, tokenizer, model_dir, model_type): a registered model type through the registry, anything
+    else (a local folder or hub id sftkit does not know) through the plain loader."""
+    attention, why = attn_implementation(config.use_flash_attn)
+    say(f"[sftkit] {why}")
+    model_type = config.model_type or infer_model_type(config.model) or (None if config.model else EMBEDDED_MODEL_TYPE)
+    if model_type is None:
+        model, tokenizer, model_dir = load_model_and_tokenizer(
+            config.model, hub=config.hub, revision=config.model_revision, cache_dir=config.model_cache_dir, dtype=dtype,
+            device=device, attn_implementation=attention, trust_remote_code=config.trust_remote_code,
+            gradient_checkpointing=config.gradient_checkpointing)
+        return model, tokenizer, model_dir, None
+    local = config.model if config.model and os.path.isdir(config.model) else None
+    model, tokenizer = get_model_tokenizer(
+        model_type, dtype, dict(device=device, attn_implementation=attention, gradient_checkpointing=config.gradient_checkpointing),
+        hub=config.hub, model_dir=local, revision=config.model_revision, cache_dir=config.model_cache_dir,
+        trust_remote_code=config.trust_remote_code)
+    return model, tokenizer, model.name_or_path, model_type
+
+
+def resolve_template(config: TrainConfig, model_type: str | None) -> str:
+    """--template as given, else the model type's registered template, else the tokenizer's own ('auto')."""
+    if config.template:
+        return config.template
+    return MODELS[model_type].template if model_type else "auto"
 
 
 def lora_targets(modules: tuple[str, ...]) -> "str | tuple[str, ...]":
@@ -377,7 +419,7 @@ def make_run_dir(config: TrainConfig, model_dir: str) -> str:
     if not config.add_output_dir_suffix:
         os.makedirs(config.output_dir, exist_ok=True)
         return os.path.abspath(config.output_dir)
-    model_type = EMBEDDED_CACHE_NAME if config.model is None else os.path.basename(os.path.normpath(config.model)).lower()
+    model_type = config.model_type or os.path.basename(os.path.normpath(config.model)).lower()
     parent = os.path.join(config.output_dir, model_type)
     os.makedirs(parent, exist_ok=True)
     versions = [int(m.group(1)) for name in os.listdir(parent) if (m := re.match(r"v(\d+)-", name))]
@@ -388,7 +430,8 @@ def make_run_dir(config: TrainConfig, model_dir: str) -> str:
 
 def write_run_files(run_dir: str, config: TrainConfig, model_dir: str, val_examples: list[dict]) -> None:
     """sft_args.json (the resolved config, read back by chat/infer/merge) and the validation split."""
-    arguments = {**config_dict(config), "model_dir": os.path.abspath(model_dir), "learning_rate": config.lr}
+    arguments = {**config_dict(config), "model_dir": os.path.abspath(model_dir), "learning_rate": config.lr,
+                 "hub_token": None}
     with open(os.path.join(run_dir, "sft_args.json"), "w", encoding="utf-8") as handle:
         json.dump(arguments, handle, indent=2, ensure_ascii=False)
     with open(os.path.join(run_dir, "val_dataset.jsonl"), "w", encoding="utf-8") as handle:

@@ -68,7 +68,8 @@ def test_joined_encoding_equals_plain_tokenization(name, tokenizer):
 
 
 MARKERS = ["<|user|>", "<|assistant|>", "<|system|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
-           "<eoa>", "<reserved_106>", "<reserved_107>", "[gMASK]", "sop"]
+           "<eoa>", "<reserved_106>", "<reserved_107>", "[gMASK]", "sop", "<|im_sep|>", "<|end|>", "<start_of_turn>",
+           "<end_of_turn>", "<think>", "</think>", "[USER]", "[BOT]", "[SEP]"]
 
 
 @pytest.fixture(scope="module")

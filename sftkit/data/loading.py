@@ -10,7 +10,7 @@ import json
 import os
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 from .errors import DataError
@@ -32,7 +32,7 @@ class Row:
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """A named dataset: where it lives on each hub and how its columns map to a known schema."""
+    """A named dataset: where it lives on each hub (or on this machine) and how its columns map to a known schema."""
 
     name: str
     ms_id: str | None = None
@@ -41,6 +41,7 @@ class DatasetInfo:
     split: str = "train"
     columns: dict = field(default_factory=dict)
     tags: tuple[str, ...] = ()
+    path: str | None = None
 
 
 DATASETS: dict[str, DatasetInfo] = {}
@@ -48,13 +49,14 @@ DATASETS: dict[str, DatasetInfo] = {}
 
 def register_dataset(name: str, ms_id: str | None = None, hf_id: str | None = None, *, subset: str | None = None,
                      split: str = "train", columns: dict | None = None, tags: tuple[str, ...] = (),
-                     exist_ok: bool = False) -> DatasetInfo:
-    """Add a dataset name; `columns` renames raw columns to a known schema's (e.g. {"question": "query"})."""
+                     path: str | None = None, exist_ok: bool = False) -> DatasetInfo:
+    """Add a dataset name for hub ids or a local `path` (file or `datasets` folder); `columns` renames raw
+    columns to a known schema's (e.g. {"question": "query"})."""
     if name in DATASETS and not exist_ok:
         raise ValueError(f"dataset '{name}' is already registered")
-    if not (ms_id or hf_id):
-        raise ValueError(f"dataset '{name}' needs a ModelScope id or a Hugging Face id")
-    DATASETS[name] = DatasetInfo(name, ms_id, hf_id, subset, split, dict(columns or {}), tuple(tags))
+    if not (ms_id or hf_id or path):
+        raise ValueError(f"dataset '{name}' needs a ModelScope id, a Hugging Face id or a local path")
+    DATASETS[name] = DatasetInfo(name, ms_id, hf_id, subset, split, dict(columns or {}), tuple(tags), path)
     return DATASETS[name]
 
 
@@ -153,17 +155,22 @@ def read_hub(info: DatasetInfo, hub: str = "modelscope") -> Iterator[Row]:
     except Exception as error:  # hubs raise many types; the user needs the id and the reason
         raise DataError(f"could not load from the hub: {type(error).__name__}: {error}. Offline? Pass a local file instead.", source=source) from None
     for index, row in enumerate(table):
-        row = dict(row)
-        for old, new in info.columns.items():
-            if old in row:
-                row[new] = row.pop(old)
-        yield Row(source, index, row)
+        yield Row(source, index, _renamed(dict(row), info.columns))
+
+
+def _renamed(row: dict, columns: dict) -> dict:
+    for old, new in columns.items():
+        if old in row:
+            row[new] = row.pop(old)
+    return row
 
 
 def read_dataset(spec: str, hub: str = "modelscope") -> Iterator[Row]:
     """Rows of one dataset spec: a local file, a local `datasets` folder, a registered name, or hf::id / ms::id."""
     if spec.lower().endswith(FILE_SUFFIXES) or os.path.isfile(spec):
         return read_file(spec)
+    if spec in DATASETS and DATASETS[spec].path:
+        return _read_registered_path(DATASETS[spec])
     if spec in DATASETS:
         return read_hub(DATASETS[spec], hub)
     prefix, _, dataset_id = spec.partition("::")
@@ -175,6 +182,11 @@ def read_dataset(spec: str, hub: str = "modelscope") -> Iterator[Row]:
     close = difflib.get_close_matches(spec, DATASETS, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else " Use a .jsonl/.json/.csv path, a registered name (sftkit list datasets), hf::ID or ms::ID."
     raise DataError(f"unknown dataset '{spec}'.{hint}")
+
+
+def _read_registered_path(info: DatasetInfo) -> Iterator[Row]:
+    for row in read_dataset(info.path):
+        yield row if row.data is None else replace(row, data=_renamed(dict(row.data), info.columns))
 
 
 def _read_local_dataset(path: str) -> Iterator[Row]:

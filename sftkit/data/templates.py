@@ -326,6 +326,84 @@ BUILTIN_TEMPLATES = {
         stop_words=("</s>",),
     ),
     "auto": Template(prefix="", prompt="", suffix="", use_tokenizer_template=True),
+    # Base models: the raw text, closed by EOS so the model learns where a document ends.
+    "default-generation": Template(prefix="{{BOS}}", prompt="{{QUERY}}", suffix="{{EOS}}"),
+    "chatglm-generation": Template(prefix="[gMASK]sop", prompt="{{QUERY}}", suffix="{{EOS}}"),
+    # Qwen2.5's Jinja template puts this system text in when the conversation has none.
+    "qwen2_5": replace(_CHATML, default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+    # Non-thinking Qwen3: every answer opens with the empty think block that enable_thinking=False
+    # puts in the generation prompt, so training matches inference. Glue, not trained. Qwen3's Jinja
+    # template drops that block from answers before the last user turn; here every round has it.
+    "qwen3": replace(_CHATML, prompt="<|im_start|>user\n{{QUERY}}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+    # Gemma has no system role: its Jinja template (Gemma 3) puts the system text and a blank line in
+    # front of the first user message, as render() does for a prefix without {{SYSTEM}}.
+    "gemma": Template(
+        prefix="{{BOS}}",
+        prompt="<start_of_turn>user\n{{QUERY}}<end_of_turn>\n<start_of_turn>model\n",
+        suffix="<end_of_turn>",
+        separator="\n",
+        end="\n",
+        stop_words=("<end_of_turn>", "<eos>"),
+    ),
+    # Phi-3 and Phi-3.5; their Jinja template appends eos_token (<|endoftext|>) after the last turn.
+    "phi3": Template(
+        prefix="<|system|>\n{{SYSTEM}}<|end|>\n",
+        prefix_no_system="",
+        prompt="<|user|>\n{{QUERY}}<|end|>\n<|assistant|>\n",
+        suffix="<|end|>",
+        separator="\n",
+        end="\n",
+        stop_words=("<|end|>", "<|endoftext|>"),
+    ),
+    # Phi-4 (14B): ChatML tags with <|im_sep|> after the role and no newlines anywhere.
+    "phi4": Template(
+        prefix="<|im_start|>system<|im_sep|>{{SYSTEM}}<|im_end|>",
+        prefix_no_system="",
+        prompt="<|im_start|>user<|im_sep|>{{QUERY}}<|im_end|><|im_start|>assistant<|im_sep|>",
+        suffix="<|im_end|>",
+        stop_words=("<|im_end|>", "<|endoftext|>"),
+    ),
+    # Phi-4-mini: Phi-3's tags without newlines; its Jinja template appends eos_token after the last turn.
+    "phi4-mini": Template(
+        prefix="<|system|>{{SYSTEM}}<|end|>",
+        prefix_no_system="",
+        prompt="<|user|>{{QUERY}}<|end|><|assistant|>",
+        suffix="<|end|>",
+        stop_words=("<|end|>", "<|endoftext|>"),
+    ),
+    # Mistral-Nemo (tekken tokenizer): no spaces around [INST]. Its Jinja template puts the system
+    # text in front of the last user message; here it goes in front of the first.
+    "mistral-nemo": Template(
+        prefix="{{BOS}}",
+        prompt="[INST]{{QUERY}}[/INST]",
+        suffix="{{EOS}}",
+        stop_words=("</s>",),
+    ),
+    "bluelm": Template(prefix="{{BOS}}{{SYSTEM}}", prompt="[|Human|]:{{QUERY}}[|AI|]:", suffix="{{EOS}}", stop_words=("</s>",)),
+    "ziya": Template(prefix="{{BOS}}{{SYSTEM}}", prompt="<human>:{{QUERY}}\n<bot>:", suffix="{{EOS}}", separator="\n",
+                     stop_words=("</s>",)),
+    # Skywork-13B-chat: every turn opens with </s><s>, as its demo's special_encode builds it.
+    "skywork": Template(
+        prefix="{{BOS}}{{SYSTEM}}{{EOS}}{{BOS}}",
+        prompt="[USER]{{QUERY}}[SEP][BOT]",
+        suffix="[SEP]{{EOS}}",
+        separator="{{BOS}}",
+        stop_words=("[SEP]", "</s>"),
+    ),
+    # PolyLM-chat-13B, laid out as its model card's example prompt; the card shows no multi-round layout.
+    "polylm": Template(prefix="", prompt="<|user|>\n{{QUERY}}\n<|assistant|>\n", suffix="{{EOS}}", stop_words=("</s>",)),
+    # SeqGPT is single-turn NLU: the query is "<text>\n<分类 or 抽取>: <label,label>", as its README builds it.
+    "seqgpt": Template(prefix="", prompt="输入: {{QUERY}}\n输出: [GEN]", suffix="{{EOS}}", stop_words=("</s>",)),
+    # OpenBuddy (Llama 2 / Mistral based). Its README recommends a long system prompt (ms-swift makes it the
+    # default); none is set here: pass it with --system to train with it.
+    "openbuddy": Template(
+        prefix="{{BOS}}{{SYSTEM}}\n\n",
+        prefix_no_system="{{BOS}}",
+        prompt="User: {{QUERY}}\nAssistant: ",
+        suffix="{{EOS}}",
+        separator="\n",
+        stop_words=("</s>",),
+    ),
 }
 
 for _name, _template in BUILTIN_TEMPLATES.items():

