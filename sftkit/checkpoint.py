@@ -47,14 +47,25 @@ def write_atomically(path: str, text: str) -> None:
 
 def save_checkpoint(run_dir: str, step: int, write: Callable[[str], None]) -> str:
     """Call write(folder) on a temporary folder, rename it to checkpoint-<step>, then point `latest` at it."""
-    name = f"checkpoint-{step}"
-    final, temporary = os.path.join(run_dir, name), os.path.join(run_dir, f"{name}.tmp")
+    write(begin_checkpoint(run_dir, step))
+    return finish_checkpoint(run_dir, step)
+
+
+def begin_checkpoint(run_dir: str, step: int) -> str:
+    """A fresh, empty checkpoint-<step>.tmp folder to write into."""
+    temporary = os.path.join(run_dir, f"checkpoint-{step}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     os.makedirs(temporary)
-    write(temporary)
+    return temporary
+
+
+def finish_checkpoint(run_dir: str, step: int) -> str:
+    """Rename the written .tmp folder into place, then move `latest`: until then resume sees the previous one."""
+    name = f"checkpoint-{step}"
+    final = os.path.join(run_dir, name)
     if os.path.exists(final):
         shutil.rmtree(final)
-    os.replace(temporary, final)
+    os.replace(os.path.join(run_dir, f"{name}.tmp"), final)
     write_atomically(os.path.join(run_dir, "latest"), name)
     return final
 

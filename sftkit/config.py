@@ -100,6 +100,13 @@ class TrainConfig:
     lora_target_modules: tuple[str, ...] = option(("all-linear",), "module names, a regex, all-linear (ALL), "
                                                                    "or DEFAULT (the model type's own targets)")
     use_rslora: bool = option(False, "scale by alpha / sqrt(r)")
+    quantization_bit: int = option(0, "load the base in 4 or 8 bits through bitsandbytes (QLoRA); 0: off", choices=(0, 4, 8))
+    bnb_4bit_quant_type: str = option("nf4", "4-bit data type", choices=("nf4", "fp4"))
+    bnb_4bit_use_double_quant: bool = option(True, "quantize the 4-bit scales too")
+    bnb_4bit_comp_dtype: str = option("auto", "4-bit compute dtype (auto: the training dtype)", choices=("auto", "bf16", "fp16", "fp32"))
+    optim: str = option("adamw", "optimizer: torch AdamW or bitsandbytes 8-bit AdamW",
+                        choices=("adamw", "adamw_8bit", "adamw_torch", "adamw_bnb_8bit"))
+    deepspeed: str | None = option(None, "DeepSpeed config: zero2, zero3, zero2_offload, zero3_offload or a JSON path")
     packing: bool = option(False, "pack examples into rows of max_length tokens with no padding (attention stays per example)")
     group_by_length: bool = option(False, "batch examples of similar length together (less padding; the alternative to packing)")
     # optimisation
@@ -169,6 +176,12 @@ class TrainConfig:
             loss_scale_weights(self.loss_scale)
         except ValueError as error:
             checks.append(str(error))
+        if self.sft_type == "full" and self.quantization_bit:
+            checks.append("quantization_bit needs sft_type lora: 4/8-bit weights cannot be trained, only adapters on them")
+        if self.deepspeed and self.devices:
+            checks.append("deepspeed and model parallel (--devices) do not combine: DeepSpeed shards the model itself")
+        if self.deepspeed and self.quantization_bit:
+            checks.append("deepspeed with a quantized base (quantization_bit) is not supported: use DDP for QLoRA")
         if self.model and self.model_type:
             checks.append("give --model_type or --model (--model_id_or_path), not both: a model type names its own weights")
         if self.push_to_hub and not self.hub_model_id:

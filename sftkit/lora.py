@@ -1,6 +1,7 @@
-"""LoRA for nn.Linear layers, saved and loaded in peft's adapter format without importing peft."""
+"""LoRA for nn.Linear and quantized linear layers, saved and loaded in peft's adapter format without importing peft."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -13,11 +14,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .quant import is_quantized_linear
+
 ALL_LINEAR = "all-linear"
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 # peft saves PeftModelForCausalLM.base_model (LoraModel).model, with the adapter name stripped.
 PEFT_PREFIX = "base_model.model."
+MERGE_QUANTIZED = (
+    "merging into 4-bit (or 8-bit, GPTQ) weights loses quality: reload the base in full precision and merge there"
+)
 
 _PEFT_INIT = {"default": True, "gaussian": "gaussian"}
 # init_lora_weights=False only leaves B random at creation; weights loaded from a file overwrite it.
@@ -166,22 +172,26 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, config: LoRAConfig):
         super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.register_parameter("bias", base.bias)
-        self.r, self.scaling, self.merged = config.r, config.scaling, False
         # Like peft: the base's device and dtype, but never an integer (quantized) dtype.
         dtype = base.weight.dtype if base.weight.dtype.is_floating_point else torch.float32
-        factory = {"device": base.weight.device, "dtype": dtype}
+        self._add_lora(base, config, device=base.weight.device, dtype=dtype)
+
+    def _add_lora(self, base: nn.Module, config: LoRAConfig, *, device: torch.device, dtype: torch.dtype) -> None:
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.scaling, self.merged = config.r, config.scaling, False
         self.dropout = nn.Dropout(config.dropout)
-        self.lora_A = nn.Linear(self.in_features, config.r, bias=False, **factory)
-        self.lora_B = nn.Linear(config.r, self.out_features, bias=False, **factory)
+        self.lora_A = nn.Linear(self.in_features, config.r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(config.r, self.out_features, bias=False, device=device, dtype=dtype)
         _init_lora(self.lora_A.weight, self.lora_B.weight, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = F.linear(x, self.weight, self.bias)
-        if self.merged:
-            return result
+        return result if self.merged else self._add_update(result, x)
+
+    def _add_update(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The update runs in the adapter's dtype (or autocast's) and is added in the base output's dtype."""
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
         return result + (update * self.scaling).to(result.dtype)
 
@@ -211,6 +221,23 @@ class LoRALinear(nn.Module):
         )
 
 
+class LoRAQuantLinear(LoRALinear):
+    """LoRA on a quantized linear (bitsandbytes 4/8-bit, GPTQ), kept whole as `base_layer` because only its own
+    forward can read its packed weight. The adapter is float32, like peft's, and cannot be merged."""
+
+    def __init__(self, base: nn.Module, config: LoRAConfig):
+        nn.Module.__init__(self)
+        self.base_layer = base
+        device = next(itertools.chain(base.parameters(), base.buffers())).device
+        self._add_lora(base, config, device=device, dtype=torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._add_update(self.base_layer(x), x)
+
+    def merge(self) -> None:
+        raise ValueError(MERGE_QUANTIZED)
+
+
 def _init_lora(lora_A: torch.Tensor, lora_B: torch.Tensor, config: LoRAConfig) -> None:
     """peft's init: B = 0 so the injected model starts equal to the base model; A must not be 0 or nothing trains."""
     if config.init == "gaussian":
@@ -221,11 +248,14 @@ def _init_lora(lora_A: torch.Tensor, lora_B: torch.Tensor, config: LoRAConfig) -
 
 
 def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Replace the targeted nn.Linear layers with LoRALinear and freeze everything else; returns their names."""
+    """Replace the targeted linears with LoRALinear (LoRAQuantLinear on a quantized one) and freeze everything else;
+    returns their names."""
     names = _target_names(model, config.target_modules)
     model.requires_grad_(False)
     for name in names:
-        _set_submodule(model, name, LoRALinear(model.get_submodule(name), config))
+        base = model.get_submodule(name)
+        layer_class = LoRAQuantLinear if is_quantized_linear(base) else LoRALinear
+        _set_submodule(model, name, layer_class(base, config))
     return names
 
 
@@ -237,15 +267,18 @@ def _target_names(model: nn.Module, target_modules: str | tuple[str, ...]) -> li
         raise ValueError(f"model already has LoRA layers (e.g. {injected[0]}); call unload_lora first")
     if target_modules == ALL_LINEAR:
         heads = _output_head_names(model, modules)
-        names = [name for name, module in modules.items() if isinstance(module, nn.Linear) and name not in heads]
+        names = [name for name, module in modules.items() if _is_linear(module) and name not in heads]
     else:
         names = [name for name in modules if _matches(target_modules, name)]
     if not names:
-        linear = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
+        linear = [name for name, module in modules.items() if _is_linear(module)]
         raise ValueError(f"target_modules={target_modules!r} matches no module; Linear modules include {linear[:10]}")
-    unsupported = [f"{name} ({type(modules[name]).__name__})" for name in names if not _is_plain_linear(modules[name])]
+    unsupported = [f"{name} ({type(modules[name]).__name__})" for name in names if not _is_supported(modules[name])]
     if unsupported:
-        raise ValueError(f"LoRA supports only nn.Linear; target_modules={target_modules!r} matches {unsupported[:10]}")
+        raise ValueError(
+            f"LoRA supports only nn.Linear and bitsandbytes/GPTQ quantized linears; target_modules={target_modules!r} "
+            f"matches {unsupported[:10]}"
+        )
     return sorted(names)
 
 
@@ -264,9 +297,16 @@ def _output_head_names(model: nn.Module, modules: dict[str, nn.Module]) -> set[s
     return {name for name in modules if name.rpartition(".")[2] == "lm_head"}
 
 
-def _is_plain_linear(module: nn.Module) -> bool:
-    """LoRALinear calls F.linear on the weight, which is wrong for subclasses with their own forward (e.g. 4-bit)."""
-    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+def _is_linear(module: nn.Module) -> bool:
+    """nn.Linear and its subclasses (bitsandbytes' are), and GPTQ linears, which are not."""
+    return isinstance(module, nn.Linear) or is_quantized_linear(module)
+
+
+def _is_supported(module: nn.Module) -> bool:
+    """LoRALinear calls F.linear on the weight, which is wrong for a subclass with its own forward; the quantized
+    ones we know go through LoRAQuantLinear, which calls their forward."""
+    plain = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+    return plain or is_quantized_linear(module)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -281,6 +321,11 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 def merge_lora(model: nn.Module) -> None:
     """Fold each update into its base weight, so inference costs nothing extra; merging twice is a no-op."""
     layers = _lora_layers(model)
+    quantized = [name for name, layer in layers if isinstance(layer, LoRAQuantLinear)]
+    if quantized:
+        raise ValueError(
+            f"cannot merge LoRA into quantized layers ({len(quantized)}, e.g. {quantized[0]}): {MERGE_QUANTIZED}"
+        )
     tied = _shared_parameter_ids(model)
     blocked = [name for name, layer in layers if id(layer.weight) in tied]
     if blocked:
@@ -323,9 +368,16 @@ def lora_state_dict(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied parameters count once."""
+    """(trainable, total) parameter counts; tied parameters count once, packed 4-bit ones as the weights they hold."""
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return sum(p.numel() for p in params if p.requires_grad), sum(_weight_count(p) for p in params)
+
+
+def _weight_count(param: nn.Parameter) -> int:
+    # bitsandbytes packs two 4-bit weights per byte of its storage dtype (like peft's count).
+    if type(param).__name__ == "Params4bit":
+        return param.numel() * 2 * param.element_size()
+    return param.numel()
 
 
 def save_adapter(

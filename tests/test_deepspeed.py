@@ -1,0 +1,78 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 with 2 CPU processes (gloo): same losses as one plain process, exact resume, exports."""
+import importlib.util
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from launch import options, records, torchrun
+from sftkit.config import TrainConfig, build_config
+from sftkit.config import ConfigError
+from sftkit.deepspeed import fill_config
+from sftkit.train import train
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ds") / "train.jsonl"
+    rows = [{"query": f"What is {a} minus {b}?", "response": f"{a} minus {b} is {a - b}."} for a in range(5) for b in range(4)]
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return str(path)
+
+
+@needs_deepspeed
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_zero_matches_single_process_and_resumes(stage, tiny_model_dir, data_file, tmp_path):
+    torchrun(options(tiny_model_dir, data_file, tmp_path / "ds", batch_size=2, deepspeed=stage))
+    single = tmp_path / "single"
+    train(TrainConfig(**{**options(tiny_model_dir, data_file, single), "dataset": (data_file,), "batch_size": 4}))
+    for a, b in zip(records(tmp_path / "ds"), records(single)):
+        for key in ("loss", "eval_loss"):
+            if key in b:
+                assert abs(a[key] - b[key]) < 1e-4, (a, b)
+    exported = load_file(str(tmp_path / "ds" / "checkpoint-4" / "adapter_model.safetensors"))
+    reference = load_file(str(single / "checkpoint-4" / "adapter_model.safetensors"))
+    for key in reference:
+        torch.testing.assert_close(exported[key], reference[key], rtol=1e-3, atol=1e-5)
+    assert os.path.isdir(tmp_path / "ds" / "checkpoint-2" / "deepspeed")
+
+    copy = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "ds", copy)
+    shutil.rmtree(copy / "checkpoint-4")
+    torchrun(options(tiny_model_dir, data_file, tmp_path / "unused", batch_size=2, deepspeed=stage,
+                     resume_from_checkpoint=copy / "checkpoint-2"))
+    resumed = load_file(str(copy / "checkpoint-4" / "adapter_model.safetensors"))
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], exported[key], rtol=0, atol=1e-7)
+
+
+def test_auto_values_are_filled_from_the_training_options():
+    config = fill_config("zero3", micro_batch=2, accumulation=4, world_size=8, max_grad_norm=0.5,
+                         compute_dtype=torch.bfloat16, hidden_size=64)
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"], config["train_batch_size"]) == (2, 4, 64)
+    assert config["gradient_clipping"] == 0.5 and config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
+    assert config["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    assert not any(value == "auto" for value in json.dumps(config).split('"') if value == "auto")
+
+
+def test_conflicting_explicit_value_is_an_error(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu=8"):
+        fill_config(str(path), micro_batch=2, accumulation=1, world_size=1, max_grad_norm=1.0, compute_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"deepspeed": "zero2", "devices": "cpu,cpu"}, "deepspeed and model parallel"),
+    ({"sft_type": "full", "quantization_bit": "4"}, "quantization_bit needs sft_type lora"),
+    ({"deepspeed": "zero3", "quantization_bit": "4"}, "deepspeed with a quantized base"),
+])
+def test_wrong_combinations_fail_early(values, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(TrainConfig, None, values)
