@@ -21,6 +21,7 @@ from .generation import GenerationConfig, generate_batch, generate_stream, gener
 from .lora import CONFIG_NAME, load_adapter, unload_lora
 from .metrics import agent_metrics, rouge_l, text_metrics
 from .model import DTYPES, load_model, load_tokenizer, resolve_model_dir
+from .quant import QuantizationOptions
 
 ARGS_FILE = "sft_args.json"
 VAL_DATASET = "val_dataset.jsonl"
@@ -80,7 +81,12 @@ def load_for_inference(ckpt_dir: str | None = None, model: str | None = None, *,
         model_dir = resolve_model_dir(model)
     else:
         model_dir = base_model_dir(args)
-    loaded = load_model(model_dir, dtype=settings_dtype, device=device)
+    # A QLoRA run's adapter is used on the base quantized the same way, as it was trained.
+    quantization = QuantizationOptions(
+        bits=args.get("quantization_bit") or None, bnb_4bit_quant_type=args.get("bnb_4bit_quant_type", "nf4"),
+        bnb_4bit_use_double_quant=args.get("bnb_4bit_use_double_quant", True),
+        bnb_4bit_compute_dtype=args.get("bnb_4bit_comp_dtype", "auto")) if adapter else None
+    loaded = load_model(model_dir, dtype=settings_dtype, device=device, quantization=quantization)
     if adapter:
         load_adapter(loaded, checkpoint)
     loaded.eval().requires_grad_(False)

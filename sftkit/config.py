@@ -107,6 +107,7 @@ class TrainConfig:
     optim: str = option("adamw", "optimizer: torch AdamW or bitsandbytes 8-bit AdamW",
                         choices=("adamw", "adamw_8bit", "adamw_torch", "adamw_bnb_8bit"))
     deepspeed: str | None = option(None, "DeepSpeed config: zero2, zero3, zero2_offload, zero3_offload or a JSON path")
+    dataset_cache: bool = option(True, "reuse tokenized data from the sftkit cache when data, template and tokenizer are unchanged")
     packing: bool = option(False, "pack examples into rows of max_length tokens with no padding (attention stays per example)")
     group_by_length: bool = option(False, "batch examples of similar length together (less padding; the alternative to packing)")
     # optimisation

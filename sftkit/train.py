@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from . import deepspeed, distributed
 from .checkpoint import TrainState, begin_checkpoint, finish_checkpoint, mark_best, pointer, prune, resolve_checkpoint
 from .config import TrainConfig, config_dict, loss_scale_weights
+from .data import cache as dataset_cache
 from .data.loading import load_conversations, split_and_sample
 from .data.pipeline import IGNORE_INDEX, build_examples, collate, collate_packed, length_grouped_order, pack
 from .logs import RunLog, plot_losses
@@ -342,7 +343,24 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_data(config: TrainConfig, tokenizer, say=print) -> tuple[list[dict], list[dict]]:
-    """Load, split, sample and tokenize; prints what was skipped or dropped, and why."""
+    """Load, split, sample and tokenize (or read all that from the dataset cache); prints what was
+    skipped or dropped, and why."""
+    fields = ("dataset_test_ratio", "train_dataset_sample", "system", "max_length", "truncation_side",
+              "check_dataset_strategy", "train_on", "loss_scale", "seed")
+    key = dataset_cache.dataset_key(list(config.datasets()) + list(config.val_dataset), config.template, tokenizer,
+                                    {name: getattr(config, name) for name in fields} | {"val": list(config.val_dataset)}) \
+        if config.dataset_cache else None
+    cached = dataset_cache.load(key) if key else None
+    if cached is not None:
+        say(f"[sftkit] tokenized data from the cache: {dataset_cache.cache_path(key)}")
+        return cached
+    examples = _tokenize_data(config, tokenizer, say)
+    if key:
+        say(f"[sftkit] tokenized data cached in {dataset_cache.store(key, examples)}")
+    return examples
+
+
+def _tokenize_data(config: TrainConfig, tokenizer, say) -> tuple[list[dict], list[dict]]:
     conversations, report = load_conversations(list(config.datasets()), strategy=config.check_dataset_strategy)
     if config.val_dataset:
         validation, val_report = load_conversations(list(config.val_dataset), strategy=config.check_dataset_strategy)

@@ -16,3 +16,15 @@ def tokenizer():
 def tiny_model_dir(tmp_path_factory):
     """Path of a tiny llama saved with save_pretrained (model + tokenizer)."""
     return tiny.save_tiny(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_dataset_cache(tmp_path_factory):
+    """Tokenized-data cache entries of the tests go to a temporary folder, not the user's cache."""
+    import sftkit.data.cache
+
+    original = sftkit.data.cache.cache_dir
+    folder = tmp_path_factory.mktemp("sftkit-cache")
+    sftkit.data.cache.cache_dir = lambda: folder
+    yield
+    sftkit.data.cache.cache_dir = original

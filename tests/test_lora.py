@@ -12,6 +12,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import tiny
+from tiny import ALL_LINEAR_LLAMA, logits, randomize_lora_B
 from sftkit.lora import (
     PEFT_PREFIX,
     LoRAConfig,
@@ -31,12 +32,6 @@ QV += [name.replace("layers.0", "layers.1") for name in QV]
 # peft 0.21 calls a transformers 5 API that is deprecated; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
-ALL_LINEAR_LLAMA = sorted(
-    f"model.layers.{i}.{module}"
-    for i in range(2)
-    for module in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
-    + ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-)
 
 
 @pytest.fixture(scope="module")
@@ -44,23 +39,10 @@ def input_ids(tokenizer):
     return torch.randint(0, len(tokenizer), (2, 10), generator=torch.Generator().manual_seed(0))
 
 
-def logits(model, input_ids):
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids).logits
-
 
 def max_diff(a, b):
     return (a - b).abs().max().item()
 
-
-def randomize_lora_B(model, seed=1):
-    """B starts at zero, which would make every comparison trivially pass."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
 
 
 def peft_model_for(model, config):

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import tiny
+from tiny import ALL_LINEAR_LLAMA, logits, randomize_lora_B
 from sftkit.lora import (
     LoRAConfig,
     LoRALinear,
@@ -41,12 +42,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:MatMul8bitLt"),
 ]
 
-ALL_LINEAR_LLAMA = sorted(
-    f"model.layers.{i}.{module}"
-    for i in range(2)
-    for module in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
-    + ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-)
 NF4 = QuantizationOptions(bits=4)
 
 
@@ -55,19 +50,6 @@ def input_ids(tokenizer):
     return torch.randint(0, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-def logits(model, input_ids):
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids).logits
-
-
-def randomize_lora_B(model, seed=1):
-    """B starts at zero, which would make every adapter comparison trivially pass."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(lora_state_dict(model).items()):
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
 
 
 def train_steps(model, input_ids, steps=4, lr=1e-2) -> list[float]:
@@ -221,6 +203,22 @@ def test_adapter_from_a_4bit_base_loads_on_the_full_precision_base(tiny_model_di
     again = load_model(tiny_model_dir, quantization=NF4)  # and back onto a quantized base, to train on
     load_adapter(again, str(tmp_path))
     assert torch.equal(logits(again, input_ids), logits(quantized, input_ids))
+
+
+@needs_bnb
+def test_chat_loads_a_qlora_checkpoint_on_the_quantized_base(tiny_model_dir, tmp_path):
+    """sft_args.json of a QLoRA run makes inference quantize the base the same way, as ms-swift does."""
+    from sftkit.chat import load_for_inference
+
+    quantized = load_model(tiny_model_dir, quantization=NF4)
+    config = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    inject_lora(quantized, config)
+    save_adapter(quantized, config, str(tmp_path / "checkpoint-1"))
+    args = {"model_dir": tiny_model_dir, "template": "chatml", "quantization_bit": 4, "bnb_4bit_quant_type": "nf4"}
+    (tmp_path / "sft_args.json").write_text(json.dumps(args))
+    model, _, settings = load_for_inference(str(tmp_path / "checkpoint-1"))
+    assert is_quantized(model) and settings.template == "chatml"
+    assert any(isinstance(layer, LoRAQuantLinear) for layer in model.modules())
 
 
 @needs_bnb

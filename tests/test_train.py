@@ -205,3 +205,26 @@ def test_packing_and_length_grouping_see_every_trainable_token_once(mode, tiny_m
     assert other["trainable_tokens"] == plain["trainable_tokens"]
     if "packing" in mode:
         assert other["step"] < plain["step"]
+
+
+def test_tokenized_data_cache_is_reused_and_invalidated(tokenizer, data_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("SFTKIT_CACHE", str(tmp_path / "cache"))
+    calls = {"n": 0}
+    real = train_module._tokenize_data
+
+    def counting(*args):
+        calls["n"] += 1
+        return real(*args)
+
+    monkeypatch.setattr(train_module, "_tokenize_data", counting)
+    settings = TrainConfig(dataset=(data_file,), template="chatml", dataset_test_ratio=0.25)
+    first = train_module.prepare_data(settings, tokenizer)
+    second = train_module.prepare_data(settings, tokenizer)
+    assert calls["n"] == 1 and first[0][0]["input_ids"] == second[0][0]["input_ids"] and len(second[1]) == 4
+    train_module.prepare_data(TrainConfig(dataset=(data_file,), template="chatml", dataset_test_ratio=0.25, max_length=64), tokenizer)
+    train_module.prepare_data(TrainConfig(dataset=(data_file,), template="default", dataset_test_ratio=0.25), tokenizer)
+    train_module.prepare_data(TrainConfig(dataset=(data_file,), template="chatml", dataset_test_ratio=0.25, dataset_cache=False), tokenizer)
+    assert calls["n"] == 4
+    os.utime(data_file, ns=(1, 1))  # the file changed: its key changes
+    train_module.prepare_data(settings, tokenizer)
+    assert calls["n"] == 5

@@ -85,3 +85,30 @@ def save_tiny(path, arch: str = "llama", seed: int = 0) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+ALL_LINEAR_LLAMA = sorted(
+    f"model.layers.{i}.{module}"
+    for i in range(2)
+    for module in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    + ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+)
+
+
+def logits(model, input_ids):
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids).logits
+
+
+def randomize_lora_B(model, seed=1):
+    """B starts at zero, which would make every adapter comparison trivially pass."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)

@@ -1,0 +1,53 @@
+"""The benchmark scripts run end to end (tiny model and tokenizer, seconds) and write the JSON the docs describe."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(script: str, *args: str, timeout: int = 600) -> None:
+    completed = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, capture_output=True,
+                               text=True, timeout=timeout)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_train_throughput_quick(tmp_path):
+    out = tmp_path / "train_throughput.json"
+    run_script("train_throughput.py", "--quick", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert {"benchmark", "machine", "settings", "data", "flops", "runs", "summary", "ratios"} <= result.keys()
+    assert {"load_average", "load_average_after", "cpu_count", "torch", "transformers"} <= result["machine"].keys()
+    names = {run["name"] for run in result["runs"]}
+    assert names == {"sftkit:packed", "sftkit:padded", "reference"}
+    for run in result["runs"]:
+        assert {"trainable_tokens_per_s", "all_tokens_per_s", "seconds_per_step", "peak_rss_mb", "peak_gpu_mem_mb",
+                "final_loss", "loss_last_20pct", "padding_share", "achieved_tflops", "mfu", "steps", "losses"} <= run.keys()
+        assert run["trainable_tokens_per_s"] > 0 and run["peak_rss_mb"] > 0 and len(run["losses"]) == run["steps"]
+        # Equal trainable tokens: every run learns each example once, packed or not.
+        assert run["examples_seen"] == result["data"]["examples"]
+        assert run["trainable_tokens"] == result["data"]["trainable_tokens"]
+    packed = next(run for run in result["runs"] if run["name"] == "sftkit:packed")
+    assert 0 < packed["fill_ratio"] <= 1
+    for pair in ("sftkit:packed/reference", "sftkit:padded/reference"):
+        assert {"trainable_tokens_per_s", "all_tokens_per_s", "peak_rss_mb", "loss_last_20pct"} <= result["ratios"][pair].keys()
+
+
+@pytest.mark.slow
+def test_preprocess_quick(tmp_path):
+    out = tmp_path / "preprocess.json"
+    run_script("preprocess.py", "--rows", "200", "--quick", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert {"benchmark", "machine", "settings", "data", "runs", "summary", "ratios", "verification"} <= result.keys()
+    assert set(result["summary"]) == {"sftkit:chatml", "sftkit:auto", "reference"}
+    assert all(figures["rows_per_s"] > 0 and figures["tokens_per_s"] > 0 for figures in result["summary"].values())
+    assert set(result["data"]["schemas"]) == {"chat", "multi-turn", "alpaca"}
+    assert "sftkit:chatml/reference" in result["ratios"]
+    # Both sides must build the same examples, or the timing compares different work.
+    assert result["verification"]["rows_checked"] == 200
+    for check in result["verification"]["by_side"].values():
+        assert check["input_ids_mismatches"] == 0 and check["trainable_mismatches"] == 0, check["examples"]
