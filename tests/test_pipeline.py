@@ -124,3 +124,15 @@ def test_length_grouped_order_is_a_seeded_permutation_with_similar_lengths():
     assert sorted(order) == list(range(400)) and order == length_grouped_order(lengths, 8, seed=3)
     spread = sum(max(lengths[i] for i in order[k:k + 8]) - min(lengths[i] for i in order[k:k + 8]) for k in range(0, 400, 8))
     assert spread < 0.25 * sum(max(lengths) - min(lengths) for _ in range(50))
+
+
+def test_build_examples_batched_equals_one_by_one(tokenizer):
+    from sftkit.data.formats import to_messages
+    from sftkit.data.pipeline import build_examples
+
+    rows = [{"query": f"What is {a} plus 2?", "response": f"It is {a + 2}." * (a % 3 + 1)} for a in range(9)]
+    one_by_one = [build_example(row, tokenizer=tokenizer, template="chatml", max_length=40) for row in rows]
+    batched, dropped = build_examples([to_messages(row) for row in rows], tokenizer=tokenizer, template="chatml",
+                                      max_length=40, chunk=4)
+    assert dropped == sum(example is None for example in one_by_one)
+    assert [{k: e[k] for k in ("input_ids", "labels")} for e in batched] == [e for e in one_by_one if e is not None]

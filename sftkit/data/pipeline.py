@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from bisect import bisect_left, bisect_right, insort
+from bisect import bisect_left, insort
+
+import numpy as np
 
 from .formats import Message, to_messages
 from .templates import Segment, Template, get_template, render
@@ -26,17 +28,23 @@ def encode(segments: list[Segment], tokenizer) -> Encoded:
     Encoding the joined text (not segment by segment) keeps the ids identical to what the model sees
     at inference, whatever the tokenizer does at boundaries (merges, SentencePiece's leading space).
     """
-    text = "".join(segment_text for segment_text, _ in segments)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ends, position = [], 0
-    for segment_text, _ in segments:
-        position += len(segment_text)
-        ends.append(position)
-    roles = []
-    for start, end in encoding["offset_mapping"]:
-        index = bisect_right(ends, max(end, start + 1) - 1)
-        roles.append(segments[min(index, len(segments) - 1)][1])
-    return Encoded(list(encoding["input_ids"]), roles)
+    return encode_batch([segments], tokenizer)[0]
+
+
+def encode_batch(batch: list[list[Segment]], tokenizer) -> list[Encoded]:
+    """encode() for many conversations in one tokenizer call, which the Rust tokenizer spreads over the cores."""
+    texts = ["".join(text for text, _ in segments) for segments in batch]
+    encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return [_with_roles(segments, ids, offsets)
+            for segments, ids, offsets in zip(batch, encodings["input_ids"], encodings["offset_mapping"])]
+
+
+def _with_roles(segments: list[Segment], ids: list[int], offsets) -> Encoded:
+    ends = np.cumsum([len(text) for text, _ in segments])
+    spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    last_char = np.maximum(spans[:, 1], spans[:, 0] + 1) - 1
+    index = np.minimum(np.searchsorted(ends, last_char, side="right"), len(segments) - 1)
+    return Encoded(list(ids), [segments[i][1] for i in index.tolist()])
 
 
 def mask(encoded: Encoded, train_on: str = "assistant") -> list[int]:
@@ -47,15 +55,15 @@ def mask(encoded: Encoded, train_on: str = "assistant") -> list[int]:
     """
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on must be one of {TRAIN_ON}, got '{train_on}'")
-    first = 0
-    if train_on == "last":
-        users = [index for index, role in enumerate(encoded.roles) if role == "user"]
-        first = users[-1] + 1 if users else 0
-    labels = []
-    for index, (token, role) in enumerate(zip(encoded.input_ids, encoded.roles)):
-        trainable = role != "tool" and (train_on == "all" or (role in TRAINABLE_ROLES and index >= first))
-        labels.append(token if trainable else IGNORE_INDEX)
-    return labels
+    roles = encoded.roles
+    if train_on == "all":
+        keep = [role != "tool" for role in roles]
+    else:
+        keep = [role in TRAINABLE_ROLES for role in roles]
+        if train_on == "last":
+            first = max((index for index, role in enumerate(roles) if role == "user"), default=-1) + 1
+            keep[:first] = [False] * first
+    return [token if kept else IGNORE_INDEX for token, kept in zip(encoded.input_ids, keep)]
 
 
 def loss_weights(encoded: Encoded, labels: list[int], scale: dict[str, float]) -> list[float]:
@@ -113,35 +121,44 @@ def build_example(
     """One raw row (or canonical conversation) -> {"input_ids", "labels"[, "loss_weights"]}, or None when
     truncation leaves nothing to learn (the caller counts those)."""
     messages = record if isinstance(record, list) else to_messages(record, schema)
-    template = get_template(template)
-    segments = render(
-        messages, template, bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "",
-        system=system, tokenizer=tokenizer,
-    )
-    encoded = encode(segments, tokenizer)
+    encoded = encode(_segments(messages, tokenizer, template, system), tokenizer)
+    return _finish(encoded, train_on, max_length, truncation_side, loss_scale)
+
+
+def build_examples(conversations: list[list[Message]], *, tokenizer, template: "str | Template", max_length: int | None = None,
+                   train_on: str = "assistant", truncation_side: str = "right", system: str | None = None,
+                   loss_scale: dict[str, float] | None = None, chunk: int = 1024) -> tuple[list[dict], int]:
+    """build_example over a dataset, tokenizing `chunk` conversations per call: the kept examples, each with
+    its "conversation" (for generation and reports), and how many truncation left with nothing to learn."""
+    kept = []
+    for start in range(0, len(conversations), chunk):
+        part = conversations[start:start + chunk]
+        encoded = encode_batch([_segments(messages, tokenizer, template, system) for messages in part], tokenizer)
+        for conversation, one in zip(part, encoded):
+            example = _finish(one, train_on, max_length, truncation_side, loss_scale)
+            if example is not None:
+                kept.append({**example, "conversation": conversation})
+    return kept, len(conversations) - len(kept)
+
+
+def _segments(messages: list[Message], tokenizer, template, system: str | None) -> list[Segment]:
+    return render(messages, get_template(template), bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "",
+                  system=system, tokenizer=tokenizer)
+
+
+def _finish(encoded: Encoded, train_on: str, max_length: int | None, side: str, loss_scale: dict | None) -> dict | None:
+    """mask -> (weights) -> truncate for one encoded conversation."""
     labels = mask(encoded, train_on)
     if loss_scale:
         weights = loss_weights(encoded, labels, loss_scale)
-        kept = truncate(list(range(len(labels))), labels, max_length, truncation_side)
+        kept = truncate(list(range(len(labels))), labels, max_length, side)
         if kept is None:
             return None
         positions, labels = kept
-        return {"input_ids": [encoded.input_ids[i] for i in positions], "labels": labels, "loss_weights": [weights[i] for i in positions]}
-    kept = truncate(encoded.input_ids, labels, max_length, truncation_side)
-    if kept is None:
-        return None
-    return {"input_ids": kept[0], "labels": kept[1]}
-
-
-def build_examples(conversations: list[list[Message]], **kwargs) -> tuple[list[dict], int]:
-    """build_example over a dataset: the kept examples, each with its "conversation" (for generation and
-    reports), and how many truncation left with nothing to learn."""
-    kept = []
-    for conversation in conversations:
-        example = build_example(conversation, **kwargs)
-        if example is not None:
-            kept.append({**example, "conversation": conversation})
-    return kept, len(conversations) - len(kept)
+        return {"input_ids": [encoded.input_ids[i] for i in positions], "labels": labels,
+                "loss_weights": [weights[i] for i in positions]}
+    kept = truncate(encoded.input_ids, labels, max_length, side)
+    return None if kept is None else {"input_ids": kept[0], "labels": kept[1]}
 
 
 def pack(examples: list[dict], capacity: int) -> list[dict]:
