@@ -43,7 +43,7 @@ def test_preprocess_quick(tmp_path):
     run_script("preprocess.py", "--rows", "200", "--quick", "--out", str(out))
     result = json.loads(out.read_text())
     assert {"benchmark", "machine", "settings", "data", "runs", "summary", "ratios", "verification"} <= result.keys()
-    assert set(result["summary"]) == {"sftkit:chatml", "sftkit:auto", "reference"}
+    assert set(result["summary"]) == {"sftkit:chatml", "sftkit:auto", "sftkit:chatml:batched", "sftkit:auto:batched", "reference"}
     assert all(figures["rows_per_s"] > 0 and figures["tokens_per_s"] > 0 for figures in result["summary"].values())
     assert set(result["data"]["schemas"]) == {"chat", "multi-turn", "alpaca"}
     assert "sftkit:chatml/reference" in result["ratios"]
