@@ -13,13 +13,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from .hub import STRATEGIES as HUB_STRATEGIES
 from .paths import bundled
 
 TEXT_METRICS = ("rouge-l", "bleu-4")
 AGENT_METRICS = ("tool_name_acc", "args_exact_match", "args_f1", "answer_rouge_l")
 GENERATION_METRICS = TEXT_METRICS + AGENT_METRICS
 LOSS_SCALE_PRESETS = {"agent": {"tool_call": 2.0, "assistant": 1.0}}
-HUB_STRATEGIES = ("end", "push_best", "push_last", "checkpoint", "all_checkpoints")
 TRUE = ("true", "1", "yes", "on")
 FALSE = ("false", "0", "no", "off")
 

@@ -10,6 +10,7 @@ import shutil
 
 import torch
 
+from .paths import cache_dir
 from .quant import (
     QuantizationError,
     QuantizationOptions,
@@ -96,16 +97,9 @@ def _hub_downloader(hub: str):
     return snapshot_download
 
 
-def _cache_root() -> str:
-    if os.environ.get("SFTKIT_CACHE"):
-        return os.environ["SFTKIT_CACHE"]
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(xdg, "sftkit")
-
-
 def _embedded_model_dir() -> str:
     """The embedded SmolLM2 as a safetensors folder, converted from its GGUF on first use."""
-    target = os.path.join(_cache_root(), "models", EMBEDDED_CACHE_NAME)
+    target = os.path.join(cache_dir(), "models", EMBEDDED_CACHE_NAME)
     if not os.path.isfile(os.path.join(target, "config.json")):
         _convert_atomically(_embedded_gguf_dir(), target)
     return target

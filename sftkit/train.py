@@ -32,9 +32,8 @@ from .hub import HubError, maybe_push, push_to_hub
 from .model import load_model_and_tokenizer, resolve_dtype
 from .placement import place
 from .quant import QuantizationOptions, is_quantized, make_optimizer
-from .registry import MODELS, attn_implementation, get_model_tokenizer, infer_model_type, resolve_lora_targets
-
-EMBEDDED_MODEL_TYPE = "smollm2-135m-instruct"
+from .registry import (EMBEDDED_MODEL_TYPE, MODELS, attn_implementation, get_model_tokenizer, infer_model_type,
+                       resolve_lora_targets)
 
 
 class TrainingError(RuntimeError):
@@ -64,8 +63,7 @@ def train(config: TrainConfig) -> str:
     if config.sft_type == "lora":
         targets = resolve_lora_targets(model_type, config.lora_target_modules)
         lora_config = LoRAConfig(r=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                                 target_modules=targets if isinstance(targets, str) else lora_targets(targets),
-                                 use_rslora=config.use_rslora)
+                                 target_modules=targets, use_rslora=config.use_rslora)
         inject_lora(model, lora_config)
         for parameter in lora_state_dict(model).values():
             parameter.data = parameter.data.float()
@@ -327,13 +325,6 @@ def resolve_template(config: TrainConfig, model_type: str | None) -> str:
     if config.template:
         return config.template
     return MODELS[model_type].template if model_type else "auto"
-
-
-def lora_targets(modules: tuple[str, ...]) -> "str | tuple[str, ...]":
-    """CLI names -> LoRAConfig.target_modules: one regex or all-linear stays a string, names become a list."""
-    if len(modules) == 1 and (modules[0].lower() in ("all-linear", "all") or re.search(r"[.*+?()\[\]|\\^$]", modules[0])):
-        return modules[0]
-    return tuple(modules)
 
 
 def seed_everything(seed: int) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sftkit import model as sm
+from sftkit.paths import cache_dir
 from sftkit.model import (
     ModelLoadError,
     load_model,
@@ -125,13 +126,13 @@ def test_missing_gguf(monkeypatch, tmp_path):
 
 def test_cache_root(monkeypatch):
     monkeypatch.setenv("SFTKIT_CACHE", "/a")
-    assert sm._cache_root() == "/a"
+    assert str(cache_dir()) == "/a"
     monkeypatch.delenv("SFTKIT_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", "/x")
-    assert sm._cache_root() == "/x/sftkit"
+    assert str(cache_dir()) == "/x/sftkit"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", "/h")
-    assert sm._cache_root() == "/h/.cache/sftkit"
+    assert str(cache_dir()) == "/h/.cache/sftkit"
 
 
 @pytest.fixture

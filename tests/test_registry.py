@@ -114,6 +114,8 @@ def test_lora_targets_default_and_all():
     assert resolve_lora_targets("llama2-7b-chat", "DEFAULT") == ("q_proj", "k_proj", "v_proj")
     assert resolve_lora_targets("llama2-7b-chat", ["DEFAULT", "o_proj", "q_proj"]) == ("q_proj", "k_proj", "v_proj", "o_proj")
     assert resolve_lora_targets("qwen-7b-chat", ("ALL",)) == "all-linear"
+    assert resolve_lora_targets(None, (r".*\.(q|v)_proj",)) == r".*\.(q|v)_proj"  # one regex stays a full-match string
+    assert resolve_lora_targets(None, ("q_proj",)) == ("q_proj",)
     assert resolve_lora_targets(None, "all-linear") == "all-linear"
     assert resolve_lora_targets(None, ("up_proj", "down_proj")) == ("up_proj", "down_proj")
     with pytest.raises(ValueError, match="needs a model type"):

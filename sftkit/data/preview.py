@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from .pipeline import IGNORE_INDEX
+from .pipeline import IGNORE_INDEX, truncate
 
 GREEN, RESET = "\033[32m", "\033[0m"
 
@@ -21,6 +21,11 @@ def mark_trainable(tokenizer, example: dict, color: bool = False) -> str:
     if run:
         pieces.append(_wrap(tokenizer.decode(run), trainable, color))
     return "".join(pieces)
+
+
+def _cut(example: dict | None, max_length: int | None, side: str) -> dict | None:
+    kept = truncate(example["input_ids"], example["labels"], max_length, side) if example is not None else None
+    return None if kept is None else {"input_ids": kept[0], "labels": kept[1]}
 
 
 def _wrap(text: str, trainable: bool, color: bool) -> str:
@@ -52,10 +57,10 @@ def preview(config, tokenizer=None, echo=print) -> dict:
         tokenizer = load_tokenizer(resolve_model_dir(config.tokenizer))
     conversations, report = load_conversations(list(config.datasets()), strategy=config.check_dataset_strategy)
     options = dict(tokenizer=tokenizer, template=config.template, train_on=config.train_on, system=config.system)
+    # Encode once at full length (for the statistics), then truncate as training would.
     full = [build_example(conversation, **options) for conversation in conversations]
     lengths = [len(example["input_ids"]) for example in full if example is not None]
-    kept = [build_example(conversation, max_length=config.max_length, truncation_side=config.truncation_side, **options)
-            for conversation in conversations]
+    kept = [_cut(example, config.max_length, config.truncation_side) for example in full]
     shown = [example for example in kept if example is not None][: config.num_examples]
     for index, example in enumerate(shown):
         trainable = sum(label != IGNORE_INDEX for label in example["labels"])
