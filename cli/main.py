@@ -12,6 +12,7 @@ from sftkit.config import PreviewConfig, TrainConfig
 from .options import config_command
 from .registry import list_command
 from .use import chat, evaluate, infer, merge
+from .webui import web_ui
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -53,7 +54,7 @@ def train(config: TrainConfig):
         raise click.ClickException(str(error)) from None
 
 
-for command in (list_command, chat, infer, evaluate, merge):
+for command in (list_command, chat, infer, evaluate, merge, web_ui):
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -308,7 +308,7 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
 
     rouge: one generation, ROUGE-L and BLEU-4 over the whole answer. agent: calls, inserted reference
     results and the final answer (agent_replies), scored with agent_metrics. The report holds the
-    metrics, counts, unparsed calls and the worst examples by ROUGE-L.
+    metrics, counts, unparsed calls, the worst examples by ROUGE-L and every example with its ROUGE-L.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -327,8 +327,8 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
                                               batch_size=batch_size)
         metrics = agent_metrics([{"prediction": p, "reference": r} for p, r in zip(predictions, references)])
         unparsed = metrics.pop("unparsed")
-    scores = [rouge_l(prediction, reference) for prediction, reference in zip(predictions, references)]
-    worst = sorted(range(len(cases)), key=lambda i: scores[i])[:WORST_SHOWN]
+    rows = [{"index": i, "rouge_l": rouge_l(predictions[i], references[i]), "prompt": prompt_text(cases[i][0], tokenizer, template, system),
+             "reference": references[i], "prediction": predictions[i]} for i in range(len(cases))]
     return {
         "mode": mode,
         "metrics": metrics,
@@ -339,8 +339,8 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
             "empty_predictions": sum(not prediction.strip() for prediction in predictions),
         },
         "unparsed_calls": unparsed,
-        "worst": [{"index": i, "rouge_l": scores[i], "prompt": prompt_text(cases[i][0], tokenizer, template, system),
-                   "reference": references[i], "prediction": predictions[i]} for i in worst],
+        "worst": sorted(rows, key=lambda row: row["rouge_l"])[:WORST_SHOWN],
+        "examples": rows,
     }
 
 
