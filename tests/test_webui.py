@@ -104,6 +104,12 @@ def test_the_command_shown_builds_the_same_config_as_the_form(monkeypatch, tmp_p
     assert config.lora_target_modules == ("q_proj", "v_proj") and config.use_flash_attn is False
 
 
+def test_a_hub_token_never_shows_in_the_command():
+    changed = {"push_to_hub": True, "hub_model_id": "me/model", "hub_token": "s3cret"}
+    assert forms.cli_command("train", changed) == "sftkit train --push_to_hub true --hub_model_id me/model --hub_token '***'"
+    assert forms.cli_args(changed)[-1] == "s3cret"
+
+
 def test_every_bad_value_and_missing_path_is_reported_at_once(tmp_path):
     values = {spec.name: spec.value for spec in forms.field_specs(TrainConfig)}
     values.update(lora_rank=0, dataset=str(tmp_path / "missing.jsonl"), resume_from_checkpoint=str(tmp_path / "nope"),
@@ -322,3 +328,19 @@ def test_every_option_has_one_field_on_the_page_and_ids_are_unique(tmp_path):
     for prefix, cls, skipped in (("train", TrainConfig, set()), ("chat", ChatConfig, {"stream"}),
                                  ("eval", EvalConfig, set()), ("data", PreviewConfig, {"color"})):
         assert {f"{prefix}-{item.name}" for item in dataclasses.fields(cls) if item.name not in skipped} <= set(ids)
+
+
+def test_failures_show_as_messages_never_tracebacks(capsys):
+    pytest.importorskip("gradio", reason="the webui extra (gradio) is not installed")
+    from sftkit.data.errors import DataError
+    from sftkit.webui.app import failure
+
+    assert failure(ConfigError(["lora_rank must be > 0", "dataset: 'x.jsonl' does not exist"])) == \
+        "**Please fix:**\n- lora_rank must be > 0\n- dataset: 'x.jsonl' does not exist"
+    assert failure(DataError("data.jsonl:3, field 'messages': empty")) == "**Error:** data.jsonl:3, field 'messages': empty"
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError as error:
+        shown = failure(error)
+    assert shown.startswith("**Unexpected error** (RuntimeError): boom") and "Traceback" not in shown
+    assert "Traceback" in capsys.readouterr().err  # the details go to the web-ui terminal

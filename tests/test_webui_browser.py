@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +22,8 @@ import pytest
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 pytestmark = pytest.mark.skipif(
     not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
-    reason=f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): apt-get install chromium chromium-driver",
+    reason=f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): "
+           "apt-get install chromium chromium-driver",
 )
 # Everything but the page's own address resolves nowhere, so the browser cannot reach Google's (or any) hosts.
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -40,7 +40,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    rows = [{"query": f"What is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."} for a in range(4) for b in range(4)]
+    rows = [{"query": f"What is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}." + " Counting on fingers." * (a * b)}
+            for a in range(4) for b in range(4)]  # answers of several lengths, for the histogram
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return str(path)
@@ -242,7 +243,8 @@ def test_train_chat_evaluate_and_preview_in_a_browser(web_ui, browser, tiny_mode
     page.open_group("eval-generation")
     page.fill("eval-max_new_tokens", 12)
     page.click("eval-run")
-    page.wait(lambda: "Report written" in page.text("eval-status") or "Error" in page.text("eval-status"), 90, "the evaluation")
+    page.wait(lambda: "Report written" in page.text("eval-status") or "Error" in page.text("eval-status"), 90,
+              "the evaluation")
     assert "rouge_l" in page.text("eval-scores") and "bleu4" in page.text("eval-scores"), page.text("eval-status")
     assert len(page.all("#eval-examples [role='gridcell'][data-col='0']")) == 4, "one row per example"
     page.photograph("evaluate")

@@ -30,7 +30,8 @@ POLL_SECONDS = 1.0
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """What a user's input can cause; each is shown as its message. Anything else is a bug, shown as one line too."""
+    """What a user's input can cause; each is shown as its message. Anything else is a bug: one line, and the
+    traceback goes to the terminal."""
     from ..chat import CheckpointError
     from ..data.errors import DataError
     from ..model import ModelLoadError
@@ -94,7 +95,8 @@ def widget(spec: forms.FieldSpec, prefix: str):
         return gr.Number(value=spec.value, precision=0, **common)
     if spec.kind == "float":
         return gr.Number(value=spec.value, step=0.01, **common)
-    return gr.Textbox(value=spec.value, placeholder="default" if spec.optional else None, **common)
+    return gr.Textbox(value=spec.value, placeholder=forms.default_hint(spec) if spec.optional else None,
+                      type="password" if forms.is_secret(spec.name) else "text", **common)
 
 
 def fields_block(specs: list[forms.FieldSpec], prefix: str, per_row: int = 3) -> dict:
@@ -136,7 +138,8 @@ def train_tab(server: Server) -> dict:
         with gr.Column(scale=3):
             gr.Markdown("Every option of `sftkit train`; a blank model field trains the embedded SmolLM2-135M-Instruct.")
             for title, group in forms.group_specs(specs, forms.TRAIN_GROUPS).items():
-                with gr.Accordion(title, open=title in forms.OPEN_GROUPS, elem_id=f"train-group-{title.split()[0].lower()}"):
+                group_id = f"train-group-{title.split()[0].lower()}"
+                with gr.Accordion(title, open=title in forms.OPEN_GROUPS, elem_id=group_id):
                     form.update(fields_block(group, "train"))
         with gr.Column(scale=2):
             with gr.Row():
@@ -147,7 +150,7 @@ def train_tab(server: Server) -> dict:
             status = gr.Markdown("No run yet.", elem_id="train-status")
             bar = gr.HTML("", elem_id="train-progress")
             # Drawn on the server: gradio's own line plots fix their series from the first value they get.
-            loss_plot = gr.Plot(label="loss", format="png", elem_id="train-loss-plot")
+            loss_plot = gr.Plot(label="loss", show_label=False, format="png", elem_id="train-loss-plot")
             best = gr.Textbox(label="best checkpoint", interactive=False, elem_id="train-best")
             with gr.Row():
                 chat_button = gr.Button("Chat with it", interactive=False, elem_id="train-chat")
@@ -194,10 +197,10 @@ def train_tab(server: Server) -> dict:
             return watch(0, "**A run is already going:** stop it first.") + (gr.skip(),)
         try:
             config, changed = forms.parse_form(TrainConfig, named(form, values))
-        except user_errors() as error:
+            shown = forms.cli_command("train", changed)
+            server.job = jobs.TrainJob(forms.cli_args(changed), os.path.join(config.output_dir, "webui-logs"), shown)
+        except Exception as error:  # the page's boundary: every failure becomes a message in the page
             return watch(0, failure(error)) + (gr.skip(),)
-        shown = forms.cli_command("train", changed)
-        server.job = jobs.TrainJob(forms.cli_args(changed), os.path.join(config.output_dir, "webui-logs"), shown)
         server.job_overrides = changed
         return watch() + (shown,)
 
@@ -223,9 +226,10 @@ def train_tab(server: Server) -> dict:
 
         try:
             output_dir = merge(build_config(MergeConfig, None, {"ckpt_dir": checkpoint}))
-        except user_errors() as error:
+        except Exception as error:  # the page's boundary: every failure becomes a message in the page
             return failure(error)
-        return f"Merged model written to `{output_dir}` (plain transformers loads it; `sftkit merge --ckpt_dir {checkpoint}` does the same)."
+        return (f"Merged model written to `{output_dir}`: plain transformers loads it "
+                f"(`sftkit merge --ckpt_dir {checkpoint}` does the same).")
 
     inputs = list(form.values())
     start.click(on_start, inputs, watched + [command])
@@ -251,11 +255,13 @@ def chat_tab(server: Server) -> dict:
             form["ckpt_dir"] = checkpoint_dropdown(server, "chat", specs["ckpt_dir"])
             refresh = gr.Button("Refresh checkpoints", size="sm", elem_id="chat-refresh")
             form.update(fields_block([specs[name] for name in ("model", "template", "dtype")], "chat", per_row=1))
-            form["system"] = gr.Textbox(lines=3, label="system", info=specs["system"].help, elem_id="chat-system")
-            form["agent"] = widget(specs["agent"], "chat")
+            form["system"] = gr.Textbox(lines=3, label="system", info=specs["system"].help,
+                                        placeholder=forms.default_hint(specs["system"]), elem_id="chat-system")
+            form["agent"] = gr.Checkbox(label="agent", elem_id="chat-agent",
+                                        info="after a tool call, the next message you send is the tool's result")
             with gr.Accordion("sampling", open=False, elem_id="chat-sampling"):
-                form.update(fields_block([specs[name] for name in ("max_new_tokens", "do_sample", "temperature", "top_k",
-                                                                    "top_p", "repetition_penalty", "seed")], "chat", per_row=2))
+                sampling = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+                form.update(fields_block([specs[name] for name in sampling], "chat", per_row=2))
         with gr.Column(scale=3):
             chatbot = gr.Chatbot(label="chat", height=480, buttons=["copy", "copy_all"], elem_id="chat-bot")
             message = gr.Textbox(label="message", placeholder="Type a message and press Enter", elem_id="chat-message")
@@ -282,14 +288,15 @@ def chat_tab(server: Server) -> dict:
             asked = past + [Message("tool" if waiting else "user", text)]
             yield views.chat_messages(asked), past, waiting, message_box(False), "Loading the model…"
             model, tokenizer, settings = server.chat_model(config)
-        except user_errors() as error:
+            system = config.system if config.system is not None else settings.system
+            started = time.time()
+            for conversation, calling in stream_turn(model, tokenizer, config.template or settings.template, system,
+                                                     past, text, generation_config(config), agent=config.agent,
+                                                     tool_result=waiting):
+                yield views.chat_messages(conversation), past, waiting, gr.skip(), ""
+        except Exception as error:  # the page's boundary: every failure becomes a message in the page
             yield views.chat_messages(past), past, waiting, message_box(waiting), failure(error)
             return
-        system = config.system if config.system is not None else settings.system
-        started = time.time()
-        for conversation, calling in stream_turn(model, tokenizer, config.template or settings.template, system, past,
-                                                 text, generation_config(config), agent=config.agent, tool_result=waiting):
-            yield views.chat_messages(conversation), past, waiting, gr.skip(), ""
         note = f"answered in {time.time() - started:.1f}s" + (
             "; the model called a tool: type the tool's result and send it." if calling else "")
         yield views.chat_messages(conversation), conversation, calling, message_box(calling), note
@@ -320,7 +327,8 @@ def eval_tab(server: Server) -> dict:
             with gr.Accordion("generation", open=False, elem_id="eval-generation"):
                 form.update(fields_block([spec for name, spec in specs.items() if name not in what], "eval", per_row=2))
             run = gr.Button("Evaluate", variant="primary", elem_id="eval-run")
-            command = gr.Textbox(label="the same from a terminal", interactive=False, buttons=["copy"], elem_id="eval-command")
+            command = gr.Textbox(label="the same from a terminal", interactive=False, buttons=["copy"],
+                                 elem_id="eval-command")
             status = gr.Markdown("", elem_id="eval-status")
         with gr.Column(scale=3):
             metrics = gr.Dataframe(headers=["metric", "value"], label="metrics", interactive=False, elem_id="eval-scores")
@@ -337,7 +345,7 @@ def eval_tab(server: Server) -> dict:
             shown = forms.cli_command("eval", changed)
             yield gr.skip(), gr.skip(), None, shown, "Evaluating… (loading the model, then generating)"
             report = evaluate(config)
-        except user_errors() as error:
+        except Exception as error:  # the page's boundary: every failure becomes a message in the page
             yield gr.skip(), gr.skip(), None, gr.skip(), failure(error)
             return
         yield (views.metric_rows(report), views.example_rows(report, best_order == "best first"), report, shown,
@@ -367,7 +375,7 @@ def data_tab(server: Server) -> None:
         with gr.Column(scale=3):
             tokens = gr.HighlightedText(label="examples (trained tokens highlighted)", color_map={views.TRAINED: "green"},
                                         show_legend=True, elem_id="data-tokens")
-            lengths = gr.Plot(label="tokens per example", format="png", elem_id="data-lengths")
+            lengths = gr.Plot(label="tokens per example", show_label=False, format="png", elem_id="data-lengths")
     tokenizers: dict = {}
 
     def on_preview(*values):
@@ -377,7 +385,7 @@ def data_tab(server: Server) -> None:
                 tokenizers[config.tokenizer] = load_tokenizer(resolve_model_dir(config.tokenizer))
             tokenizer = tokenizers[config.tokenizer]
             result = build_preview(config, tokenizer)
-        except user_errors() as error:
+        except Exception as error:  # the page's boundary: every failure becomes a message in the page
             return gr.skip(), gr.skip(), failure(error)
         spans = views.highlighted([trainable_runs(tokenizer, example) for example in result.examples])
         stats = result.stats

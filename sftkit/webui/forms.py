@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shlex
 import typing
 from dataclasses import dataclass
@@ -99,6 +100,12 @@ def shown(value, kind: str):
     return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
+def default_hint(spec: FieldSpec) -> str:
+    """What a blank field means, from its help text ('... (default: the embedded SmolLM2)' -> that), else 'default'."""
+    match = re.search(r"\(default: ([^()]*(?:\([^()]*\)[^()]*)*)\)", spec.help)
+    return f"default: {match.group(1)}" if match else "default"
+
+
 def group_specs(specs: list[FieldSpec], groups: dict[str, tuple[str, ...]]) -> dict[str, list[FieldSpec]]:
     """Specs by section in `groups` order; fields no section names go to "other", so none is ever hidden."""
     by_name = {spec.name: spec for spec in specs}
@@ -150,8 +157,14 @@ def cli_args(changed: dict) -> list[str]:
 
 
 def cli_command(command: str, changed: dict) -> str:
-    """The shell command a user can copy to run the same thing without the page."""
-    return shlex.join(["sftkit", command, *cli_args(changed)])
+    """The shell command a user can copy to run the same thing without the page (tokens shown as ***)."""
+    return shlex.join(["sftkit", command, *cli_args({name: "***" if is_secret(name) else value
+                                                      for name, value in changed.items()})])
+
+
+def is_secret(name: str) -> bool:
+    """A credential (hub_token): hidden as typed, and never shown back."""
+    return name.endswith("_token")
 
 
 def path_problems(changed: dict) -> list[str]:
@@ -174,7 +187,8 @@ def _path_problem(kind: str, path: str) -> str | None:
     if kind.startswith("writable"):
         wants_folder = kind == "writable"
         if exists and os.path.isdir(path) != wants_folder:
-            return f"'{path}' is a {'file' if wants_folder else 'folder'}; a {'folder' if wants_folder else 'file'} is expected"
+            found, wanted = ("file", "folder") if wants_folder else ("folder", "file")
+            return f"'{path}' is a {found}; a {wanted} is expected"
         # The nearest folder that exists must let us create what is missing below it.
         parent = path if wants_folder else os.path.dirname(path)
         while parent and not os.path.exists(parent):

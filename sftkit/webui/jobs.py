@@ -131,13 +131,15 @@ def last_evaluation(records: list[dict]) -> str | None:
     if not evaluations:
         return None
     last = evaluations[-1]
-    values = [f"{key} {value:.4f}" for key, value in last.items() if key.startswith("eval_") and isinstance(value, (int, float))]
+    values = [f"{key} {value:.4f}" for key, value in last.items()
+              if key.startswith("eval_") and isinstance(value, (int, float))]
     return f"step {last['step']}: " + " · ".join(values)
 
 
 def find_runs(output_dir: str) -> list[str]:
     """Run folders under output_dir (itself, <output_dir>/<name>/v<N>-*), newest first."""
-    found = glob.glob(os.path.join(output_dir, "sft_args.json")) + glob.glob(os.path.join(output_dir, "*", "*", "sft_args.json"))
+    found = [*glob.glob(os.path.join(output_dir, "sft_args.json")),
+             *glob.glob(os.path.join(output_dir, "*", "*", "sft_args.json"))]
     runs = [os.path.dirname(os.path.abspath(path)) for path in found]
     return sorted(runs, key=os.path.getmtime, reverse=True)
 
@@ -146,7 +148,8 @@ def checkpoint_choices(output_dir: str) -> list[tuple[str, str]]:
     """(label, checkpoint folder) for every run's best and latest checkpoint, newest run first."""
     choices = []
     for run_dir in find_runs(output_dir):
-        shown = os.path.relpath(run_dir, output_dir) if run_dir != os.path.abspath(output_dir) else os.path.basename(run_dir)
+        inside = run_dir != os.path.abspath(output_dir)
+        shown = os.path.relpath(run_dir, output_dir) if inside else os.path.basename(run_dir)
         seen = set()
         for which in ("best", "latest"):
             checkpoint = pointer(run_dir, which)

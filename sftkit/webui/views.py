@@ -19,7 +19,8 @@ def chat_messages(history: list[Message]) -> list[dict]:
         elif message.role == "tool_call":
             shown.append({"role": "assistant", "content": _code(message.content), "metadata": {"title": "🔧 tool call"}})
         elif message.role == "tool":
-            shown.append({"role": "assistant", "content": _code(message.content), "metadata": {"title": "📎 tool result"}})
+            shown.append({"role": "assistant", "content": _code(message.content),
+                          "metadata": {"title": "📎 tool result"}})
         elif message.role == "assistant" and message.content:
             shown.append({"role": "assistant", "content": message.content})
     return shown
