@@ -13,8 +13,9 @@ import traceback
 
 import gradio as gr
 
-from ..config import ChatConfig, ConfigError, EvalConfig, MergeConfig, PreviewConfig, TrainConfig, WebUIConfig, build_config
 from ..checkpoint import pointer
+from ..config import (ChatConfig, ConfigError, EvalConfig, MergeConfig, PreviewConfig, TrainConfig, WebUIConfig,
+                      build_config)
 from ..data.formats import Message
 from ..logs import loss_figure
 from ..paths import bundled
@@ -177,7 +178,7 @@ def train_tab(server: Server) -> dict:
         evaluation = jobs.last_evaluation(records)
         if evaluation:
             lines.append(f"last evaluation, {evaluation}")
-        if not running and job.process.returncode:
+        if not running and job.process.returncode and not job.stop_requested:
             lines.append(jobs.error_line(log_text) or "see the log below")
         if message:
             lines.insert(0, message)
