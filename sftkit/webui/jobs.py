@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+from ..chat import ARGS_FILE
 from ..checkpoint import pointer
 from ..logs import read_metrics
 
@@ -138,8 +139,7 @@ def last_evaluation(records: list[dict]) -> str | None:
 
 def find_runs(output_dir: str) -> list[str]:
     """Run folders under output_dir (itself, <output_dir>/<name>/v<N>-*), newest first."""
-    found = [*glob.glob(os.path.join(output_dir, "sft_args.json")),
-             *glob.glob(os.path.join(output_dir, "*", "*", "sft_args.json"))]
+    found = [*glob.glob(os.path.join(output_dir, ARGS_FILE)), *glob.glob(os.path.join(output_dir, "*", "*", ARGS_FILE))]
     runs = [os.path.dirname(os.path.abspath(path)) for path in found]
     return sorted(runs, key=os.path.getmtime, reverse=True)
 
