@@ -2,7 +2,7 @@
 
 The public API, re-exported: the data pipeline, LoRA, model loading, training.
 """
-from .chat import evaluate_generation, infer, load_for_inference, merge
+from .chat import infer, merge
 from .config import ChatConfig, EvalConfig, InferConfig, MergeConfig, PreviewConfig, TrainConfig, build_config
 from .data.errors import DataError
 from .data.formats import Message, to_messages
@@ -21,13 +21,17 @@ from .lora import (
     unload_lora,
     unmerge_lora,
 )
+from .errors import CheckpointError, ModelLoadError, SftkitError, TrainingError
+from .evaluate import evaluate_checkpoint, evaluate_generation
 from .generation import GenerationConfig, generate_batch, generate_stream
+from .inference import load_for_inference
 from .metrics import agent_metrics, bleu4, parse_tool_calls, rouge_l, text_metrics
-from .model import load_model, load_model_and_tokenizer, load_tokenizer, resolve_model_dir
-from .registry import MODELS, ModelInfo, get_model_tokenizer, infer_model_type, register_model
-from .train import TrainingError, train
+from .model import get_model_tokenizer, load_model, load_model_and_tokenizer, load_tokenizer, resolve_model_dir
+from .registry import MODELS, ModelInfo, infer_model_type, register_model
+from .train import train
 
 __all__ = [
+    "CheckpointError", "ModelLoadError", "SftkitError", "evaluate_checkpoint",
     "ChatConfig", "EvalConfig", "GenerationConfig", "InferConfig", "MODELS", "MergeConfig", "ModelInfo",
     "agent_metrics", "bleu4", "evaluate_generation", "generate_batch", "generate_stream", "get_model_tokenizer",
     "infer", "infer_model_type", "load_for_inference", "merge", "parse_tool_calls", "register_model", "rouge_l",

@@ -100,8 +100,12 @@ def generate_stream(model, tokenizer, input_ids, config: GenerationConfig, stop_
 
 
 def generate_batch(model, tokenizer, batch_input_ids, config: GenerationConfig, stop_strings=(), stop_token_ids=(),
-                   *, stop_after=()) -> list[str]:
-    """The replies to several prompts at once (left-padded); each row stops on its own, as generate_stream would."""
+                   *, stop_after=(), all_done=None) -> list[str]:
+    """The replies to several prompts at once (left-padded); each row stops on its own, as generate_stream would.
+
+    all_done(finished here) -> finished everywhere: ranks that must run the same forwards (ZeRO-3) go on
+    until every rank has finished.
+    """
     if not batch_input_ids:
         return []
     stops = _stop_ids(model, tokenizer, stop_token_ids)
@@ -120,7 +124,7 @@ def generate_batch(model, tokenizer, batch_input_ids, config: GenerationConfig, 
             end, stopped = visible_end(texts[row], stop_strings, stop_after)
             if stopped:
                 texts[row], done[row] = texts[row][:end], True
-        if all(done):
+        if (all_done or bool)(all(done)):
             break
     return [text if finished else text + decoder.flush() for text, finished, decoder in zip(texts, done, decoders)]
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import CheckpointError
 from .quant import is_quantized_linear
 
 ALL_LINEAR = "all-linear"
@@ -435,6 +436,28 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> LoRAConfig:
         for key, tensor in tensors.items():
             params[key.removeprefix(PEFT_PREFIX)].copy_(tensor)
     return config
+
+
+def load_lora_weights(model: nn.Module, adapter_dir: str) -> None:
+    """Copy a saved adapter into a model already injected with the same LoRA layers, strictly (names and shapes)."""
+    path = os.path.join(adapter_dir, WEIGHTS_NAME)
+    try:
+        tensors = {key.removeprefix(PEFT_PREFIX): value for key, value in load_file(path).items()}
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except Exception as error:  # safetensors raises its own types for a truncated or damaged file
+        raise CheckpointError(f"{path} cannot be read ({error})") from None
+    current = lora_state_dict(model)
+    if tensors.keys() != current.keys():
+        missing, unexpected = sorted(current.keys() - tensors.keys()), sorted(tensors.keys() - current.keys())
+        raise CheckpointError(f"{adapter_dir} does not fit this model's LoRA layers: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    misshaped = [key for key, value in current.items() if tuple(value.shape) != tuple(tensors[key].shape)]
+    if misshaped:
+        raise CheckpointError(f"{adapter_dir} has LoRA tensors of other shapes (another --lora_rank?): {misshaped[:5]}")
+    with torch.no_grad():
+        for key, parameter in current.items():
+            parameter.copy_(tensors[key])
 
 
 def _adapter_shapes(model: nn.Module, names: list[str], r: int) -> dict[str, tuple[int, ...]]:

@@ -14,6 +14,11 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Mapping, Sequence
 
+GENERATION_MODES = ("rouge", "agent")
+TEXT_METRICS = ("rouge-l", "bleu-4")
+AGENT_METRICS = ("tool_name_acc", "args_exact_match", "args_f1", "answer_rouge_l")
+GENERATION_METRICS = TEXT_METRICS + AGENT_METRICS
+
 THINK_START = "<|startofthink|>"
 THINK_END = "<|endofthink|>"
 EXEC_END = "<|endofexec|>"

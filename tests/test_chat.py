@@ -8,16 +8,13 @@ import torch
 from click.testing import CliRunner
 
 from sftkit import chat as sc
-from sftkit.chat import (
-    CheckpointError,
-    chat_repl,
-    evaluate_generation,
-    infer,
-    load_for_inference,
-    merge,
-    prompt_ids,
-    prompt_text,
-)
+from sftkit import evaluate as se
+from sftkit import inference as si
+from sftkit.chat import chat_repl, infer, merge
+from sftkit.errors import CheckpointError
+from sftkit.evaluate import evaluate_generation
+from sftkit.inference import load_for_inference
+from sftkit.prompts import prompt_ids, prompt_text
 from sftkit.config import InferConfig, MergeConfig
 from sftkit.data.formats import Message
 from sftkit.generation import GenerationConfig, generate_stream
@@ -96,7 +93,7 @@ def test_checkpoint_without_run_args_is_refused(tmp_path):
 
 def test_nothing_given_loads_the_embedded_default(monkeypatch, tiny_model_dir):
     asked = []
-    monkeypatch.setattr(sc, "resolve_model_dir", lambda model: asked.append(model) or tiny_model_dir)
+    monkeypatch.setattr(si, "resolve_model_dir", lambda model: asked.append(model) or tiny_model_dir)
     _, _, settings = load_for_inference()
     assert asked == [None] and settings.template == "auto" and settings.ckpt_dir is None
 
@@ -187,12 +184,12 @@ def test_agent_procedure_inserts_reference_results_and_continues(monkeypatch, to
     }
     prompts = []
 
-    def scripted(model, tokenizer, batch, config, stop_strings=(), stop_token_ids=(), *, stop_after=()):
+    def scripted(model, tokenizer, batch, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), all_done=None):
         texts = [tokenizer.decode(ids) for ids in batch]
         prompts.extend(texts)
         return [script[(text.split("user\n")[1].split("<|im_end|>")[0], text.count("<|startofexec|>"))] for text in texts]
 
-    monkeypatch.setattr(sc, "generate_batch", scripted)
+    monkeypatch.setattr(se, "generate_batch", scripted)
     report = evaluate_generation(None, tokenizer, "chatml", conversations, mode="agent", gen_config=GREEDY)
     assert len(prompts) == 5  # 3 + 1 + 1: each continuation follows one inserted result
     assert prompts[3] == (f"<|im_start|>user\nweather twice<|im_end|>\n<|im_start|>assistant\n"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from .pipeline import IGNORE_INDEX, truncate
+from .pipeline import IGNORE_INDEX, trainable_tokens, truncate
 
 GREEN, RESET = "\033[32m", "\033[0m"
 
@@ -63,7 +63,7 @@ def preview(config, tokenizer=None, echo=print) -> dict:
     kept = [_cut(example, config.max_length, config.truncation_side) for example in full]
     shown = [example for example in kept if example is not None][: config.num_examples]
     for index, example in enumerate(shown):
-        trainable = sum(label != IGNORE_INDEX for label in example["labels"])
+        trainable = trainable_tokens(example)
         echo(f"--- example {index}: {len(example['input_ids'])} tokens, {trainable} trainable ---")
         echo(mark_trainable(tokenizer, example, bool(config.color)))
     stats = {
