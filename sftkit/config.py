@@ -42,7 +42,7 @@ def option(default, help: str, *, aliases: tuple[str, ...] = (), choices: tuple 
 class PreviewConfig:
     """sftkit preview: show how rows become tokens and which of them train."""
 
-    dataset: tuple[str, ...] = option((), "dataset files, registered names, hf::ID or ms::ID (default: the bundled example)",
+    dataset: tuple[str, ...] = option((), "dataset files, registered names, NAME=PATH (a registered name on a local copy), hf::ID or ms::ID (default: the bundled example)",
                                       aliases=("custom_train_dataset_path",))
     template: str = option("auto", "chat template name (sftkit list templates) or 'auto' for the tokenizer's own",
                            aliases=("template_type",))
@@ -77,7 +77,7 @@ class TrainConfig:
     hub: str = option("modelscope", "where hub ids download from", choices=("modelscope", "hf"))
     model_revision: str | None = option(None, "hub revision of the model")
     model_cache_dir: str | None = option(None, "where hub downloads go")
-    dataset: tuple[str, ...] = option((), "training data: files, registered names, hf::ID or ms::ID (default: the bundled example)",
+    dataset: tuple[str, ...] = option((), "training data: files, registered names, NAME=PATH (a registered name on a local copy), hf::ID or ms::ID (default: the bundled example)",
                                       aliases=("custom_train_dataset_path",))
     val_dataset: tuple[str, ...] = option((), "validation data (default: dataset_test_ratio of the training data)",
                                           aliases=("custom_val_dataset_path",))
