@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli.registry import list_command
 from sftkit.data import datasets as builtin
 from sftkit.data.errors import DataError
 from sftkit.data.loading import DATASETS, Drop, LoadReport, load_conversations, register_dataset
 from sftkit.data.pipeline import build_examples
+from sftkit_cli.main import main
+from sftkit_cli.registry import list_command
 
 FIXTURES = Path(__file__).resolve().parent / "data" / "datasets"
 
@@ -273,3 +274,11 @@ def test_loading_report_without_registered_data_is_unchanged(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [{"query": "q", "response": "r"}])
     report = load_conversations([path])[1]
     assert report.summary() == "1 of 1 rows kept" and isinstance(report, LoadReport)
+
+
+def test_cli_takes_name_equals_path_and_reports_the_filter(tiny_model_dir):
+    result = CliRunner().invoke(main, ["preview", "--tokenizer", tiny_model_dir, "--template", "chatml", "--num_examples", "1",
+                                       "--dataset", f"damo-agent-mini-zh={fixture('damo-agent-mini-zh')}"])
+    assert result.exit_code == 0, result.output
+    assert "2 of 4 rows kept" in result.output and "skipped 2: fewer than two tools" in result.output
+    assert "[[<|startofthink|>" in result.output
