@@ -6,7 +6,7 @@ from .chat import infer, merge
 from .config import ChatConfig, EvalConfig, InferConfig, MergeConfig, PreviewConfig, TrainConfig, build_config
 from .data.errors import DataError
 from .data.formats import Message, to_messages
-from .data.loading import load_conversations, register_dataset, split_and_sample
+from .data.loading import Drop, load_conversations, register_dataset, split_and_sample
 from .data.pipeline import build_example, build_examples, collate, encode, mask, truncate
 from .data.templates import Template, get_template, register_template, render
 from .lora import (
@@ -36,7 +36,7 @@ __all__ = [
     "agent_metrics", "bleu4", "evaluate_generation", "generate_batch", "generate_stream", "get_model_tokenizer",
     "infer", "infer_model_type", "load_for_inference", "merge", "parse_tool_calls", "register_model", "rouge_l",
     "text_metrics",
-    "DataError", "LoRAConfig", "LoRALinear", "Message", "PreviewConfig", "Template", "TrainConfig", "TrainingError",
+    "DataError", "Drop", "LoRAConfig", "LoRALinear", "Message", "PreviewConfig", "Template", "TrainConfig", "TrainingError",
     "build_config", "build_example", "build_examples", "collate", "count_parameters", "encode", "get_template",
     "inject_lora", "load_adapter", "load_conversations", "load_model", "load_model_and_tokenizer", "load_tokenizer",
     "lora_state_dict", "mask", "merge_lora", "register_dataset", "register_template", "render", "resolve_model_dir",

@@ -47,7 +47,8 @@ def option(default, help: str, *, aliases: tuple[str, ...] = (), choices: tuple 
 class DataOptions:
     """The fields every command that turns rows into examples shares (not a command itself)."""
 
-    dataset: tuple[str, ...] = option((), "training data: files, registered names, hf::ID or ms::ID (default: the bundled example)",
+    dataset: tuple[str, ...] = option((), "data: files, registered names, NAME=PATH (a registered name's preprocessing on a "
+                                          "local copy), hf::ID or ms::ID (default: the bundled example)",
                                       aliases=("custom_train_dataset_path",))
     template: str | None = option(None, "chat template name, or 'auto' for the tokenizer's own chat_template "
                                         "(default: the model type's template, else auto)", aliases=("template_type",))
