@@ -9,6 +9,7 @@ import click
 
 from sftkit.config import PreviewConfig, TrainConfig
 
+from .deploy import deploy
 from .options import config_command
 from .registry import list_command
 from .use import chat, evaluate, infer, merge
@@ -53,7 +54,7 @@ def train(config: TrainConfig):
         raise click.ClickException(str(error)) from None
 
 
-for command in (list_command, chat, infer, evaluate, merge):
+for command in (list_command, chat, infer, evaluate, merge, deploy):
     main.add_command(command)
 
 if __name__ == "__main__":

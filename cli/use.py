@@ -11,7 +11,7 @@ from .options import config_command
 
 
 @contextlib.contextmanager
-def _reported():
+def reported():
     """Problems with the user's checkpoint, model or data end the command with their message, not a traceback."""
     from sftkit.chat import CheckpointError
     from sftkit.data.errors import DataError
@@ -33,7 +33,7 @@ def chat(config: ChatConfig):
     from sftkit.chat import chat_repl, load_for_inference
     from sftkit.generation import generation_config
 
-    with _reported():
+    with reported():
         model, tokenizer, settings = load_for_inference(config.ckpt_dir, config.model, template=config.template,
                                                         system=config.system, dtype=config.dtype)
     chat_repl(model, tokenizer, settings.template, settings.system, generation_config(config), agent=config.agent,
@@ -46,7 +46,7 @@ def infer(config: InferConfig):
     """Answer every row of a dataset (default: the run's validation split) and write JSONL."""
     from sftkit.chat import infer as run_infer
 
-    with _reported():
+    with reported():
         run_infer(config, echo=click.echo)
 
 
@@ -56,7 +56,7 @@ def evaluate(config: EvalConfig):
     """Generate answers and score them against the references; writes a JSON report."""
     from sftkit.chat import evaluate as run_evaluate
 
-    with _reported():
+    with reported():
         report = run_evaluate(config)
     rows = [(name, value) for name, value in report["metrics"].items() if not isinstance(value, (list, dict))]
     rows += list(report["counts"].items())
@@ -73,6 +73,6 @@ def merge(config: MergeConfig):
     """Merge a LoRA checkpoint into its base model, loadable by plain transformers."""
     from sftkit.chat import merge as run_merge
 
-    with _reported():
+    with reported():
         output_dir = run_merge(config)
     click.echo(f"merged model written to {output_dir}")
