@@ -3,7 +3,7 @@
 The public API, re-exported: the data pipeline, LoRA, model loading, training.
 """
 from .chat import evaluate_generation, infer, load_for_inference, merge
-from .config import ChatConfig, EvalConfig, InferConfig, MergeConfig, PreviewConfig, TrainConfig, build_config
+from .config import ChatConfig, DeployConfig, EvalConfig, InferConfig, MergeConfig, PreviewConfig, TrainConfig, build_config
 from .data.errors import DataError
 from .data.formats import Message, to_messages
 from .data.loading import load_conversations, register_dataset, split_and_sample
@@ -28,7 +28,7 @@ from .registry import MODELS, ModelInfo, get_model_tokenizer, infer_model_type, 
 from .train import TrainingError, train
 
 __all__ = [
-    "ChatConfig", "EvalConfig", "GenerationConfig", "InferConfig", "MODELS", "MergeConfig", "ModelInfo",
+    "ChatConfig", "DeployConfig", "EvalConfig", "GenerationConfig", "InferConfig", "MODELS", "MergeConfig", "ModelInfo",
     "agent_metrics", "bleu4", "evaluate_generation", "generate_batch", "generate_stream", "get_model_tokenizer",
     "infer", "infer_model_type", "load_for_inference", "merge", "parse_tool_calls", "register_model", "rouge_l",
     "text_metrics",

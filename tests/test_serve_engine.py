@@ -69,7 +69,7 @@ def test_requests_joining_mid_generation_get_what_they_get_alone(model, tokenize
     assert [recorder.final.completion_tokens for recorder in recorders] == [14, 20, 6, 11]
     assert {recorder.final.finish_reason for recorder in recorders} == {"length"}
     # Rows joined a running batch and left it one by one: 1, then 3, then 4 rows decoded together.
-    assert engine.batch_sizes[:5] == [1, 1, 1, 3, 4] and engine.batch_sizes[-1] == 1
+    assert list(engine.batch_sizes)[:5] == [1, 1, 1, 3, 4] and engine.batch_sizes[-1] == 1
 
 
 def test_sampling_options_and_stops_are_per_request(model, tokenizer):

@@ -21,6 +21,7 @@ from ..generation import GenerationConfig, ReplyText, evaluating, next_tokens, p
 
 log = logging.getLogger("sftkit.serve")
 
+RECENT_STEPS = 4096
 KVLayers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each [batch, heads, length, dim]
 
 
@@ -116,7 +117,7 @@ class Listener:
 
 
 class Engine:
-    """The batching loop over one model; `submit` and `stream` may be called from any thread.
+    """The batching loop over one model; `submit`, `listen` and `stats` may be called from any thread.
 
     adapter_rows (multi_lora.AdapterRows) is told each row's adapter before every forward pass.
     """
@@ -127,7 +128,8 @@ class Engine:
         self.device = model.device
         self.pad_id = pad_token_id(tokenizer)
         self.eos_ids = stop_token_set(model, tokenizer)
-        self.batch_sizes: list[int] = []  # rows decoded together at each step, for tests and stats
+        self.decode_steps = 0
+        self.batch_sizes: deque[int] = deque(maxlen=RECENT_STEPS)  # rows decoded together at each recent step
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._cache = None  # the running rows' DynamicCache
@@ -235,6 +237,7 @@ class Engine:
 
     def _decode(self) -> None:
         rows = self._running
+        self.decode_steps += 1
         self.batch_sizes.append(len(rows))
         ids = torch.tensor([[row.last_token] for row in rows], device=self.device)
         positions = torch.tensor([[row.position] for row in rows], device=self.device)
