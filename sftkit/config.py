@@ -430,6 +430,7 @@ class MergeConfig:
 
 
 INFER_BACKENDS = ("pt", "vllm")
+TOOLS_PROMPTS = ("sftkit", "none")
 
 
 @dataclass(frozen=True)
@@ -445,6 +446,9 @@ class DeployConfig(GenerateOptions):
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = option(8000, "port to listen on (0: a free port, printed at start)")
     api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1 requests (default: no key)")
+    tools_prompt: str = option("sftkit", "how a request's tools enter the prompt: sftkit (the system-prompt text `tools` "
+                                         "training rows get) or none (left out: the system prompt describes them, as in "
+                                         "MSAgent data); generated calls are parsed either way", choices=TOOLS_PROMPTS)
     infer_backend: str = option("pt", "pt: the built-in batching engine (CPU or GPU); vllm: vLLM (needs vllm and a GPU)",
                                 choices=INFER_BACKENDS)
     max_num_seqs: int = option(32, "most requests generated together", aliases=("max_batch_size",))

@@ -154,6 +154,29 @@ def test_a_streamed_tool_call_arrives_whole(agent):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+@pytest.mark.parametrize("question", ["What is the weather in Paris?", "Tell me a joke about the sea.", "hello"])
+def test_streamed_and_whole_replies_agree_with_tools(agent, question):
+    """A call, plain text, and (for "hello", seen with this model) a call whose JSON is broken, which stays content."""
+    api, messages = client(agent), [{"role": "user", "content": question}]
+    whole = api.chat.completions.create(model="agent", messages=messages, tools=TOOLS, max_tokens=40).choices[0]
+    chunks = [chunk.choices[0] for chunk in api.chat.completions.create(
+        model="agent", messages=messages, tools=TOOLS, max_tokens=40, stream=True) if chunk.choices]
+    assert "".join(chunk.delta.content or "" for chunk in chunks) == (whole.message.content or "")
+    streamed_calls = [(call.function.name, call.function.arguments) for chunk in chunks for call in chunk.delta.tool_calls or []]
+    assert streamed_calls == [(call.function.name, call.function.arguments) for call in whole.message.tool_calls or []]
+    assert chunks[-1].finish_reason == whole.finish_reason
+
+
+def test_tools_prompt_none_leaves_the_tools_to_the_system_prompt(plain, tiny_model_dir):
+    url, _ = plain
+    with_tools = client(url).chat.completions.create(model="tiny", messages=QUESTION, tools=TOOLS, max_tokens=1)
+    without = client(url).chat.completions.create(model="tiny", messages=QUESTION, max_tokens=1)
+    assert with_tools.usage.prompt_tokens > without.usage.prompt_tokens
+    with running(service_for(tiny_model_dir, tools_prompt="none")) as other:
+        left_out = client(other).chat.completions.create(model="tiny", messages=QUESTION, tools=TOOLS, max_tokens=1)
+    assert left_out.usage.prompt_tokens == without.usage.prompt_tokens
+
+
 def test_without_tools_the_reply_is_plain_text(agent):
     """tool_choice none (or no tools) returns what the model writes, markers and all, as content."""
     reply = client(agent).chat.completions.create(

@@ -87,6 +87,7 @@ class Service:
     defaults: GenerationConfig
     vocab_size: int
     api_key: str | None = None
+    tools_prompt: str = "sftkit"
     calls: CallMemory = field(default_factory=CallMemory)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -114,7 +115,7 @@ def create_app(service: Service) -> Starlette:
         _authorize(service, request)
         body, data = parse_request(ChatRequest, await request.body())
         served = _served(service, body.model)
-        tools = data.get("tools") if body.calls_tools else None
+        tools = data.get("tools") if body.calls_tools and service.tools_prompt == "sftkit" else None
         messages = conversation(body.messages, tools, service.calls)
         try:
             prompt = prompt_ids(messages, service.tokenizer, served.template, served.system)

@@ -62,7 +62,7 @@ def load_vllm_service(config: DeployConfig) -> Service:
         max_loras=max(len(lora_requests), 1), max_lora_rank=_lora_rank_limit(folders.values())))
     backend = VllmBackend(engine, tokenizer, lora_requests, config.max_num_seqs + config.max_queue)
     return Service(backend, tokenizer, models, context, generation_config(config), vocab_size=len(tokenizer),
-                   api_key=config.api_key)
+                   api_key=config.api_key, tools_prompt=config.tools_prompt)
 
 
 def _sources(config: DeployConfig) -> tuple[str, str | None, dict]:
