@@ -72,6 +72,9 @@ class ToolCallParam(_Strict):
 
 
 class ChatMessage(_Strict):
+    """One message; `name` and `tool_call_id` are accepted, but templates have no place for them (a tool
+    result answers the call before it)."""
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None

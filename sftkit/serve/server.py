@@ -115,20 +115,9 @@ def create_app(service: Service) -> Starlette:
         _authorize(service, request)
         body, data = parse_request(ChatRequest, await request.body())
         served = _served(service, body.model)
-        tools = data.get("tools") if body.calls_tools and service.tools_prompt == "sftkit" else None
-        messages = conversation(body.messages, tools, service.calls)
-        try:
-            prompt = prompt_ids(messages, service.tokenizer, served.template, served.system)
-        except ValueError as error:
-            raise RequestError(400, f"cannot render the conversation: {error}", param="messages") from None
-        stop_strings, stop_ids = stop_criteria(service.tokenizer, served.template)
-        closer = tool_call_markers(served.template)[1] if body.calls_tools else ""
-        config = generation_options(body, service.defaults, len(prompt), service.context,
-                                    body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens)
-        engine_request = EngineRequest(tuple(prompt), config, stop_strings + stop_list(body.stop), stop_ids,
-                                       (closer,) if closer else (), served.adapter)
+        engine_request = _chat_request(service, served, body, data)
         [listener] = _listen(service, [engine_request])
-        reply = ChatReply(service, served, body, len(prompt))
+        reply = ChatReply(service, served, body, len(engine_request.prompt_ids))
         if body.stream:
             return StreamingResponse(reply.stream(listener), media_type="text/event-stream")
         results = await _collect([listener], request)
@@ -269,6 +258,23 @@ def _served(service: Service, name: str) -> ServedModel:
         raise RequestError(404, f"model {name!r} is not served here; served: {', '.join(service.models)}",
                            param="model", code="model_not_found")
     return service.models[name]
+
+
+def _chat_request(service: Service, served: ServedModel, body: ChatRequest, data: dict) -> EngineRequest:
+    """The chat as the engine takes it: rendered as training rendered it, ending at the template's end of turn
+    (or, when tools may be called, at the end of a call) or at the request's own stops."""
+    tools = data.get("tools") if body.calls_tools and service.tools_prompt == "sftkit" else None
+    messages = conversation(body.messages, tools, service.calls)
+    try:
+        prompt = prompt_ids(messages, service.tokenizer, served.template, served.system)
+    except ValueError as error:
+        raise RequestError(400, f"cannot render the conversation: {error}", param="messages") from None
+    stop_strings, stop_ids = stop_criteria(service.tokenizer, served.template)
+    closer = tool_call_markers(served.template)[1] if body.calls_tools else ""
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    config = generation_options(body, service.defaults, len(prompt), service.context, max_tokens)
+    return EngineRequest(tuple(prompt), config, stop_strings + stop_list(body.stop), stop_ids,
+                         (closer,) if closer else (), served.adapter)
 
 
 def _completion_prompts(service: Service, prompt: str | list) -> list[list[int]]:
