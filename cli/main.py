@@ -10,6 +10,7 @@ import click
 
 from sftkit.config import PreviewConfig, TrainConfig
 
+from .deploy import deploy
 from .options import config_command
 from .registry import list_command
 from .use import chat, evaluate, infer, merge
@@ -45,7 +46,7 @@ def train(config: TrainConfig):
     run_train(config)
 
 
-for command in (list_command, chat, infer, evaluate, merge):
+for command in (list_command, chat, infer, evaluate, merge, deploy):
     main.add_command(command)
 
 if __name__ == "__main__":

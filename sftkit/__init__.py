@@ -3,7 +3,7 @@
 The public API, re-exported: the data pipeline, LoRA, model loading, training.
 """
 from .chat import infer, merge
-from .config import ChatConfig, EvalConfig, InferConfig, MergeConfig, PreviewConfig, TrainConfig, build_config
+from .config import ChatConfig, DeployConfig, EvalConfig, InferConfig, MergeConfig, PreviewConfig, TrainConfig, build_config
 from .data.errors import DataError
 from .data.formats import Message, to_messages
 from .data.loading import Drop, load_conversations, register_dataset, split_and_sample
@@ -32,7 +32,7 @@ from .train import train
 
 __all__ = [
     "CheckpointError", "ModelLoadError", "SftkitError", "evaluate_checkpoint",
-    "ChatConfig", "EvalConfig", "GenerationConfig", "InferConfig", "MODELS", "MergeConfig", "ModelInfo",
+    "ChatConfig", "DeployConfig", "EvalConfig", "GenerationConfig", "InferConfig", "MODELS", "MergeConfig", "ModelInfo",
     "agent_metrics", "bleu4", "evaluate_generation", "generate_batch", "generate_stream", "get_model_tokenizer",
     "infer", "infer_model_type", "load_for_inference", "merge", "parse_tool_calls", "register_model", "rouge_l",
     "text_metrics",

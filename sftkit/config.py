@@ -435,3 +435,50 @@ class MergeConfig:
 
     def problems(self) -> list[str]:
         return [] if self.ckpt_dir else ["ckpt_dir is required: the checkpoint whose LoRA adapter to merge"]
+
+
+INFER_BACKENDS = ("pt", "vllm")
+TOOLS_PROMPTS = ("sftkit", "none")
+
+
+@dataclass(frozen=True)
+class DeployConfig(GenerateOptions):
+    """sftkit deploy: serve a model over the OpenAI API (chat with tool calls, completions, several LoRA adapters).
+
+    The generation fields are the defaults for requests that do not set them (max_new_tokens: max_tokens).
+    """
+
+    adapters: tuple[str, ...] = option((), "more LoRA adapters on the same base, each name=DIR (a checkpoint, run or adapter "
+                                           "folder); a request picks one by its model name", aliases=("lora_modules",))
+    served_model_name: str | None = option(None, "the model name clients ask for (default: the checkpoint's or model's folder name)")
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = option(8000, "port to listen on (0: a free port, printed at start)")
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1 requests (default: no key)")
+    tools_prompt: str = option("sftkit", "how a request's tools enter the prompt: sftkit (the system-prompt text `tools` "
+                                         "training rows get) or none (left out: the system prompt describes them, as in "
+                                         "MSAgent data); generated calls are parsed either way", choices=TOOLS_PROMPTS)
+    infer_backend: str = option("pt", "pt: the built-in batching engine (CPU or GPU); vllm: vLLM (needs vllm and a GPU)",
+                                choices=INFER_BACKENDS)
+    max_num_seqs: int = option(32, "most requests generated together", aliases=("max_batch_size",))
+    max_queue: int = option(128, "requests waiting for a batch slot; beyond it new requests get 429")
+    max_model_len: int | None = option(None, "longest prompt + reply in tokens (default: the model's max_position_embeddings)")
+    shutdown_timeout: int = option(30, "seconds SIGTERM waits for requests in flight before it closes them")
+
+    def problems(self) -> list[str]:
+        checks = [_positive("max_num_seqs", self.max_num_seqs), _positive("max_queue", self.max_queue),
+                  _positive("max_model_len", self.max_model_len), _positive("shutdown_timeout", self.shutdown_timeout, zero_ok=True)]
+        if not 0 <= self.port <= 65535:
+            checks.append(f"port must be in 0..65535, got {self.port}")
+        seen = {self.served_model_name}
+        for item in self.adapters:
+            name, equals, folder = (part.strip() for part in item.partition("="))
+            if not equals or not name or not folder:
+                checks.append(f"adapters takes name=DIR, got '{item}'")
+            elif name in seen:
+                checks.append(f"adapters: the name '{name}' is used twice")
+            seen.add(name)
+        return super().problems() + [check for check in checks if check]
+
+    def adapter_dirs(self) -> dict[str, str]:
+        """--adapters as {name: folder} (validated by problems())."""
+        return {name.strip(): folder.strip() for name, _, folder in (item.partition("=") for item in self.adapters)}

@@ -159,7 +159,7 @@ class ToolCall:
     arguments: dict
 
 
-def _parse_payload(payload: str) -> ToolCall | None:
+def parse_call_payload(payload: str) -> ToolCall | None:
     """The call in one think block, or None unless it is a JSON object naming a tool with object arguments.
 
     Accepts MSAgent-Bench's {"api_name", "parameters"} and OpenAI's {"name", "arguments"}, where arguments
@@ -187,7 +187,7 @@ def _think_blocks(text: str) -> list[ToolCall | str]:
     blocks: list[ToolCall | str] = []
     for chunk in text.split(THINK_START)[1:]:
         payload, closed, _ = chunk.partition(THINK_END)
-        call = _parse_payload(payload) if closed else None
+        call = parse_call_payload(payload) if closed else None
         blocks.append(call or payload)
     return blocks
 

@@ -51,3 +51,15 @@ def test_preprocess_quick(tmp_path):
     assert result["verification"]["rows_checked"] == 200
     for check in result["verification"]["by_side"].values():
         assert check["input_ids_mismatches"] == 0 and check["trainable_mismatches"] == 0, check["examples"]
+
+
+@pytest.mark.slow
+def test_serve_quick(tmp_path):
+    out = tmp_path / "serve.json"
+    run_script("serve.py", "--quick", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert {"benchmark", "machine", "settings", "levels"} <= result.keys()
+    assert [level["concurrency"] for level in result["levels"]] == [1, 8, 32]
+    for level in result["levels"]:
+        assert level["requests"] == level["concurrency"] and level["generated_tokens"] > 0
+        assert level["tokens_per_s"] > 0 and 0 < level["ttft_s"]["median"] <= level["latency_s"]["median"]
