@@ -14,14 +14,16 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import resolve_checkpoint
+from .constrained import tool_call_guide
 from .data.formats import Message, split_agent_text
 from .data.pipeline import encode
 from .data.templates import Template, get_template, render
 from .generation import GenerationConfig, generate_batch, generate_stream, generation_config, stop_criteria
 from .lora import CONFIG_NAME, load_adapter, unload_lora
-from .metrics import agent_metrics, rouge_l, text_metrics
+from .metrics import agent_metrics, call_errors, error_counts, rouge_l, text_metrics
 from .model import DTYPES, load_model, load_tokenizer, resolve_model_dir
 from .quant import QuantizationOptions
+from .tools import conversation_tools
 
 ARGS_FILE = "sft_args.json"
 VAL_DATASET = "val_dataset.jsonl"
@@ -191,12 +193,13 @@ def tool_call_end(template: "str | Template") -> str:
 
 
 def chat_repl(model, tokenizer, template, system, gen_config: GenerationConfig, input=None, output=None,
-              agent: bool = False, stream: bool = True) -> list[Message]:
+              agent: bool = False, stream: bool = True, constrained: bool = True) -> list[Message]:
     """Multi-turn chat over text streams; returns the history when the input ends or says exit/quit.
 
     `clear` forgets the history. From a pipe, every line is one message and every reply one block on the
     output, with no prompt markers in between. In agent mode a reply that closes a tool call waits for
-    the tool's result (the next line), which goes in as a tool message before the model continues the turn.
+    the tool's result (the next line), which goes in as a tool message before the model continues the turn,
+    and (with `constrained`) each call is restricted to the tools the system prompt offers.
     """
     input, output = input or sys.stdin, output or sys.stdout
     interactive = bool(getattr(input, "isatty", lambda: False)())
@@ -204,6 +207,7 @@ def chat_repl(model, tokenizer, template, system, gen_config: GenerationConfig, 
     stop_strings, stop_ids = stop_criteria(tokenizer, template)
     call_end = tool_call_end(template) if agent else ""
     stop_after = (call_end,) if call_end else ()
+    guide = tool_call_guide(tokenizer, template) if agent and constrained else None
     history: list[Message] = []
     while True:
         line = _read_line(input, output, "<<< " if interactive else "")
@@ -219,7 +223,9 @@ def chat_repl(model, tokenizer, template, system, gen_config: GenerationConfig, 
         turn = [Message("user", line)]
         while True:
             ids = prompt_ids(history + turn, tokenizer, template, system)
-            pieces = generate_stream(model, tokenizer, ids, gen_config, stop_strings, stop_ids, stop_after=stop_after)
+            constraint = guide.for_conversations([history + turn], system) if guide else None
+            pieces = generate_stream(model, tokenizer, ids, gen_config, stop_strings, stop_ids, stop_after=stop_after,
+                                     constraint=constraint)
             text = _show(pieces, output, stream)
             turn += reply_messages(text)
             if not (call_end and text.endswith(call_end)):
@@ -261,32 +267,38 @@ def _show(pieces, output, stream: bool) -> str:
 
 
 def generate_all(model, tokenizer, prompts: list[list[int]], gen_config: GenerationConfig, stops, batch_size: int = 8,
-                 stop_after=()) -> list[str]:
-    """generate_batch over any number of prompts, batch_size at a time."""
+                 stop_after=(), guide=None, tools=None) -> list[str]:
+    """generate_batch over any number of prompts, batch_size at a time; with a guide, prompt i's calls use tools[i]."""
     stop_strings, stop_ids = stops
     replies = []
     for start in range(0, len(prompts), batch_size):
+        constraint = guide.constraint(tools[start:start + batch_size]) if guide is not None else None
         replies += generate_batch(model, tokenizer, prompts[start:start + batch_size], gen_config, stop_strings,
-                                  stop_ids, stop_after=stop_after)
+                                  stop_ids, stop_after=stop_after, constraint=constraint)
     return replies
 
 
-def agent_replies(model, tokenizer, template, cases, gen_config: GenerationConfig, *, system=None, batch_size=8):
+def agent_replies(model, tokenizer, template, cases, gen_config: GenerationConfig, *, system=None, batch_size=8,
+                  constrained: bool = True):
     """Answer each (prompt, reference turn) as a user of the agent would see it; returns (replies, results inserted).
 
     Generate until a tool call closes or the turn ends; after a call, insert the reference turn's next tool
     result and continue. Each continuation uses up one reference result, so an example generates at most
     (its reference results + 1) times. A reply holds its calls, the inserted results and the final answer.
+    With `constrained`, calls are restricted to the tools each conversation offers.
     """
     template = get_template(template)
     stops, call_end = stop_criteria(tokenizer, template), tool_call_end(template)
+    guide = tool_call_guide(tokenizer, template) if constrained else None
+    tools = [conversation_tools(prompt, system) for prompt, _ in cases]
     results = [[message for message in reference if message.role == "tool"] for _, reference in cases]
     turns: list[list[Message]] = [[] for _ in cases]
     replies, used = [""] * len(cases), [0] * len(cases)
     active = list(range(len(cases)))
     while active:
         prompts = [prompt_ids(cases[i][0] + turns[i], tokenizer, template, system) for i in active]
-        outputs = generate_all(model, tokenizer, prompts, gen_config, stops, batch_size, stop_after=(call_end,))
+        outputs = generate_all(model, tokenizer, prompts, gen_config, stops, batch_size, stop_after=(call_end,),
+                               guide=guide, tools=[tools[i] for i in active])
         waiting = []
         for index, text in zip(active, outputs):
             replies[index] += text
@@ -303,12 +315,13 @@ def agent_replies(model, tokenizer, template, cases, gen_config: GenerationConfi
 
 def evaluate_generation(model, tokenizer, template, conversations: list[list[Message]], *, mode: str = "rouge",
                         gen_config: GenerationConfig, system: str | None = None, limit: int | None = None,
-                        batch_size: int = 8) -> dict:
+                        batch_size: int = 8, constrained_tool_calls: bool = True) -> dict:
     """Generate an answer to each conversation's last user turn and score it against the reference answer.
 
-    rouge: one generation, ROUGE-L and BLEU-4 over the whole answer. agent: calls, inserted reference
-    results and the final answer (agent_replies), scored with agent_metrics. The report holds the
-    metrics, counts, unparsed calls and the worst examples by ROUGE-L.
+    rouge: one generation, ROUGE-L and BLEU-4 over the whole answer. agent: calls (constrained to the offered
+    tools unless constrained_tool_calls is false), inserted reference results and the final answer
+    (agent_replies), scored with agent_metrics, plus each call error by kind with the worst examples of each.
+    The report holds the metrics, counts, unparsed calls and the worst examples by ROUGE-L.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -324,13 +337,22 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
         metrics, unparsed = text_metrics(predictions, references), []
     else:
         predictions, inserted = agent_replies(model, tokenizer, template, cases, gen_config, system=system,
-                                              batch_size=batch_size)
+                                              batch_size=batch_size, constrained=constrained_tool_calls)
         metrics = agent_metrics([{"prediction": p, "reference": r} for p, r in zip(predictions, references)])
         unparsed = metrics.pop("unparsed")
     scores = [rouge_l(prediction, reference) for prediction, reference in zip(predictions, references)]
     worst = sorted(range(len(cases)), key=lambda i: scores[i])[:WORST_SHOWN]
+    agent_part = {}
+    if mode == "agent":
+        offered = [{tool.name for tool in conversation_tools(prompt, system)} or None for prompt, _ in cases]
+        errors = [call_errors(p, r, names) for p, r, names in zip(predictions, references, offered)]
+        agent_part = {"constrained_tool_calls": constrained_tool_calls,
+                      "errors": {"counts": error_counts(errors),
+                                 "worst": _worst_by_kind(errors, scores, cases, predictions, references, tokenizer,
+                                                         template, system)}}
     return {
         "mode": mode,
+        **agent_part,
         "metrics": metrics,
         "counts": {
             "examples": len(cases),
@@ -342,6 +364,18 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
         "worst": [{"index": i, "rouge_l": scores[i], "prompt": prompt_text(cases[i][0], tokenizer, template, system),
                    "reference": references[i], "prediction": predictions[i]} for i in worst],
     }
+
+
+def _worst_by_kind(errors, scores, cases, predictions, references, tokenizer, template, system) -> dict:
+    """For each error kind, the examples that have it, most errors first (then lowest ROUGE-L), WORST_SHOWN of them."""
+    worst = {}
+    for kind in error_counts(errors):
+        having = [i for i, found in enumerate(errors) if any(error["kind"] == kind for error in found)]
+        having.sort(key=lambda i: (-len(errors[i]), scores[i]))
+        worst[kind] = [{"index": i, "errors": [error for error in errors[i] if error["kind"] == kind],
+                        "prompt": prompt_text(cases[i][0], tokenizer, template, system), "reference": references[i],
+                        "prediction": predictions[i]} for i in having[:WORST_SHOWN]]
+    return worst
 
 
 # --- commands -----------------------------------------------------------------------------------------------
@@ -377,8 +411,11 @@ def infer(config, echo=print) -> list[dict]:
     conversations, _ = _conversations(config, settings)
     cases = [split_last_turn(conversation) for conversation in conversations]
     prompts = [prompt_ids(prompt, tokenizer, settings.template, settings.system) for prompt, _ in cases]
+    guide = tool_call_guide(tokenizer, settings.template) if config.constrained_tool_calls else None
+    tools = [conversation_tools(prompt, settings.system) for prompt, _ in cases]
     predictions = generate_all(model, tokenizer, prompts, generation_config(config),
-                               stop_criteria(tokenizer, get_template(settings.template)), config.batch_size)
+                               stop_criteria(tokenizer, get_template(settings.template)), config.batch_size,
+                               guide=guide, tools=tools)
     rows = [{"prompt": prompt_text(prompt, tokenizer, settings.template, settings.system),
              "reference": response_text(reference, settings.template), "prediction": prediction}
             for (prompt, reference), prediction in zip(cases, predictions)]
@@ -398,7 +435,7 @@ def evaluate(config) -> dict:
     conversations, specs = _conversations(config, settings)
     report = evaluate_generation(model, tokenizer, settings.template, conversations, mode=config.metrics,
                                  gen_config=generation_config(config), system=settings.system, limit=config.limit,
-                                 batch_size=config.batch_size)
+                                 batch_size=config.batch_size, constrained_tool_calls=config.constrained_tool_calls)
     report = {"ckpt_dir": settings.ckpt_dir, "model_dir": settings.model_dir, "dataset": specs, **report}
     path = _output_path(config, settings, "eval_report.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

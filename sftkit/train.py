@@ -436,7 +436,8 @@ def _with_generation(metrics: dict, model, tokenizer, config: TrainConfig, examp
         report = evaluate_generation(model, tokenizer, config.template, [e["conversation"] for e in examples],
                                      mode=config.eval_generation_mode, system=config.system,
                                      gen_config=GenerationConfig(max_new_tokens=config.eval_max_new_tokens),
-                                     limit=config.eval_generation_limit, batch_size=config.eval_batch_size)
+                                     limit=config.eval_generation_limit, batch_size=config.eval_batch_size,
+                                     constrained_tool_calls=config.constrained_tool_calls)
     return {**metrics, **{f"eval_{key}": value for key, value in report["metrics"].items()
                           if isinstance(value, (int, float)) and not isinstance(value, bool)}}
 
