@@ -27,7 +27,7 @@ from .tools import Tool, call_schema, conversation_tools
 # Compact JSON as json.dumps writes it is what the data holds, but MSAgent-Bench also pretty-prints calls;
 # a short run of whitespace between JSON tokens admits both without letting a model pad forever.
 JSON_OPTIONS = {"item_separator": ",", "key_separator": ":", "whitespace_flexible": True,
-                "whitespace_pattern": r"[ \t\n\r]{0,16}"}
+                "whitespace_pattern": r"[ \t\n]{0,16}"}
 
 _VOCABULARIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -91,7 +91,7 @@ class ToolCallGuide:
                 "start: FENCE_OPEN call FENCE_CLOSE closer | call closer",
                 f"call: %json {json.dumps(schema, ensure_ascii=False)}",
                 f"closer: {self._literal(self.closer)}",
-                r"FENCE_OPEN: /```[A-Za-z]*\n/",
+                r"FENCE_OPEN: /```[A-Za-z]{0,8}\n/",
                 r'FENCE_CLOSE: "\n```"',
             ])
             grammar = llguidance.LLMatcher.grammar_from_lark(lark)
@@ -114,7 +114,8 @@ class ToolCallGuide:
         """A matcher that has read `start` (the part of a call already inside the opener's last token); None if it cannot."""
         import llguidance
 
-        matcher = llguidance.LLMatcher(self.vocabulary.lltokenizer, grammar)
+        # log_level 0: a start that does not fit is an expected answer here, not a warning to print
+        matcher = llguidance.LLMatcher(self.vocabulary.lltokenizer, grammar, log_level=0)
         tokens = self.vocabulary.lltokenizer.tokenize_bytes(start) if start else []
         if matcher.is_error() or (tokens and not matcher.consume_tokens(tokens)):
             return None

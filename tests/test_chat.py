@@ -133,6 +133,22 @@ def test_agent_chat_inserts_the_tool_result_and_continues(monkeypatch, tokenizer
                           f"<|startofthink|>{CALL}<|endofthink|>\n\n<|startofexec|>{RESULT}<|endofexec|>\n")
 
 
+def test_agent_chat_constrains_calls_to_the_system_prompt_tools(monkeypatch, tokenizer):
+    seen = []
+
+    def scripted(model, tokenizer, ids, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), constraint=None):
+        seen.append(constraint)
+        yield "ok"
+
+    monkeypatch.setattr(sc, "generate_stream", scripted)
+    system = 'Tools:\n1. {"name": "weather", "parameters": [{"name": "city", "required": true}]}'
+    for agent, constrained in [(True, True), (True, False), (False, True)]:
+        chat_repl(None, tokenizer, "chatml", system, GREEDY, input=io.StringIO("hi\n"), output=io.StringIO(),
+                  agent=agent, constrained=constrained)
+    assert seen[0] is not None and seen[0].grammars[0] is not None
+    assert seen[1:] == [None, None]  # switched off, or not in agent mode
+
+
 # --- infer and eval -----------------------------------------------------------------------------------------
 
 
@@ -160,6 +176,12 @@ def test_eval_cli_agent_report(run_dir, tmp_path):
     assert report["counts"]["examples"] == 3 and report["counts"]["reference_tool_calls"] == 1
     assert report["metrics"]["n_examples"] == 3 and isinstance(report["unparsed_calls"], list)
     assert len(report["worst"]) == 3 and {"prompt", "reference", "prediction", "rouge_l"} <= set(report["worst"][0])
+    assert report["constrained_tool_calls"] is True and "errors.unknown_tool" in result.stdout
+    assert set(report["errors"]["counts"]) == set(report["errors"]["worst"])
+    result = CliRunner().invoke(evaluate, ["--ckpt_dir", run_dir, "--metrics", "agent", "--max_new_tokens", "8",
+                                           "--output", str(output), "--constrained_tool_calls", "false"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(output.read_text())["constrained_tool_calls"] is False
 
 
 def test_eval_rouge_mode_scores_references(loaded):
