@@ -3,6 +3,7 @@
 The public API, re-exported: the data pipeline, LoRA, model loading, training.
 """
 from .chat import evaluate_generation, infer, load_for_inference, merge
+from .constrained import ToolCallGuide, tool_call_guide
 from .config import ChatConfig, EvalConfig, InferConfig, MergeConfig, PreviewConfig, TrainConfig, build_config
 from .data.errors import DataError
 from .data.formats import Message, to_messages
@@ -22,16 +23,17 @@ from .lora import (
     unmerge_lora,
 )
 from .generation import GenerationConfig, generate_batch, generate_stream
-from .metrics import agent_metrics, bleu4, parse_tool_calls, rouge_l, text_metrics
+from .metrics import agent_metrics, bleu4, call_errors, parse_tool_calls, rouge_l, text_metrics
 from .model import load_model, load_model_and_tokenizer, load_tokenizer, resolve_model_dir
 from .registry import MODELS, ModelInfo, get_model_tokenizer, infer_model_type, register_model
+from .tools import Tool, conversation_tools, offered_tools
 from .train import TrainingError, train
 
 __all__ = [
     "ChatConfig", "EvalConfig", "GenerationConfig", "InferConfig", "MODELS", "MergeConfig", "ModelInfo",
     "agent_metrics", "bleu4", "evaluate_generation", "generate_batch", "generate_stream", "get_model_tokenizer",
     "infer", "infer_model_type", "load_for_inference", "merge", "parse_tool_calls", "register_model", "rouge_l",
-    "text_metrics",
+    "text_metrics", "Tool", "ToolCallGuide", "call_errors", "conversation_tools", "offered_tools", "tool_call_guide",
     "DataError", "LoRAConfig", "LoRALinear", "Message", "PreviewConfig", "Template", "TrainConfig", "TrainingError",
     "build_config", "build_example", "build_examples", "collate", "count_parameters", "encode", "get_template",
     "inject_lora", "load_adapter", "load_conversations", "load_model", "load_model_and_tokenizer", "load_tokenizer",

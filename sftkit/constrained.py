@@ -67,13 +67,14 @@ class ToolCallGuide:
         self.tokenizer, self.opener, self.closer = tokenizer, opener.encode(), closer
         self._grammars: dict[tuple, str | None] = {}
         self._valid_starts: dict[tuple[str, bytes], bool] = {}
+        self._fresh: dict[str, object] = {}
         self.completions = _opener_completions(self.vocabulary.token_bytes, self.opener)
 
     def constraint(self, tools_by_row: list) -> "CallConstraint | None":
         """A fresh per-row state for one generation call; a row offering no tools is never constrained (None: no row offers any)."""
         if not any(tools_by_row):
             return None
-        return CallConstraint(self, [self.grammar(tuple(tools)) if tools else None for tools in tools_by_row])
+        return CallConstraint(self, [tuple(tools or ()) for tools in tools_by_row])
 
     def for_conversations(self, conversations: list[list[Message]], system: str | None = None) -> "CallConstraint | None":
         """The constraint for prompts built from these conversations: each row gets the tools its system prompt offers."""
@@ -122,9 +123,14 @@ class ToolCallGuide:
         return matcher
 
     def valid_start(self, grammar: str, start: bytes) -> bool:
+        """Whether a call may begin with these bytes; checked on one untouched matcher per grammar, without consuming."""
         key = (grammar, start)
         if key not in self._valid_starts:
-            self._valid_starts[key] = self.matcher(grammar, start) is not None
+            if grammar not in self._fresh:
+                self._fresh[grammar] = self.matcher(grammar, b"")
+            tokens = self.vocabulary.lltokenizer.tokenize_bytes(start) if start else []
+            fresh = self._fresh[grammar]
+            self._valid_starts[key] = fresh is not None and fresh.validate_tokens(tokens) == len(tokens)
         return self._valid_starts[key]
 
 
@@ -150,10 +156,11 @@ class CallConstraint:
     the picked tokens. A row the caller has finished with is `drop`ped so it costs nothing more.
     """
 
-    def __init__(self, guide: ToolCallGuide, grammars: list[str | None]):
-        self.guide, self.grammars = guide, grammars
-        self.tails = [b""] * len(grammars)
-        self.matchers: list = [None] * len(grammars)
+    def __init__(self, guide: ToolCallGuide, tools_by_row: list[tuple[Tool, ...]]):
+        self.guide, self.tools = guide, tools_by_row
+        self.grammars = [guide.grammar(tools) if tools else None for tools in tools_by_row]
+        self.tails = [b""] * len(tools_by_row)
+        self.matchers: list = [None] * len(tools_by_row)
         self.calls_opened = 0
         self.failures = 0
 

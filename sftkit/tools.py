@@ -104,6 +104,8 @@ def _value_schema(spec) -> dict:
     kinds = [_TYPES.get(str(item).lower()) for item in (kind if isinstance(kind, list) else [kind])]
     if kind is not None and all(kinds):
         schema["type"] = kinds[0] if len(kinds) == 1 else kinds
+    elif kind is None and ("pattern" in schema or "format" in schema):
+        schema["type"] = "string"  # a pattern or format only constrains strings: without a type, any number would pass
     return schema
 
 

@@ -165,6 +165,25 @@ def test_infer_writes_one_line_per_row(run_dir, tmp_path):
     assert len(printed) == 2  # one sample, then where the file went
 
 
+def test_infer_constrains_rows_that_offer_tools(run_dir, tmp_path, monkeypatch):
+    seen = []
+
+    def scripted(model, tokenizer, batch, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), constraint=None):
+        seen.append(constraint)
+        return ["ok"] * len(batch)
+
+    monkeypatch.setattr(sc, "generate_batch", scripted)
+    data = tmp_path / "tools.jsonl"
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    data.write_text(json.dumps({"tools": tools, "messages": [{"role": "user", "content": "Paris?"}, {"role": "assistant", "content": "x"}]}) + "\n"
+                    + json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
+    for constrained in (True, False):
+        infer(InferConfig(ckpt_dir=run_dir, dataset=(str(data),), output=str(tmp_path / "out.jsonl"),
+                          constrained_tool_calls=constrained), echo=lambda _: None)
+    assert [tool.name for tool in seen[0].tools[0]] == ["weather"] and seen[0].grammars[1] is None
+    assert seen[1] is None
+
+
 def test_eval_cli_agent_report(run_dir, tmp_path):
     output = tmp_path / "report.json"
     result = CliRunner().invoke(evaluate, ["--ckpt_dir", run_dir, "--metrics", "agent", "--max_new_tokens", "8",
