@@ -62,8 +62,9 @@ def phrasing_patterns(pool: str) -> re.Pattern:
         pattern = re.escape(connector).replace(r"\{a\}", clause).replace(r"\{b\}", clause)
         patterns.append("(?i:" + pattern[:2] + ")" + pattern[2:] if pattern[0] == "(" else pattern)
     openers = "(?:" + "|".join(re.escape(o) for o in generator.CHITCHAT_OPENERS if o) + ")?"
+    closers = "(?:" + "|".join(re.escape(c) for c in generator.CHITCHAT_CLOSERS[pool]) + ")"
     for questions, _ in generator.CHITCHAT[pool].values():
-        patterns += [openers + f"[{q[0]}{q[0].lower()}]" + re.escape(q[1:]) for q in questions]
+        patterns += [openers + f"[{q[0]}{q[0].lower()}]" + re.escape(q[1:]) + closers for q in questions]
     return re.compile("|".join(f"(?:{p})" for p in patterns))
 
 

@@ -3,6 +3,7 @@ tool's keys and well-typed values; text outside calls is exactly what unconstrai
 import importlib.util
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import tiny
 from sftkit.chat import evaluate_generation
 from sftkit.constrained import ToolCallGuide, tool_call_guide
 from sftkit.data.formats import Message
-from sftkit.data.templates import Template
+from sftkit.data.templates import Template, get_template
 from sftkit.generation import GenerationConfig, generate_batch, generate_stream
 from sftkit.tools import offered_tools
 
@@ -170,6 +171,26 @@ def test_a_token_that_straddles_the_opener_must_leave_a_valid_call_start(model, 
     kept = generate_batch(Steered(model, [fence]), tokenizer, prompts(tokenizer, 1), GenerationConfig(max_new_tokens=120),
                           stop_after=(CLOSER,), constraint=guide.constraint([offered_tools(SYSTEMS[1])]))
     assert kept[0].startswith(OPENER + "```") and assert_valid_calls(kept[0], SYSTEMS[1]) == 1
+
+
+def test_a_closer_that_is_a_special_token_is_matched_as_that_token(model, tokenizer):
+    """A template whose call ends with a special token of the tokenizer (here <|endoftext|>, id 0)."""
+    template = replace(get_template("chatml"), tool_call="<tool>{{CONTENT}}<|endoftext|>")
+    guide = ToolCallGuide(tokenizer, template)
+    call = '{"name": "stock_quote", "arguments": {"symbol": "ORCL"}}'
+    steer = [ids_of(tokenizer, "<tool>" + call) + [tokenizer.convert_tokens_to_ids("<|endoftext|>")]]
+    config = GenerationConfig(max_new_tokens=60)
+    tools = [offered_tools(SYSTEMS[1])]
+    kept = generate_batch(Steered(model, steer), tokenizer, prompts(tokenizer, 1), config, stop_after=("<|endoftext|>",),
+                          constraint=guide.constraint(tools))
+    assert kept == generate_batch(Steered(model, steer), tokenizer, prompts(tokenizer, 1), config, stop_after=("<|endoftext|>",))
+    assert kept[0] == "<tool>" + call + "<|endoftext|>"
+    # Left to itself inside the call, the random model can only close it with that token.
+    opened = generate_batch(Steered(model, [ids_of(tokenizer, "<tool>")]), tokenizer, prompts(tokenizer, 1),
+                            GenerationConfig(max_new_tokens=120), stop_after=("<|endoftext|>",), constraint=guide.constraint(tools))
+    assert opened[0].endswith("<|endoftext|>")
+    payload = re.fullmatch(r"<tool>(?:```[A-Za-z]*\n)?(.*?)(?:\n```)?<\|endoftext\|>", opened[0], re.S)[1]
+    assert {json.loads(payload).get("name"), json.loads(payload).get("api_name")} == {"stock_quote", None}
 
 
 def test_rows_without_tools_and_templates_without_markers(tokenizer, guide):

@@ -246,6 +246,7 @@ CHITCHAT = {
                "bye": (["Catch you later!", "I'm off, bye."], "Goodbye! Have a nice day.")},
 }
 CHITCHAT_OPENERS = ["", "", "Ok. ", "Well, ", "So, "]
+CHITCHAT_CLOSERS = {SEEN: ["", "", " :)", " Just curious."], HELD_OUT: [""]}  # more distinct small talk to train on
 
 
 def number_text(value) -> str:
@@ -549,7 +550,7 @@ def chitchat(rng, split, today, augment):
     if opener.endswith(", "):
         question = question[0].lower() + question[1:]
     tools = rng.sample(SEEN_TOOLS + (HELD_OUT_TOOLS if pool == HELD_OUT else []), 3)
-    return Offer(rng, tools, augment), [(opener + question, reply)]
+    return Offer(rng, tools, augment), [(opener + question + rng.choice(CHITCHAT_CLOSERS[pool]), reply)]
 
 
 def make_split(rng: random.Random, size: int, split: str, taken: set[str]) -> list[dict]:
