@@ -25,6 +25,8 @@ from .quant import BITS, COMPUTE_DTYPES, OPTIMIZER_ALIASES, OPTIMIZERS, QUANT_TY
 
 SFT_TYPES = ("lora", "full")
 LOSS_SCALE_PRESETS = {"agent": {"tool_call": 2.0, "assistant": 1.0}}
+CONSTRAINED_HELP = ("in agent mode (chat --agent, infer, eval --metrics agent), a tool call may only name a tool the "
+                    "conversation offers, with that tool's parameter names and value types (false: free, to compare)")
 TRUE = ("true", "1", "yes", "on")
 FALSE = ("false", "0", "no", "off")
 
@@ -145,6 +147,7 @@ class TrainConfig(DataOptions):
     eval_generation_mode: str = option("rouge", "generation evaluation: rouge (text) or agent (tool calls)", choices=GENERATION_MODES)
     eval_generation_limit: int = option(50, "validation conversations to generate for at each evaluation")
     eval_max_new_tokens: int = option(256, "longest generated answer during evaluation")
+    constrained_tool_calls: bool = option(True, CONSTRAINED_HELP + " (with eval_generation_mode agent)")
     save_steps: int | None = option(None, "save every this many steps (default: eval_steps)")
     save_total_limit: int = option(2, "keep at most this many checkpoints besides the best")
     only_save_model: bool = option(False, "checkpoints hold only weights (no optimizer state: cannot resume)")
@@ -374,6 +377,7 @@ class GenerateOptions:
     top_p: float = option(1.0, "sample among the fewest tokens holding this much probability")
     repetition_penalty: float = option(1.0, "scale down tokens already in the prompt or reply (1: off)")
     seed: int | None = option(None, "seed for sampling, so a sampled run can be repeated")
+    constrained_tool_calls: bool = option(True, CONSTRAINED_HELP)
 
     def problems(self) -> list[str]:
         from .generation import generation_problems
