@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -349,11 +350,8 @@ class BatchLog:
 
     def __init__(self):
         self.batches: list[dict] = []
-        self.paused = False  # during evaluation
 
     def add(self, input_rows: list[list[int]], label_rows: list[list[int]], width: int, examples: int) -> None:
-        if self.paused:
-            return
         self.batches.append({
             "rows": len(input_rows), "examples": examples, "real": sum(len(row) for row in input_rows),
             "total": width * len(input_rows),
@@ -397,19 +395,27 @@ def gpu_figures(device: str) -> dict:
 
 
 def run_sftkit(spec: dict) -> dict:
-    """sftkit.train as a user calls it, with three of its module-level helpers wrapped (see `instrument`)."""
-    import importlib
+    """sftkit.train as a user calls it, observed through its on_record hook: each step's record carries the
+    window's token counts, and the clock is read as the record arrives (after the optimizer step)."""
+    from safetensors import safe_open
 
     from sftkit import TrainConfig, train
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  imported before the clock, as the reference's are
 
     imported_rss = peak_rss_so_far_mb()
     started = time.perf_counter()
-    log, clock, counts = BatchLog(), StepClock(spec["device"]), {}
-    instrument(importlib.import_module("sftkit.train"), log, clock, counts)  # the module: sftkit.train is also the function
+    log, clock = BatchLog(), StepClock(spec["device"])
     cuda = spec["device"].startswith("cuda")
-    # Tokenize in every run, as the reference does, rather than reuse an earlier run's tokenized-data cache.
-    no_cache = {"dataset_cache": False} if "dataset_cache" in TrainConfig.__dataclass_fields__ else {}
+
+    def observe(record: dict) -> None:
+        if "total_steps" in record:  # the loop starts
+            clock.mark()
+        if "loss" not in record:  # the start, or an evaluation
+            return
+        clock.mark()
+        log.batches.append({"rows": record["rows"], "examples": record["examples"], "real": record["tokens"],
+                            "total": record["batch_positions"], "trainable": record["trainable_tokens"]})
+
     config = TrainConfig(
         model=spec["model"], dataset=(spec["data"],), val_dataset=(spec["eval_data"],), eval_batch_size=1, template=spec["template"],
         max_length=spec["max_length"], packing=spec["name"] == "sftkit:packed", batch_size=spec["batch_size"],
@@ -418,62 +424,17 @@ def run_sftkit(spec: dict) -> dict:
         sft_type="lora", lora_rank=8, lora_alpha=16, lora_dropout=0.0, lora_target_modules=("all-linear",),
         dtype="bf16" if cuda else "fp32", device=spec["device"], use_flash_attn=False, seed=spec["seed"], logging_steps=1,
         eval_steps=10**9, save_steps=10**9, save_total_limit=1, output_dir=spec["run_dir"], add_output_dir_suffix=False,
-        **no_cache)
-    train(config)
+        dataset_cache=False)  # tokenize in every run, as the reference does
+    best = train(config, on_record=observe)
     total = time.perf_counter() - started
     with open(os.path.join(spec["run_dir"], "metrics.jsonl"), encoding="utf-8") as handle:
         records = [json.loads(line) for line in handle if line.strip()]
     losses = [record["loss"] for record in records if "loss" in record]
     eval_loss = [record["eval_loss"] for record in records if "eval_loss" in record][-1]
+    with safe_open(os.path.join(best, "adapter_model.safetensors"), "pt") as adapter:
+        trainable = sum(math.prod(adapter.get_slice(key).get_shape()) for key in adapter.keys())
     return {**clock.figures(), "total_seconds": round(total, 3), "losses": losses, "eval_loss": eval_loss, "batches": log.batches,
-            "trainable_params": counts.get("trainable"), "rss_after_imports_mb": imported_rss, **gpu_figures(spec["device"])}
-
-
-def instrument(loop, log: BatchLog, clock: StepClock, counts: dict) -> None:
-    """Wrap helpers that sftkit.train looks up in its module at call time, without changing what they do:
-    collate / collate_packed (count each training batch's tokens; evaluate pauses the count), _progress (time
-    each step at the bar's update, which follows the optimizer step) and count_parameters."""
-
-    def counted(collate_function, packed: bool):
-        def wrapper(examples, pad_token_id, *rest, **options):
-            batch = collate_function(examples, pad_token_id, *rest, **options)
-            count = sum(e["position_ids"].count(0) for e in examples) if packed else len(examples)
-            log.add([e["input_ids"] for e in examples], [e["labels"] for e in examples], batch["input_ids"].shape[1], count)
-            return batch
-        return wrapper
-
-    def timed(make_progress):
-        def wrapper(*args, **kwargs):
-            bar = make_progress(*args, **kwargs)
-            clock.mark()
-            update = bar.update
-
-            def timed_update(n=1):
-                clock.mark()
-                return update(n)
-
-            bar.update = timed_update
-            return bar
-        return wrapper
-
-    def recorded(count_parameters):
-        def wrapper(model):
-            counts["trainable"], counts["total"] = count_parameters(model)
-            return counts["trainable"], counts["total"]
-        return wrapper
-
-    def uncounted(evaluate):
-        def wrapper(*args, **kwargs):
-            log.paused = True
-            try:
-                return evaluate(*args, **kwargs)
-            finally:
-                log.paused = False
-        return wrapper
-
-    loop.collate, loop.collate_packed = counted(loop.collate, False), counted(loop.collate_packed, True)
-    loop._progress, loop.count_parameters = timed(loop._progress), recorded(loop.count_parameters)
-    loop.evaluate = uncounted(loop.evaluate)
+            "trainable_params": trainable, "rss_after_imports_mb": imported_rss, **gpu_figures(spec["device"])}
 
 
 def run_reference(spec: dict) -> dict:

@@ -1,6 +1,7 @@
 """`sftkit`: the click group. Commands are thin: build the config, call the library."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import click
 
 from sftkit.config import PreviewConfig, TrainConfig
 
+from .deploy import deploy
 from .options import config_command
 from .registry import list_command
 from .use import chat, evaluate, infer, merge
@@ -24,37 +26,28 @@ def main():
 @config_command(PreviewConfig)
 def preview(config: PreviewConfig):
     """Print encoded examples with trainable tokens marked, and token length statistics."""
-    from sftkit.data.errors import DataError
     from sftkit.data.preview import preview as run_preview
 
     if config.color is None:
-        config = __import__("dataclasses").replace(config, color=sys.stdout.isatty())
-    try:
-        run_preview(config, echo=click.echo)
-    except DataError as error:
-        raise click.ClickException(str(error)) from None
+        config = dataclasses.replace(config, color=sys.stdout.isatty())
+    run_preview(config, echo=click.echo)
 
 
 @main.command()
 @config_command(TrainConfig)
 def train(config: TrainConfig):
     """Fine-tune a causal LM with LoRA or full parameters (default: the embedded SmolLM2 on the bundled data)."""
-    from sftkit.data.errors import DataError
     from sftkit.distributed import relaunch_command
-    from sftkit.model import ModelLoadError
-    from sftkit.train import TrainingError, train as run_train
+    from sftkit.train import train as run_train
 
     nproc = int(os.environ.get("NPROC_PER_NODE", "1"))
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
         # As ms-swift does: NPROC_PER_NODE=N sftkit train ... reruns itself under torchrun.
         sys.exit(subprocess.call(relaunch_command(nproc, sys.argv[1:])))
-    try:
-        run_train(config)
-    except (DataError, ModelLoadError, TrainingError, FileNotFoundError) as error:
-        raise click.ClickException(str(error)) from None
+    run_train(config)
 
 
-for command in (list_command, chat, infer, evaluate, merge, web_ui):
+for command in (list_command, chat, infer, evaluate, merge, deploy, web_ui):
     main.add_command(command)
 
 if __name__ == "__main__":

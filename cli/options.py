@@ -7,6 +7,7 @@ import functools
 import click
 
 from sftkit.config import build_config
+from sftkit.errors import SftkitError
 
 
 def config_command(cls):
@@ -24,7 +25,10 @@ def config_command(cls):
                 config = build_config(cls, config_file, overrides)
             except ValueError as error:
                 raise click.UsageError(str(error)) from None
-            return function(config)
+            try:
+                return function(config)
+            except SftkitError as error:  # the user's mistake: its message, not a traceback
+                raise click.ClickException(str(error)) from None
 
         for item in reversed(dataclasses.fields(cls)):
             wrapper = _option(item)(wrapper)

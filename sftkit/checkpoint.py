@@ -1,18 +1,40 @@
-"""Checkpoints that a crash can never leave half-written: write `<name>.tmp/`, rename, then move pointers.
+"""Checkpoints that a crash can never leave half-written, and that run nothing when read back.
 
-A run folder holds `checkpoint-<step>/` folders and two pointer files, `latest` and `best`, each
-holding a folder name. Resume reads `latest`; chat and merge read `best`.
+A checkpoint-<step> folder holds the weights (peft adapter, or safetensors for full fine-tuning), the
+tokenizer, trainer_state.json and, to resume, the backend's optimizer state plus training_state.json
+(schedule, scaler) and the RNG states of every rank (rng.json + rng.safetensors). Everything is read
+as data: JSON, safetensors, or torch.load with weights_only=True.
+
+Saving writes `checkpoint-<step>.tmp/`, renames it, then moves the `latest` pointer (run.py): until the
+rename, resume sees the previous checkpoint.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import distributed
+from .errors import CheckpointError
+from .lora import WEIGHTS_NAME, load_lora_weights, save_adapter
+from .run import BEST, LATEST, pointer, set_pointer
+
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+STATE_FILE = "trainer_state.json"
+TRAINING_STATE_FILE = "training_state.json"
+RNG_FILE, RNG_TENSORS = "rng.json", "rng.safetensors"
+
+
+class NoCheckpoint(CheckpointError, FileNotFoundError):
+    """No finished checkpoint where one was expected."""
 
 
 @dataclass
@@ -35,14 +57,7 @@ class TrainState:
         return cls(**json.loads(text))
 
 
-def write_atomically(path: str, text: str) -> None:
-    """Replace a small file so that readers see the old or the new content, never a mix."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+# --- folders --------------------------------------------------------------------------------------------------
 
 
 def save_checkpoint(run_dir: str, step: int, write: Callable[[str], None]) -> str:
@@ -66,12 +81,12 @@ def finish_checkpoint(run_dir: str, step: int) -> str:
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(os.path.join(run_dir, f"{name}.tmp"), final)
-    write_atomically(os.path.join(run_dir, "latest"), name)
+    set_pointer(run_dir, LATEST, final)
     return final
 
 
 def mark_best(run_dir: str, checkpoint: str) -> None:
-    write_atomically(os.path.join(run_dir, "best"), os.path.basename(checkpoint))
+    set_pointer(run_dir, BEST, checkpoint)
 
 
 def checkpoints(run_dir: str) -> list[str]:
@@ -84,17 +99,7 @@ def checkpoints(run_dir: str) -> list[str]:
     return [path for _, path in sorted(found)]
 
 
-def pointer(run_dir: str, which: str) -> str | None:
-    """The checkpoint that `latest` or `best` names, if it exists."""
-    path = os.path.join(run_dir, which)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as handle:
-        target = os.path.join(run_dir, handle.read().strip())
-    return target if os.path.isdir(target) else None
-
-
-def resolve_checkpoint(path: str, which: str = "latest") -> str:
+def resolve_checkpoint(path: str, which: str = LATEST) -> str:
     """A checkpoint folder from a checkpoint path or a run folder (its `which` pointer, else its newest)."""
     if _CHECKPOINT.fullmatch(os.path.basename(os.path.normpath(path))) and os.path.isdir(path):
         return path
@@ -102,7 +107,7 @@ def resolve_checkpoint(path: str, which: str = "latest") -> str:
         found = pointer(path, which) or (checkpoints(path) or [None])[-1]
         if found:
             return found
-    raise FileNotFoundError(f"no checkpoint at '{path}': expected a checkpoint-<step> folder or a run folder holding one")
+    raise NoCheckpoint(f"no checkpoint at '{path}': expected a checkpoint-<step> folder or a run folder holding one")
 
 
 def prune(run_dir: str, keep: int, protect: tuple[str | None, ...] = ()) -> list[str]:
@@ -113,3 +118,142 @@ def prune(run_dir: str, keep: int, protect: tuple[str | None, ...] = ()) -> list
     for path in removable:
         shutil.rmtree(path)
     return removable
+
+
+# --- what a checkpoint holds ----------------------------------------------------------------------------------
+
+
+def save(run_dir: str, step: int, *, world: distributed.World, backend, write_weights: Callable[[str], None],
+         resumable: bool) -> str:
+    """One checkpoint from every rank: each joins (RNG gather, the backend's partitioned state, ZeRO-3 gather);
+    rank 0 writes weights and files, then renames. Returns the checkpoint folder."""
+    rngs = distributed.gather(rng_states(), world)
+    folder = distributed.broadcast(begin_checkpoint(run_dir, step) if world.is_main else None, world)
+    if resumable:
+        backend.save(folder)
+    with backend.full_weights():
+        if world.is_main:
+            write_weights(folder)
+            if resumable:
+                save_rng_states(folder, rngs)
+    distributed.barrier(world)
+    checkpoint = finish_checkpoint(run_dir, step) if world.is_main else os.path.join(run_dir, f"checkpoint-{step}")
+    distributed.barrier(world)
+    return checkpoint
+
+
+def write_weights(folder: str, model, tokenizer, lora_config, model_dir: str, state: TrainState) -> None:
+    """Weights (peft adapter or safetensors), tokenizer and trainer_state.json: what chat, merge and eval read."""
+    if lora_config is not None:
+        save_adapter(model, lora_config, folder, base_model_name_or_path=os.path.abspath(model_dir))
+    else:
+        model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as handle:
+        handle.write(state.to_json())
+
+
+def read_train_state(checkpoint: str) -> TrainState:
+    path = os.path.join(checkpoint, STATE_FILE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return TrainState.from_json(handle.read())
+    except (OSError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{path} is missing or not a valid training state ({error})") from None
+
+
+def load_weights(model, checkpoint: str) -> None:
+    """Copy a checkpoint's weights into an already built model: its LoRA adapter, else its full weights."""
+    if os.path.isfile(os.path.join(checkpoint, WEIGHTS_NAME)):
+        load_lora_weights(model, checkpoint)
+        return
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    model.load_state_dict(saved.state_dict())
+
+
+def save_json(folder: str, name: str, value: dict) -> None:
+    with open(os.path.join(folder, name), "w", encoding="utf-8") as handle:
+        json.dump(value, handle)
+
+
+def require_resumable(checkpoint: str) -> None:
+    """A checkpoint saved with only_save_model (or by another program) cannot be resumed: say so first."""
+    load_json(checkpoint, TRAINING_STATE_FILE)
+
+
+def load_json(folder: str, name: str) -> dict:
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{folder} holds no {name} (saved with only_save_model, or not by this sftkit): "
+                              "it cannot be resumed")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error})") from None
+
+
+def load_tensors(path: str) -> dict:
+    """torch.load restricted to tensors and plain containers: a pickle that would run code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the checkpoint cannot be resumed") from None
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError or EOFError for bad or unsafe files
+        raise CheckpointError(f"{path} is damaged or holds more than tensors ({type(error).__name__}): refused") from None
+
+
+def save_schedule(folder: str, scheduler, scaler) -> None:
+    """The learning-rate schedule's position and the fp16 loss scaler, as JSON (the schedule's function is
+    rebuilt from the config, never stored)."""
+    state = {key: value for key, value in scheduler.state_dict().items() if key != "lr_lambdas"}
+    save_json(folder, TRAINING_STATE_FILE, {"scheduler": state, "scaler": scaler.state_dict() if scaler else None})
+
+
+def load_schedule(folder: str, scheduler, scaler) -> None:
+    state = load_json(folder, TRAINING_STATE_FILE)
+    scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
+    if scaler and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+
+
+# --- random number generators -----------------------------------------------------------------------------------
+
+
+def rng_states() -> dict:
+    """This process's RNG states as JSON-able values plus byte tensors."""
+    version, keys, gauss = random.getstate()
+    kind, array, position, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(keys), gauss], "numpy": [kind, array.tolist(), position, has_gauss, cached],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def save_rng_states(folder: str, states: list[dict]) -> None:
+    """Every rank's states: Python and NumPy as JSON, torch's byte tensors as safetensors."""
+    save_json(folder, RNG_FILE, {"ranks": [{"python": s["python"], "numpy": s["numpy"], "cuda": len(s["cuda"])}
+                                           for s in states]})
+    tensors = {f"{rank}.torch": s["torch"] for rank, s in enumerate(states)}
+    tensors.update({f"{rank}.cuda.{i}": t for rank, s in enumerate(states) for i, t in enumerate(s["cuda"])})
+    save_file(tensors, os.path.join(folder, RNG_TENSORS))
+
+
+def restore_rng_states(folder: str, rank: int) -> None:
+    """Put this rank's generators back where the saving run had them."""
+    ranks = load_json(folder, RNG_FILE)["ranks"]
+    if rank >= len(ranks):
+        raise CheckpointError(f"{folder} was saved by {len(ranks)} ranks; resume it with the same number of processes")
+    try:
+        tensors = load_file(os.path.join(folder, RNG_TENSORS))
+    except Exception as error:  # safetensors raises its own error types for a damaged file
+        raise CheckpointError(f"{os.path.join(folder, RNG_TENSORS)} cannot be read ({error})") from None
+    saved = ranks[rank]
+    version, keys, gauss = saved["python"]
+    random.setstate((version, tuple(keys), gauss))
+    kind, array, position, has_gauss, cached = saved["numpy"]
+    np.random.set_state((kind, np.array(array, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(tensors[f"{rank}.torch"])
+    if saved["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[f"{rank}.cuda.{i}"] for i in range(saved["cuda"])])

@@ -13,18 +13,25 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from .backend import SCHEDULES
+from .data.loading import STRATEGIES
+from .data.pipeline import TRAIN_ON, TRUNCATION_SIDES
+from .errors import SftkitError
 from .hub import STRATEGIES as HUB_STRATEGIES
+from .metrics import AGENT_METRICS, GENERATION_METRICS, GENERATION_MODES, TEXT_METRICS
+from .model import DTYPE_CHOICES, HUBS
 from .paths import bundled
+from .quant import BITS, COMPUTE_DTYPES, OPTIMIZER_ALIASES, OPTIMIZERS, QUANT_TYPES
 
-TEXT_METRICS = ("rouge-l", "bleu-4")
-AGENT_METRICS = ("tool_name_acc", "args_exact_match", "args_f1", "answer_rouge_l")
-GENERATION_METRICS = TEXT_METRICS + AGENT_METRICS
+SFT_TYPES = ("lora", "full")
 LOSS_SCALE_PRESETS = {"agent": {"tool_call": 2.0, "assistant": 1.0}}
+CONSTRAINED_HELP = ("in agent mode (chat --agent, infer, eval --metrics agent), a tool call may only name a tool the "
+                    "conversation offers, with that tool's parameter names and value types (false: free, to compare)")
 TRUE = ("true", "1", "yes", "on")
 FALSE = ("false", "0", "no", "off")
 
 
-class ConfigError(ValueError):
+class ConfigError(SftkitError, ValueError):
     """Every problem with a config, one per line."""
 
     def __init__(self, problems: list[str]):
@@ -39,20 +46,30 @@ def option(default, help: str, *, aliases: tuple[str, ...] = (), choices: tuple 
 
 
 @dataclass(frozen=True)
-class PreviewConfig:
+class DataOptions:
+    """The fields every command that turns rows into examples shares (not a command itself)."""
+
+    dataset: tuple[str, ...] = option((), "data: files, registered names, NAME=PATH (a registered name's preprocessing on a "
+                                          "local copy), hf::ID or ms::ID (default: the bundled example)",
+                                      aliases=("custom_train_dataset_path",))
+    template: str | None = option(None, "chat template name, or 'auto' for the tokenizer's own chat_template "
+                                        "(default: the model type's template, else auto)", aliases=("template_type",))
+    system: str | None = option(None, "system prompt for rows that have none (default: the template's)")
+    max_length: int | None = option(2048, "truncate examples to this many tokens")
+    truncation_side: str = option("right", "which end truncation cuts", choices=TRUNCATION_SIDES)
+    train_on: str = option("assistant", "which tokens train", choices=TRAIN_ON)
+    check_dataset_strategy: str = option("error", "what a bad row does", choices=STRATEGIES)
+
+    def datasets(self) -> tuple[str, ...]:
+        return self.dataset or (bundled("chat.jsonl"),)
+
+
+@dataclass(frozen=True)
+class PreviewConfig(DataOptions):
     """sftkit preview: show how rows become tokens and which of them train."""
 
-    dataset: tuple[str, ...] = option((), "dataset files, registered names, hf::ID or ms::ID (default: the bundled example)",
-                                      aliases=("custom_train_dataset_path",))
-    template: str = option("auto", "chat template name (sftkit list templates) or 'auto' for the tokenizer's own",
-                           aliases=("template_type",))
     tokenizer: str | None = option(None, "tokenizer directory or hub id (default: the embedded SmolLM2-135M-Instruct)",
                                    aliases=("model", "model_id_or_path"))
-    system: str | None = option(None, "system prompt for rows that have none")
-    max_length: int | None = option(2048, "truncate examples to this many tokens (None: no limit)")
-    truncation_side: str = option("right", "which end truncation cuts", choices=("right", "left"))
-    train_on: str = option("assistant", "which tokens train", choices=("assistant", "last", "all"))
-    check_dataset_strategy: str = option("error", "what a bad row does", choices=("error", "warning", "skip"))
     num_examples: int = option(2, "how many examples to print", aliases=("show_dataset_sample",))
     color: bool | None = option(None, "mark trainable tokens with color (default: when printing to a terminal)")
 
@@ -60,12 +77,9 @@ class PreviewConfig:
         return [p for p in [_positive("num_examples", self.num_examples, zero_ok=True),
                             _positive("max_length", self.max_length)] if p]
 
-    def datasets(self) -> tuple[str, ...]:
-        return self.dataset or (bundled("data/chat.jsonl"),)
-
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(DataOptions):
     """sftkit train: fine-tune a causal LM with LoRA or full parameters (ms-swift sft spellings accepted)."""
 
     # model and data
@@ -74,38 +88,30 @@ class TrainConfig:
     model_type: str | None = option(None, "a registered model type (sftkit list models); not together with --model")
     trust_remote_code: bool = option(False, "allow models whose repository ships Python code")
     use_flash_attn: bool | None = option(None, "flash-attention 2 when installed and on CUDA (default: when usable), else SDPA")
-    hub: str = option("modelscope", "where hub ids download from", choices=("modelscope", "hf"))
+    hub: str = option("modelscope", "where hub ids download from", choices=tuple(HUBS))
     model_revision: str | None = option(None, "hub revision of the model")
     model_cache_dir: str | None = option(None, "where hub downloads go")
-    dataset: tuple[str, ...] = option((), "training data: files, registered names, hf::ID or ms::ID (default: the bundled example)",
-                                      aliases=("custom_train_dataset_path",))
     val_dataset: tuple[str, ...] = option((), "validation data (default: dataset_test_ratio of the training data)",
                                           aliases=("custom_val_dataset_path",))
     dataset_test_ratio: float = option(0.01, "share of the training data held out for validation when no val_dataset")
     train_dataset_sample: int = option(-1, "use this many training rows after the split (-1: all)")
-    template: str | None = option(None, "chat template name, or 'auto' for the tokenizer's own chat_template "
-                                        "(default: the model type's template, else auto)", aliases=("template_type",))
-    system: str | None = option(None, "system prompt for rows that have none (default: the template's)")
-    max_length: int | None = option(2048, "truncate examples to this many tokens")
-    truncation_side: str = option("right", "which end truncation cuts", choices=("right", "left"))
-    check_dataset_strategy: str = option("error", "what a bad row does", choices=("error", "warning", "skip"))
-    train_on: str = option("assistant", "which tokens train", choices=("assistant", "last", "all"))
     loss_scale: str | None = option(None, "per-segment loss weights: 'agent' (tool calls 2, answers 1) or JSON such as "
                                           "'{\"tool_call\": 2, \"assistant\": 1}'; tool results always weigh 0")
     # method
-    sft_type: str = option("lora", "LoRA adapters or all parameters", choices=("lora", "full"))
+    sft_type: str = option("lora", "LoRA adapters or all parameters", choices=SFT_TYPES)
     lora_rank: int = option(8, "LoRA rank r")
     lora_alpha: float = option(32, "LoRA alpha (scaling = alpha / r)")
     lora_dropout: float = option(0.05, "dropout on the LoRA input", aliases=("lora_dropout_p",))
     lora_target_modules: tuple[str, ...] = option(("all-linear",), "module names, a regex, all-linear (ALL), "
                                                                    "or DEFAULT (the model type's own targets)")
     use_rslora: bool = option(False, "scale by alpha / sqrt(r)")
-    quantization_bit: int = option(0, "load the base in 4 or 8 bits through bitsandbytes (QLoRA); 0: off", choices=(0, 4, 8))
-    bnb_4bit_quant_type: str = option("nf4", "4-bit data type", choices=("nf4", "fp4"))
+    quantization_bit: int = option(0, "load the base in 4 or 8 bits through bitsandbytes (QLoRA); 0: off", choices=(0,) + BITS)
+    bnb_4bit_quant_type: str = option("nf4", "4-bit data type", choices=QUANT_TYPES)
     bnb_4bit_use_double_quant: bool = option(True, "quantize the 4-bit scales too")
-    bnb_4bit_comp_dtype: str = option("auto", "4-bit compute dtype (auto: the training dtype)", choices=("auto", "bf16", "fp16", "fp32"))
+    bnb_4bit_comp_dtype: str = option("auto", "4-bit compute dtype (auto: the training dtype)",
+                                      choices=("auto",) + tuple(COMPUTE_DTYPES))
     optim: str = option("adamw", "optimizer: torch AdamW or bitsandbytes 8-bit AdamW",
-                        choices=("adamw", "adamw_8bit", "adamw_torch", "adamw_bnb_8bit"))
+                        choices=OPTIMIZERS + tuple(OPTIMIZER_ALIASES))
     deepspeed: str | None = option(None, "DeepSpeed config: zero2, zero3, zero2_offload, zero3_offload or a JSON path")
     dataset_cache: bool = option(True, "reuse tokenized data from the sftkit cache when data, template and tokenizer are unchanged")
     packing: bool = option(False, "pack examples into rows of max_length tokens with no padding (attention stays per example)")
@@ -121,10 +127,10 @@ class TrainConfig:
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
     max_grad_norm: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
-    lr_scheduler_type: str = option("cosine", "learning-rate schedule after warmup", choices=("cosine", "linear", "constant"))
+    lr_scheduler_type: str = option("cosine", "learning-rate schedule after warmup", choices=SCHEDULES)
     warmup_ratio: float = option(0.05, "share of the steps spent warming up linearly")
     dtype: str = option("auto", "auto (fp32 on CPU, bf16 on capable GPUs), bf16, fp16 or fp32", aliases=("torch_dtype",),
-                        choices=("auto", "bf16", "fp16", "fp32"))
+                        choices=DTYPE_CHOICES)
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     seed: int = option(42, "seed for data order, splits and initialisation")
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)")
@@ -138,9 +144,10 @@ class TrainConfig:
     metric_rule_for_best_model: str | None = option(None, "min or max (default: min for loss/ppl, max otherwise)",
                                                     choices=("min", "max"))
     predict_with_generate: bool = option(False, "also evaluate by generating answers (ROUGE-L/BLEU-4, or agent metrics)")
-    eval_generation_mode: str = option("rouge", "generation evaluation: rouge (text) or agent (tool calls)", choices=("rouge", "agent"))
+    eval_generation_mode: str = option("rouge", "generation evaluation: rouge (text) or agent (tool calls)", choices=GENERATION_MODES)
     eval_generation_limit: int = option(50, "validation conversations to generate for at each evaluation")
     eval_max_new_tokens: int = option(256, "longest generated answer during evaluation")
+    constrained_tool_calls: bool = option(True, CONSTRAINED_HELP + " (with eval_generation_mode agent)")
     save_steps: int | None = option(None, "save every this many steps (default: eval_steps)")
     save_total_limit: int = option(2, "keep at most this many checkpoints besides the best")
     only_save_model: bool = option(False, "checkpoints hold only weights (no optimizer state: cannot resume)")
@@ -155,6 +162,10 @@ class TrainConfig:
     hub_private_repo: bool = option(False, "create the hub repository as private")
     push_hub_strategy: str = option("push_best", "what to push when", choices=HUB_STRATEGIES)
     hub_token: str | None = option(None, "ModelScope token (default: $MODELSCOPE_API_TOKEN)")
+
+    def run_arguments(self, model_dir: str) -> dict:
+        """What the run folder's sft_args.json records: the resolved config, the base folder, no secrets."""
+        return {**config_dict(self), "model_dir": os.path.abspath(model_dir), "learning_rate": self.lr, "hub_token": None}
 
     def problems(self) -> list[str]:
         checks = [_positive(name, getattr(self, name)) for name in
@@ -207,8 +218,6 @@ class TrainConfig:
     def lr(self) -> float:
         return self.learning_rate or (1e-4 if self.sft_type == "lora" else 2e-5)
 
-    def datasets(self) -> tuple[str, ...]:
-        return self.dataset or (bundled("data/chat.jsonl"),)
 
 
 def loss_scale_weights(value: str | None) -> dict[str, float] | None:
@@ -360,7 +369,7 @@ class GenerateOptions:
                                   aliases=("template_type",))
     system: str | None = option(None, "system prompt (default: the run's, else the template's)")
     dtype: str | None = option(None, "auto, bf16, fp16 or fp32 (default: the run's, else auto)", aliases=("torch_dtype",),
-                               choices=("auto", "bf16", "fp16", "fp32"))
+                               choices=DTYPE_CHOICES)
     max_new_tokens: int = option(512, "most tokens generated per reply")
     do_sample: bool = option(False, "sample the next token instead of taking the most likely one")
     temperature: float = option(1.0, "sampling temperature (with do_sample)")
@@ -368,6 +377,7 @@ class GenerateOptions:
     top_p: float = option(1.0, "sample among the fewest tokens holding this much probability")
     repetition_penalty: float = option(1.0, "scale down tokens already in the prompt or reply (1: off)")
     seed: int | None = option(None, "seed for sampling, so a sampled run can be repeated")
+    constrained_tool_calls: bool = option(True, CONSTRAINED_HELP)
 
     def problems(self) -> list[str]:
         from .generation import generation_problems
@@ -384,37 +394,39 @@ class ChatConfig(GenerateOptions):
 
 
 @dataclass(frozen=True)
-class InferConfig(GenerateOptions):
-    """sftkit infer: answer every row of a dataset and write {prompt, reference, prediction} lines."""
+class DatasetGenerateOptions(GenerateOptions):
+    """The fields infer and eval share: which rows to answer, how many at once, where the results go."""
 
     dataset: tuple[str, ...] = option((), "data to answer (default: the run's saved validation split)",
                                       aliases=("val_dataset", "custom_val_dataset_path"))
-    output: str | None = option(None, "JSONL file to write (default: <checkpoint>/infer_result.jsonl)")
+    output: str | None = option(None, "where results go (default: <checkpoint>/infer_result.jsonl, or eval_report.json for eval)")
     batch_size: int = option(8, "prompts generated together", aliases=("eval_batch_size", "per_device_eval_batch_size"))
-    show_dataset_sample: int = option(10, "how many results to print")
-    check_dataset_strategy: str = option("error", "what a bad row does", choices=("error", "warning", "skip"))
+    check_dataset_strategy: str = option("error", "what a bad row does", choices=STRATEGIES)
 
     def problems(self) -> list[str]:
-        checks = [_positive("batch_size", self.batch_size), _positive("show_dataset_sample", self.show_dataset_sample, zero_ok=True)]
-        return super().problems() + [check for check in checks if check]
+        return super().problems() + [p for p in [_positive("batch_size", self.batch_size)] if p]
 
 
 @dataclass(frozen=True)
-class EvalConfig(GenerateOptions):
-    """sftkit eval: generate answers and score them (ROUGE-L/BLEU-4, or tool calls for agents)."""
+class InferConfig(DatasetGenerateOptions):
+    """sftkit infer: answer every row of a dataset and write {prompt, reference, prediction} lines."""
 
-    dataset: tuple[str, ...] = option((), "data to score on (default: the run's saved validation split)",
-                                      aliases=("val_dataset", "custom_val_dataset_path"))
-    metrics: str = option("rouge", "rouge: ROUGE-L and BLEU-4; agent: tool calls with results inserted, and the answer",
-                          choices=("rouge", "agent"))
-    output: str | None = option(None, "JSON report to write (default: <checkpoint>/eval_report.json)")
-    batch_size: int = option(8, "prompts generated together", aliases=("eval_batch_size", "per_device_eval_batch_size"))
-    limit: int | None = option(None, "score only the first N rows", aliases=("val_dataset_sample",))
-    check_dataset_strategy: str = option("error", "what a bad row does", choices=("error", "warning", "skip"))
+    show_dataset_sample: int = option(10, "how many results to print")
 
     def problems(self) -> list[str]:
-        checks = [_positive("batch_size", self.batch_size), _positive("limit", self.limit)]
-        return super().problems() + [check for check in checks if check]
+        return super().problems() + [p for p in [_positive("show_dataset_sample", self.show_dataset_sample, zero_ok=True)] if p]
+
+
+@dataclass(frozen=True)
+class EvalConfig(DatasetGenerateOptions):
+    """sftkit eval: generate answers and score them (ROUGE-L/BLEU-4, or tool calls for agents)."""
+
+    metrics: str = option("rouge", "rouge: ROUGE-L and BLEU-4; agent: tool calls with results inserted, and the answer",
+                          choices=GENERATION_MODES)
+    limit: int | None = option(None, "score only the first N rows", aliases=("val_dataset_sample",))
+
+    def problems(self) -> list[str]:
+        return super().problems() + [p for p in [_positive("limit", self.limit)] if p]
 
 
 @dataclass(frozen=True)
@@ -427,6 +439,53 @@ class MergeConfig:
 
     def problems(self) -> list[str]:
         return [] if self.ckpt_dir else ["ckpt_dir is required: the checkpoint whose LoRA adapter to merge"]
+
+
+INFER_BACKENDS = ("pt", "vllm")
+TOOLS_PROMPTS = ("sftkit", "none")
+
+
+@dataclass(frozen=True)
+class DeployConfig(GenerateOptions):
+    """sftkit deploy: serve a model over the OpenAI API (chat with tool calls, completions, several LoRA adapters).
+
+    The generation fields are the defaults for requests that do not set them (max_new_tokens: max_tokens).
+    """
+
+    adapters: tuple[str, ...] = option((), "more LoRA adapters on the same base, each name=DIR (a checkpoint, run or adapter "
+                                           "folder); a request picks one by its model name", aliases=("lora_modules",))
+    served_model_name: str | None = option(None, "the model name clients ask for (default: the checkpoint's or model's folder name)")
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = option(8000, "port to listen on (0: a free port, printed at start)")
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1 requests (default: no key)")
+    tools_prompt: str = option("sftkit", "how a request's tools enter the prompt: sftkit (the system-prompt text `tools` "
+                                         "training rows get) or none (left out: the system prompt describes them, as in "
+                                         "MSAgent data); generated calls are parsed either way", choices=TOOLS_PROMPTS)
+    infer_backend: str = option("pt", "pt: the built-in batching engine (CPU or GPU); vllm: vLLM (needs vllm and a GPU)",
+                                choices=INFER_BACKENDS)
+    max_num_seqs: int = option(32, "most requests generated together", aliases=("max_batch_size",))
+    max_queue: int = option(128, "requests waiting for a batch slot; beyond it new requests get 429")
+    max_model_len: int | None = option(None, "longest prompt + reply in tokens (default: the model's max_position_embeddings)")
+    shutdown_timeout: int = option(30, "seconds SIGTERM waits for requests in flight before it closes them")
+
+    def problems(self) -> list[str]:
+        checks = [_positive("max_num_seqs", self.max_num_seqs), _positive("max_queue", self.max_queue),
+                  _positive("max_model_len", self.max_model_len), _positive("shutdown_timeout", self.shutdown_timeout, zero_ok=True)]
+        if not 0 <= self.port <= 65535:
+            checks.append(f"port must be in 0..65535, got {self.port}")
+        seen = {self.served_model_name}
+        for item in self.adapters:
+            name, equals, folder = (part.strip() for part in item.partition("="))
+            if not equals or not name or not folder:
+                checks.append(f"adapters takes name=DIR, got '{item}'")
+            elif name in seen:
+                checks.append(f"adapters: the name '{name}' is used twice")
+            seen.add(name)
+        return super().problems() + [check for check in checks if check]
+
+    def adapter_dirs(self) -> dict[str, str]:
+        """--adapters as {name: folder} (validated by problems())."""
+        return {name.strip(): folder.strip() for name, _, folder in (item.partition("=") for item in self.adapters)}
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The DeepSpeed engine: the only module that imports deepspeed, lazily.
+"""The DeepSpeed backend: the only module that imports deepspeed, lazily.
 
 The training loop stays the same: the engine runs forward/backward/step of the same loss module,
 the schedule and token-normalised loss are sftkit's, and checkpoints hold DeepSpeed's own state
@@ -12,7 +12,9 @@ import os
 
 import torch
 
-from .paths import REPO_ROOT
+from .checkpoint import load_schedule, save_schedule
+from .errors import CheckpointError, SftkitError
+from .paths import packaged
 
 NAMED_CONFIGS = ("zero2", "zero3", "zero2_offload", "zero3_offload")
 STATE_FOLDER = "deepspeed"
@@ -21,9 +23,9 @@ STATE_FOLDER = "deepspeed"
 def config_path(name_or_path: str) -> str:
     """A shipped config by name (zero2, zero3, zero2_offload, zero3_offload) or a JSON file path."""
     if name_or_path in NAMED_CONFIGS:
-        return str(REPO_ROOT / "ds_config" / f"{name_or_path}.json")
+        return packaged("sftkit.ds_config", f"{name_or_path}.json")
     if not os.path.isfile(name_or_path):
-        raise FileNotFoundError(f"DeepSpeed config '{name_or_path}' not found (shipped: {', '.join(NAMED_CONFIGS)})")
+        raise SftkitError(f"DeepSpeed config '{name_or_path}' not found (shipped: {', '.join(NAMED_CONFIGS)})")
     return name_or_path
 
 
@@ -55,12 +57,50 @@ def fill_config(name_or_path: str, *, micro_batch: int, accumulation: int, world
     return config
 
 
-def initialize(module: torch.nn.Module, optimizer, ds_config: dict):
-    """A DeepSpeed engine around the loss module and sftkit's own (torch) optimizer."""
-    deepspeed = _deepspeed()
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
-                                           model_parameters=[p for p in module.parameters() if p.requires_grad])
-    return engine
+class DeepSpeedBackend:
+    """The DeepSpeed engine around sftkit's loss module and torch optimizer; it accumulates, clips and steps
+    itself at the end of each window, sftkit's schedule moves once per optimizer step."""
+
+    def __init__(self, module: torch.nn.Module, optimizer, scheduler, ds_config: dict, world):
+        self.model, self.scheduler, self.ds_config, self.world = module.model, scheduler, ds_config, world
+        self.engine, _, _, _ = _deepspeed().initialize(model=module, optimizer=optimizer, config=ds_config,
+                                                       model_parameters=[p for p in module.parameters() if p.requires_grad])
+        # ZeRO-3 partitions every weight: any forward, in evaluation too, needs every rank.
+        self.lockstep = stage(ds_config) >= 3
+
+    def forward(self, batch: dict):
+        return self.engine(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()  # DeepSpeed steps (and clips) only at the end of its accumulation window
+
+    def no_sync(self, last_micro_batch: bool):
+        return contextlib.nullcontext()  # DeepSpeed reduces at its own accumulation boundary
+
+    def step(self) -> float:
+        self.scheduler.step()
+        return float(self.engine.get_global_grad_norm() or 0.0)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def full_weights(self):
+        return gathered(self.model, self.ds_config)
+
+    def save(self, folder: str) -> None:
+        """DeepSpeed's own state (partitioned optimizer, module) into <folder>/deepspeed on every rank; the schedule."""
+        self.engine.save_checkpoint(folder, tag=STATE_FOLDER)
+        if self.world.is_main:
+            save_schedule(folder, self.scheduler, None)
+
+    def load(self, folder: str) -> None:
+        path, _ = self.engine.load_checkpoint(folder, tag=STATE_FOLDER, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"{folder} holds no DeepSpeed state ({STATE_FOLDER}/): it was not saved by a DeepSpeed run")
+        load_schedule(folder, self.scheduler, None)
 
 
 def stage(ds_config: dict) -> int:
@@ -77,20 +117,9 @@ def gathered(model: torch.nn.Module, ds_config: dict):
         yield
 
 
-def save(engine, folder: str) -> None:
-    """DeepSpeed's own state (partitioned optimizer, module) into <folder>/deepspeed; every rank calls this."""
-    engine.save_checkpoint(folder, tag=STATE_FOLDER)
-
-
-def load(engine, folder: str) -> None:
-    path, _ = engine.load_checkpoint(folder, tag=STATE_FOLDER, load_optimizer_states=True, load_lr_scheduler_states=False)
-    if path is None:
-        raise FileNotFoundError(f"{folder} holds no DeepSpeed state ({STATE_FOLDER}/): it was not saved by a DeepSpeed run")
-
-
 def _deepspeed():
     try:
         import deepspeed
     except ImportError:
-        raise ImportError("--deepspeed needs DeepSpeed: pip install 'sftkit[deepspeed]'") from None
+        raise SftkitError("--deepspeed needs DeepSpeed, which is not installed: pip install 'sftkit[deepspeed]'") from None
     return deepspeed

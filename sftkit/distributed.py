@@ -40,22 +40,30 @@ def init(device_type: str) -> World:
 
 def sum_int(value: int, world: World) -> int:
     """Sum an integer over ranks (e.g. trainable tokens of the accumulation window)."""
-    if not world.distributed:
-        return value
-    tensor = torch.tensor([value], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
-    dist.all_reduce(tensor)
-    return int(tensor.item())
+    return int(_reduce([value], torch.int64, dist.ReduceOp.SUM, world)[0])
+
+
+def max_int(value: int, world: World) -> int:
+    """The largest of an integer over ranks (e.g. how many batches every rank must run in lockstep)."""
+    return int(_reduce([value], torch.int64, dist.ReduceOp.MAX, world)[0])
+
+
+def all_true(flag: bool, world: World) -> bool:
+    """Whether a condition holds on every rank (e.g. every rank's generation has finished)."""
+    return -max_int(-int(flag), world) == 1
 
 
 def sum_floats(values: list[float], world: World) -> list[float]:
+    return _reduce(values, torch.float64, dist.ReduceOp.SUM, world)
+
+
+def _reduce(values: list, dtype: torch.dtype, op, world: World) -> list:
     if not world.distributed:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64)
+        return list(values)
+    tensor = torch.tensor(values, dtype=dtype)
     if dist.get_backend() == "nccl":
         tensor = tensor.cuda()
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, op=op)
     return tensor.tolist()
 
 

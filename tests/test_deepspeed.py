@@ -52,6 +52,22 @@ def test_zero_matches_single_process_and_resumes(stage, tiny_model_dir, data_fil
         torch.testing.assert_close(resumed[key], exported[key], rtol=0, atol=1e-7)
 
 
+@needs_deepspeed
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [
+    {"dataset_test_ratio": 0.05},  # 1 validation example on 2 ranks: one rank has none
+    {"dataset_test_ratio": 0.15, "predict_with_generate": True, "eval_generation_limit": 3, "eval_max_new_tokens": 4},
+], ids=["odd-validation-count", "predict-with-generate"])
+def test_zero3_evaluation_needs_every_rank_and_finishes(extra, tiny_model_dir, data_file, tmp_path):
+    """Under ZeRO-3 every forward needs every rank: uneven shards and generation must not hang."""
+    torchrun(options(tiny_model_dir, data_file, tmp_path, batch_size=2, deepspeed="zero3", max_steps=2, eval_steps=1,
+                     **extra), timeout=180)
+    evaluations = [r for r in records(tmp_path) if "eval_loss" in r]
+    assert [r["step"] for r in evaluations] == [1, 2] and all(r["eval_loss"] > 0 for r in evaluations)
+    if extra.get("predict_with_generate"):
+        assert all("eval_rouge_l" in r for r in evaluations)
+
+
 def test_auto_values_are_filled_from_the_training_options():
     config = fill_config("zero3", micro_batch=2, accumulation=4, world_size=8, max_grad_norm=0.5,
                          compute_dtype=torch.bfloat16, hidden_size=64)

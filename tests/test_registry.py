@@ -17,9 +17,9 @@ from sftkit.data.templates import TEMPLATES, render
 from sftkit.hub import HubError, maybe_push, push_plan, push_to_hub
 from sftkit.lora import LoRAConfig, inject_lora, lora_state_dict
 from sftkit.loss import loss_sum
-from sftkit.model import ModelLoadError
-from sftkit.registry import (MODELS, UnsupportedModelError, attn_implementation, get_model_tokenizer, infer_model_type,
-                             register_model, resolve_lora_targets)
+from sftkit.errors import ModelLoadError
+from sftkit.model import attn_implementation, get_model_tokenizer
+from sftkit.registry import MODELS, UnsupportedModelError, infer_model_type, register_model, resolve_lora_targets
 from sftkit_cli.registry import list_command
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "custom"
@@ -164,36 +164,36 @@ def test_hub_ids_and_the_embedded_default(no_download, tiny_model_dir):
                            ("Qwen/Qwen2.5-0.5B-Instruct", "hf", None, None), (None, "modelscope", None, None)]
 
 
-def test_register_with_a_decorator_or_the_default_loader(tiny_model_dir, scratch_registries):
+def test_register_with_a_decorator_patches_what_the_one_loader_loads(tiny_model_dir, scratch_registries):
     calls = []
 
-    @register_model("test-custom", tiny_model_dir, ["q_proj", "v_proj"], "chatml", bits=4)
+    @register_model("test-custom", tiny_model_dir, ["q_proj", "v_proj"], "chatml")
     @register_model("test-custom-2", tiny_model_dir, ["q_proj"], "chatml")
-    def get_custom(model_dir, torch_dtype, model_kwargs, load_model=True, **kwargs):
-        calls.append((model_dir, torch_dtype, kwargs))
-        return registry.get_model_tokenizer_from_dir(model_dir, torch_dtype, model_kwargs, load_model, **kwargs)
+    def left_padding(model, tokenizer):
+        calls.append(model)
+        tokenizer.padding_side = "left"
 
-    model, _ = get_model_tokenizer("test-custom", load_model=False)
+    model, tokenizer = get_model_tokenizer("test-custom", load_model=False)
     get_model_tokenizer("test-custom-2", load_model=False)
-    assert model is None and calls == [(tiny_model_dir, "auto", {"trust_remote_code": False, "bits": 4}),
-                                       (tiny_model_dir, "auto", {"trust_remote_code": False})]
-    assert MODELS["test-custom"].get_function is get_custom
+    assert model is None and calls == [None, None] and tokenizer.padding_side == "left"
+    assert MODELS["test-custom"].patch is left_padding and MODELS["test-custom-2"].patch is left_padding
     with pytest.raises(ValueError, match="already registered"):
         register_model("test-custom", tiny_model_dir, ["q_proj"], "chatml")
+    with pytest.raises(TypeError):
+        register_model("test-kwargs", tiny_model_dir, ["q_proj"], "chatml", bits=4)  # no loader plugins through **kwargs
     from transformers import AutoModelForCausalLM
 
     register_model("test-plain", tiny_model_dir, "q_proj", "chatml", automodel_class=AutoModelForCausalLM)
-    model, tokenizer = get_model_tokenizer("test-plain")
+    model, tokenizer = get_model_tokenizer("test-plain", model_kwargs={"gradient_checkpointing": True})
     assert type(model).__name__ == "LlamaForCausalLM" and MODELS["test-plain"].lora_target_modules == ("q_proj",)
-    with pytest.raises(ModelLoadError, match="supports only device and attn_implementation, not gradient_checkpointing"):
-        get_model_tokenizer("test-plain", model_kwargs={"gradient_checkpointing": True})
+    assert model.is_gradient_checkpointing  # the one loader handles every option, whichever class loads
 
 
 def test_attention_implementation(monkeypatch):
-    monkeypatch.setattr(registry, "_flash_attn_missing", lambda: None)
+    monkeypatch.setattr(loader, "_flash_attn_missing", lambda: None)
     assert attn_implementation(None) == ("flash_attention_2", "attention: flash_attention_2")
     assert attn_implementation(False)[0] == "sdpa"
-    monkeypatch.setattr(registry, "_flash_attn_missing", lambda: "flash attention needs a CUDA GPU")
+    monkeypatch.setattr(loader, "_flash_attn_missing", lambda: "flash attention needs a CUDA GPU")
     assert attn_implementation(None) == ("sdpa", "attention: sdpa (flash attention needs a CUDA GPU)")
     implementation, message = attn_implementation(True)
     assert implementation == "sdpa" and "not flash_attention_2 as asked: flash attention needs a CUDA GPU" in message

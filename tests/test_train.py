@@ -1,5 +1,4 @@
 """The training loop: token-correct accumulation, the loss, exact resume, crash-safe saves, signals, NaN, CLI."""
-import importlib
 import json
 import os
 import shutil
@@ -10,12 +9,16 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-train_module = importlib.import_module("sftkit.train")  # the package re-exports the function under the same name
-from sftkit.checkpoint import pointer, resolve_checkpoint, save_checkpoint
+from sftkit.backend import lr_lambda
+from sftkit.checkpoint import resolve_checkpoint, save_checkpoint
 from sftkit.config import TrainConfig
+from sftkit.data import prepare
 from sftkit.data.pipeline import build_example, collate
+from sftkit.data.sampler import batch_positions
+from sftkit.errors import TrainingError
 from sftkit.loss import loss_sum
-from sftkit.train import TrainingError, batch_positions, lr_lambda, train
+from sftkit.run import pointer
+from sftkit.train import train
 from sftkit_cli.main import main
 
 
@@ -101,22 +104,17 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path):
     assert resolve_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1") == pointer(str(tmp_path), "latest")
 
 
-def test_sigterm_finishes_the_step_and_saves(tiny_model_dir, data_file, tmp_path, monkeypatch, capsys):
-    calls = {"n": 0}
-
-    def signalling_loss(model, batch, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
+def test_sigterm_finishes_the_step_and_saves(tiny_model_dir, data_file, tmp_path, capsys):
+    def signal_at_step_2(record):
+        if record.get("step") == 2 and "loss" in record:
             os.kill(os.getpid(), signal.SIGTERM)
-        return loss_sum(model, batch, **kwargs)
 
-    monkeypatch.setattr(train_module, "loss_sum", signalling_loss)
-    saved = train(config(tiny_model_dir, data_file, tmp_path, max_steps=50, eval_steps=100))
+    saved = train(config(tiny_model_dir, data_file, tmp_path, max_steps=50, eval_steps=100), on_record=signal_at_step_2)
     assert saved.endswith("checkpoint-2") and os.path.isfile(os.path.join(saved, "optimizer.pt"))
     assert "resume with: sftkit train --resume_from_checkpoint" in capsys.readouterr().out
 
 
-def test_nan_loss_stops_with_last_good_checkpoint(tiny_model_dir, data_file, tmp_path, monkeypatch):
+def test_nan_loss_stops_with_last_good_checkpoint(tiny_model_dir, data_file, tmp_path):
     calls = {"n": 0}
 
     def poisoned(model, batch, **kwargs):
@@ -124,9 +122,8 @@ def test_nan_loss_stops_with_last_good_checkpoint(tiny_model_dir, data_file, tmp
         summed, count = loss_sum(model, batch, **kwargs)
         return (summed * float("nan") if calls["n"] > 3 else summed), count
 
-    monkeypatch.setattr(train_module, "loss_sum", poisoned)
     with pytest.raises(TrainingError, match=r"loss is nan at step 4.*checkpoint-2"):
-        train(config(tiny_model_dir, data_file, tmp_path, max_steps=6, eval_steps=100, save_steps=2))
+        train(config(tiny_model_dir, data_file, tmp_path, max_steps=6, eval_steps=100, save_steps=2), loss_fn=poisoned)
 
 
 def test_batches_resume_mid_epoch():
@@ -141,6 +138,8 @@ def test_schedules():
     cosine = lr_lambda("cosine", 2, 10)
     assert cosine(0) == pytest.approx(1 / 3) and cosine(2) == 1.0 and cosine(10) == pytest.approx(0.0)
     assert lr_lambda("linear", 0, 4)(2) == 0.5 and lr_lambda("constant", 0, 4)(3) == 1.0
+    with pytest.raises(ValueError, match="lr_scheduler_type must be one of cosine, linear, constant, got 'cosin'"):
+        lr_lambda("cosin", 0, 4)  # an unknown name is an error, not silently cosine
 
 
 def test_run_folder_files_and_pruning(tiny_model_dir, data_file, tmp_path):
@@ -210,21 +209,21 @@ def test_packing_and_length_grouping_see_every_trainable_token_once(mode, tiny_m
 def test_tokenized_data_cache_is_reused_and_invalidated(tokenizer, data_file, tmp_path, monkeypatch):
     monkeypatch.setenv("SFTKIT_CACHE", str(tmp_path / "cache"))
     calls = {"n": 0}
-    real = train_module._tokenize_data
+    real = prepare.tokenize_data
 
     def counting(*args):
         calls["n"] += 1
         return real(*args)
 
-    monkeypatch.setattr(train_module, "_tokenize_data", counting)
+    monkeypatch.setattr(prepare, "tokenize_data", counting)
     settings = TrainConfig(dataset=(data_file,), template="chatml", dataset_test_ratio=0.25)
-    first = train_module.prepare_data(settings, tokenizer)
-    second = train_module.prepare_data(settings, tokenizer)
+    first = prepare.prepare_data(settings, tokenizer)
+    second = prepare.prepare_data(settings, tokenizer)
     assert calls["n"] == 1 and first[0][0]["input_ids"] == second[0][0]["input_ids"] and len(second[1]) == 4
-    train_module.prepare_data(TrainConfig(dataset=(data_file,), template="chatml", dataset_test_ratio=0.25, max_length=64), tokenizer)
-    train_module.prepare_data(TrainConfig(dataset=(data_file,), template="default", dataset_test_ratio=0.25), tokenizer)
-    train_module.prepare_data(TrainConfig(dataset=(data_file,), template="chatml", dataset_test_ratio=0.25, dataset_cache=False), tokenizer)
+    prepare.prepare_data(TrainConfig(dataset=(data_file,), template="chatml", dataset_test_ratio=0.25, max_length=64), tokenizer)
+    prepare.prepare_data(TrainConfig(dataset=(data_file,), template="default", dataset_test_ratio=0.25), tokenizer)
+    prepare.prepare_data(TrainConfig(dataset=(data_file,), template="chatml", dataset_test_ratio=0.25, dataset_cache=False), tokenizer)
     assert calls["n"] == 4
     os.utime(data_file, ns=(1, 1))  # the file changed: its key changes
-    train_module.prepare_data(settings, tokenizer)
+    prepare.prepare_data(settings, tokenizer)
     assert calls["n"] == 5

@@ -92,7 +92,7 @@ def test_the_command_shown_builds_the_same_config_as_the_form(monkeypatch, tmp_p
                   lora_target_modules="q_proj,v_proj", system="You are terse.", output_dir=str(tmp_path / "out"))
     config, changed = forms.parse_form(TrainConfig, values)
     command = forms.cli_command("train", changed)
-    assert command.startswith("sftkit train --use_flash_attn false --dataset ")
+    assert command.startswith("sftkit train --") and "--use_flash_attn false" in command
 
     import importlib
 
@@ -230,7 +230,7 @@ def test_stop_sends_sigterm_and_the_run_saves_a_checkpoint(tmp_path, tiny_model_
             job.process.kill()
     run_dir = jobs.run_folder(job.log_text())
     assert job.status() == "stopped (checkpoint saved)" and "stopped by signal" in job.log_text()
-    from sftkit.checkpoint import pointer
+    from sftkit.run import pointer
 
     assert os.path.isfile(os.path.join(pointer(run_dir, "latest"), "adapter_model.safetensors"))
 
@@ -271,7 +271,7 @@ def test_length_histogram_counts_every_example():
 
 
 def test_the_evaluation_report_holds_every_example_with_its_score(tiny_model_dir):
-    from sftkit.chat import WORST_SHOWN, evaluate_generation
+    from sftkit.evaluate import WORST_SHOWN, evaluate_generation
     from sftkit.model import load_model, load_tokenizer
 
     conversations = [[Message("user", f"What is {i} plus {i}?"), Message("assistant", f"It is {2 * i}.")] for i in range(7)]
@@ -287,23 +287,30 @@ def test_an_agent_turn_waits_for_the_tool_result_then_finishes(monkeypatch, tiny
     from sftkit.model import load_model, load_tokenizer
 
     scripted = iter([["<|startofthink|>```JSON\n", CALL, "\n```<|endofthink|>"], ["It is ", "sunny."]])
-    prompts = []
+    prompts, constraints = [], []
 
-    def fake_stream(model, tokenizer, ids, config, stop_strings, stop_ids, *, stop_after=()):
+    class Guide:  # stands for sftkit.constrained.ToolCallGuide: one constraint per generation, from the conversation
+        def for_conversations(self, conversations, system):
+            return ("constraint for", len(conversations[0]))
+
+    def fake_stream(model, tokenizer, ids, config, stop_strings, stop_ids, *, stop_after=(), constraint=None):
         prompts.append(tokenizer.decode(ids))
+        constraints.append(constraint)
         assert stop_after == ("<|endofthink|>",)
         yield from next(scripted)
 
     monkeypatch.setattr(turns, "generate_stream", fake_stream)
     model, tokenizer = load_model(tiny_model_dir, dtype="fp32"), load_tokenizer(tiny_model_dir)
-    steps = list(turns.stream_turn(model, tokenizer, "chatml", None, [], "Weather in Paris?", GREEDY, agent=True))
+    steps = list(turns.stream_turn(model, tokenizer, "chatml", None, [], "Weather in Paris?", GREEDY, agent=True,
+                                   guide=Guide()))
     assert len(steps) == 4 and not any(waiting for _, waiting in steps[:-1])  # three pieces streamed, then the turn
     history, waiting = steps[-1]
     assert waiting and [m.role for m in history] == ["user", "tool_call"]
     history, waiting = list(turns.stream_turn(model, tokenizer, "chatml", None, history, '{"result": "sunny"}',
-                                              GREEDY, agent=True, tool_result=True))[-1]
+                                              GREEDY, agent=True, tool_result=True, guide=Guide()))[-1]
     assert not waiting and [m.role for m in history] == ["user", "tool_call", "tool", "assistant"]
     assert history[-1].content == "It is sunny." and '{"result": "sunny"}' in prompts[-1]
+    assert constraints == [("constraint for", 1), ("constraint for", 3)]  # built for each generation's conversation
 
 
 def test_a_turn_streams_a_real_model_reply(tiny_model_dir):

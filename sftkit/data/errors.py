@@ -1,8 +1,10 @@
 """One error type for bad input, so every message names the file, line and field."""
 from __future__ import annotations
 
+from ..errors import SftkitError
 
-class DataError(ValueError):
+
+class DataError(SftkitError, ValueError):
     """A row the pipeline cannot use; `source`/`line` are filled in by whoever read the row."""
 
     def __init__(self, message: str, *, field: str | None = None, source: str | None = None, line: int | str | None = None):

@@ -10,6 +10,7 @@ from .formats import Message, to_messages
 from .templates import Segment, Template, get_template, render
 
 TRAIN_ON = ("assistant", "last", "all")
+TRUNCATION_SIDES = ("right", "left")
 TRAINABLE_ROLES = ("assistant", "tool_call")
 IGNORE_INDEX = -100
 
@@ -73,7 +74,7 @@ def loss_weights(encoded: Encoded, labels: list[int], scale: dict[str, float]) -
 
 def truncate(input_ids: list[int], labels: list[int], max_length: int | None, side: str = "right"):
     """Cut to max_length tokens from the chosen side; None when no trainable token survives."""
-    if side not in ("right", "left"):
+    if side not in TRUNCATION_SIDES:
         raise ValueError(f"truncation side must be 'right' or 'left', got '{side}'")
     if max_length is not None and len(input_ids) > max_length:
         kept = slice(0, max_length) if side == "right" else slice(len(input_ids) - max_length, None)
@@ -82,6 +83,18 @@ def truncate(input_ids: list[int], labels: list[int], max_length: int | None, si
     if all(label == IGNORE_INDEX for label in labels[1:]):
         return None
     return input_ids, labels
+
+
+def trainable_tokens(example: dict) -> int:
+    """Tokens whose label is a target after the shift (the first position predicts nothing)."""
+    return sum(label != IGNORE_INDEX for label in example["labels"][1:])
+
+
+def example_weights(example: dict) -> list[float]:
+    """Per-token loss weights; an example without --loss_scale weights counts each target once, as unweighted."""
+    if "loss_weights" in example:
+        return list(example["loss_weights"])
+    return [float(label != IGNORE_INDEX) for label in example["labels"]]
 
 
 def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
@@ -101,8 +114,7 @@ def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | N
         batch["labels"].append(list(example["labels"]) + [IGNORE_INDEX] * padding)
         batch["attention_mask"].append([1] * len(example["input_ids"]) + [0] * padding)
         if has_weights:
-            weights = example.get("loss_weights") or [float(label != IGNORE_INDEX) for label in example["labels"]]
-            batch["loss_weights"].append(list(weights) + [0.0] * padding)
+            batch["loss_weights"].append(example_weights(example) + [0.0] * padding)
     return {key: torch.tensor(value, dtype=torch.float32 if key == "loss_weights" else torch.long) for key, value in batch.items()}
 
 
@@ -196,8 +208,7 @@ def _packed_row(parts: list[dict]) -> dict:
         row["labels"] += [IGNORE_INDEX] + list(part["labels"][1:])
         row["position_ids"] += list(range(len(part["input_ids"])))
         if weighted:
-            weights = part.get("loss_weights") or [float(label != IGNORE_INDEX) for label in part["labels"]]
-            row["loss_weights"] += [0.0] + list(weights[1:])
+            row["loss_weights"] += [0.0] + example_weights(part)[1:]
     return row
 
 
@@ -216,7 +227,7 @@ def collate_packed(rows: list[dict], pad_token_id: int) -> dict:
         batch["labels"].append(row["labels"] + [IGNORE_INDEX] * padding)
         batch["position_ids"].append(row["position_ids"] + list(range(padding)))
         if weighted:
-            batch["loss_weights"].append(row.get("loss_weights", [0.0] * len(row["labels"])) + [0.0] * padding)
+            batch["loss_weights"].append(example_weights(row) + [0.0] * padding)
     return {key: torch.tensor(value, dtype=torch.float32 if key == "loss_weights" else torch.long) for key, value in batch.items()}
 
 

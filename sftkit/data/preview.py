@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .pipeline import IGNORE_INDEX, truncate
+from .pipeline import IGNORE_INDEX, trainable_tokens, truncate
 
 GREEN, RESET = "\033[32m", "\033[0m"
 
@@ -92,7 +92,7 @@ def preview(config, tokenizer=None, echo=print) -> dict:
         tokenizer = load_tokenizer(resolve_model_dir(config.tokenizer))
     result = build_preview(config, tokenizer)
     for index, example in enumerate(result.examples):
-        trainable = sum(label != IGNORE_INDEX for label in example["labels"])
+        trainable = trainable_tokens(example)
         echo(f"--- example {index}: {len(example['input_ids'])} tokens, {trainable} trainable ---")
         echo(mark_trainable(tokenizer, example, bool(config.color)))
     stats = result.stats

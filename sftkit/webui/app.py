@@ -13,12 +13,12 @@ import traceback
 
 import gradio as gr
 
-from ..checkpoint import pointer
 from ..config import (ChatConfig, ConfigError, EvalConfig, MergeConfig, PreviewConfig, TrainConfig, WebUIConfig,
                       build_config)
 from ..data.formats import Message
 from ..logs import loss_figure
 from ..paths import bundled
+from ..run import BEST, LATEST, pointer
 from . import forms, jobs, views
 
 FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # local fonts only: the page fetches nothing from elsewhere
@@ -33,11 +33,9 @@ POLL_SECONDS = 1.0
 def user_errors() -> tuple[type[BaseException], ...]:
     """What a user's input can cause; each is shown as its message. Anything else is a bug: one line, and the
     traceback goes to the terminal."""
-    from ..chat import CheckpointError
-    from ..data.errors import DataError
-    from ..model import ModelLoadError
+    from ..errors import SftkitError
 
-    return (ConfigError, DataError, ModelLoadError, CheckpointError, OSError, ValueError)
+    return (SftkitError, OSError, ValueError)
 
 
 def failure(error: BaseException) -> str:
@@ -58,19 +56,29 @@ class Server:
         self.job: jobs.TrainJob | None = None
         self.job_overrides: dict = {}
         self._chat_key, self._chat_model = None, None
+        self._guides: dict = {}  # template name -> ToolCallGuide for the loaded model's tokenizer
         self._lock = threading.Lock()
 
     def chat_model(self, config: ChatConfig):
         """(model, tokenizer, settings) for a chat config, reloaded only when the checkpoint, base or dtype change."""
-        from ..chat import load_for_inference
+        from ..inference import load_for_inference
 
         key = (config.ckpt_dir, config.model, config.dtype)
         with self._lock:
             if key != self._chat_key:
-                self._chat_key, self._chat_model = None, None
+                self._chat_key, self._chat_model, self._guides = None, None, {}
                 self._chat_model = load_for_inference(config.ckpt_dir, config.model, dtype=config.dtype)
                 self._chat_key = key
             return self._chat_model
+
+    def tool_guide(self, tokenizer, template: str):
+        """The loaded model's ToolCallGuide for a template, built once (None: the template has no call markers)."""
+        from ..constrained import tool_call_guide
+
+        with self._lock:
+            if template not in self._guides:
+                self._guides[template] = tool_call_guide(tokenizer, template)
+            return self._guides[template]
 
     def checkpoints(self) -> list[tuple[str, str]]:
         return jobs.checkpoint_choices(self.output_dir)
@@ -126,7 +134,7 @@ def train_initial(output_dir: str) -> dict:
     """The embedded default model (model left blank) and the bundled data preselected, so Start trains at once."""
     initial = {"output_dir": output_dir}
     try:
-        initial["dataset"] = bundled("data/chat.jsonl")
+        initial["dataset"] = bundled("chat.jsonl")
     except FileNotFoundError:  # an install without the examples: the field stays blank and says so when started
         pass
     return initial
@@ -187,7 +195,7 @@ def train_tab(server: Server) -> dict:
             fraction = 1.0
         bar_html = (f'<div class="sftkit-bar"><div style="width: {100 * fraction:.1f}%"></div></div>'
                     f"<p>{jobs.progress_text(state) if running or state else ''}</p>")
-        checkpoint = (pointer(run_dir, "best") or pointer(run_dir, "latest")) if run_dir and not running else None
+        checkpoint = (pointer(run_dir, BEST) or pointer(run_dir, LATEST)) if run_dir and not running else None
         plot = loss_figure(records) if records and len(records) != shown_records else gr.skip()
         return ("\n\n".join(lines), bar_html, plot, len(records), checkpoint or "", jobs.log_tail(log_text),
                 gr.Timer(active=running), gr.Button(interactive=not running), gr.Button(interactive=running),
@@ -263,6 +271,11 @@ def chat_tab(server: Server) -> dict:
             with gr.Accordion("sampling", open=False, elem_id="chat-sampling"):
                 sampling = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
                 form.update(fields_block([specs[name] for name in sampling], "chat", per_row=2))
+            # `stream` is the terminal's choice (the page always streams); every other option is offered here.
+            rest = [spec for name, spec in specs.items() if name not in form and name != "stream"]
+            if rest:
+                with gr.Accordion("more options", open=False, elem_id="chat-more"):
+                    form.update(fields_block(rest, "chat", per_row=1))
         with gr.Column(scale=3):
             chatbot = gr.Chatbot(label="chat", height=480, buttons=["copy", "copy_all"], elem_id="chat-bot")
             message = gr.Textbox(label="message", placeholder="Type a message and press Enter", elem_id="chat-message")
@@ -270,7 +283,6 @@ def chat_tab(server: Server) -> dict:
                 send = gr.Button("Send", variant="primary", elem_id="chat-send")
                 clear = gr.Button("Clear history", elem_id="chat-clear")
             status = gr.Markdown("", elem_id="chat-status")
-    # `stream` is the terminal's choice; the page always streams.
     form = {name: form[name] for name in specs if name in form}
     history = gr.State([])
     awaiting = gr.State(False)  # the model called a tool: the next message is that tool's result
@@ -290,10 +302,12 @@ def chat_tab(server: Server) -> dict:
             yield views.chat_messages(asked), past, waiting, message_box(False), "Loading the model…"
             model, tokenizer, settings = server.chat_model(config)
             system = config.system if config.system is not None else settings.system
+            template = config.template or settings.template
+            guide = server.tool_guide(tokenizer, template) if config.agent and config.constrained_tool_calls else None
             started = time.time()
-            for conversation, calling in stream_turn(model, tokenizer, config.template or settings.template, system,
-                                                     past, text, generation_config(config), agent=config.agent,
-                                                     tool_result=waiting):
+            for conversation, calling in stream_turn(model, tokenizer, template, system, past, text,
+                                                     generation_config(config), agent=config.agent,
+                                                     tool_result=waiting, guide=guide):
                 yield views.chat_messages(conversation), past, waiting, gr.skip(), ""
         except Exception as error:  # the page's boundary: every failure becomes a message in the page
             yield views.chat_messages(past), past, waiting, message_box(waiting), failure(error)
@@ -316,7 +330,7 @@ def chat_tab(server: Server) -> dict:
 
 
 def eval_tab(server: Server) -> dict:
-    from ..chat import evaluate
+    from ..evaluate import evaluate_checkpoint
 
     specs = {spec.name: spec for spec in forms.field_specs(EvalConfig)}
     what = ("ckpt_dir", "model", "dataset", "metrics", "limit", "batch_size", "output", "check_dataset_strategy")
@@ -345,7 +359,7 @@ def eval_tab(server: Server) -> dict:
             config, changed = forms.parse_form(EvalConfig, named(form, values))
             shown = forms.cli_command("eval", changed)
             yield gr.skip(), gr.skip(), None, shown, "Evaluating… (loading the model, then generating)"
-            report = evaluate(config)
+            report = evaluate_checkpoint(config)
         except Exception as error:  # the page's boundary: every failure becomes a message in the page
             yield gr.skip(), gr.skip(), None, gr.skip(), failure(error)
             return

@@ -13,9 +13,8 @@ import subprocess
 import sys
 import time
 
-from ..chat import ARGS_FILE
-from ..checkpoint import pointer
 from ..logs import read_metrics
+from ..run import ARGS_FILE, BEST, LATEST, metrics_file, pointer
 
 # The line train() prints once the data is ready; it ends with the run folder.
 _RUN_LINE = re.compile(r"^\[sftkit\] .*?, run folder (.+?)\s*$", re.M)
@@ -88,7 +87,7 @@ def error_line(log: str) -> str | None:
 
 
 def read_records(run_dir: str | None) -> list[dict]:
-    path = os.path.join(run_dir, "metrics.jsonl") if run_dir else None
+    path = metrics_file(run_dir) if run_dir else None
     if not path or not os.path.isfile(path):
         return []
     try:
@@ -151,7 +150,7 @@ def checkpoint_choices(output_dir: str) -> list[tuple[str, str]]:
         inside = run_dir != os.path.abspath(output_dir)
         shown = os.path.relpath(run_dir, output_dir) if inside else os.path.basename(run_dir)
         seen = set()
-        for which in ("best", "latest"):
+        for which in (BEST, LATEST):
             checkpoint = pointer(run_dir, which)
             if checkpoint and checkpoint not in seen:
                 seen.add(checkpoint)

@@ -1,0 +1,1 @@
+"""The bundled example data (the default training set), shipped in the wheel as sftkit.example_data."""

@@ -1,0 +1,230 @@
+"""Evaluation: validation loss and generation metrics, the same for `sftkit train` and `sftkit eval`.
+
+Distributed, each rank evaluates a shard and the results are gathered. Under a lockstep backend (ZeRO-3,
+where every forward needs every rank) the ranks also run the same forwards: a rank out of examples runs a
+throwaway one weighted 0, and generation goes on until every rank has finished.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import distributed
+from .constrained import tool_call_guide
+from .data.formats import Message
+from .data.pipeline import collate
+from .data.templates import get_template
+from .generation import GenerationConfig, generate_batch, generation_config, stop_criteria
+from .inference import dataset_conversations, load_for_inference, output_path
+from .loss import loss_sum
+from .metrics import GENERATION_MODES, agent_metrics, call_errors, error_counts, rouge_l, text_metrics
+from .prompts import prompt_ids, prompt_text, reply_messages, response_text, split_last_turn, tool_call_end
+from .tools import conversation_tools
+
+WORST_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class Lockstep:
+    """Keeps every rank's forwards in step: batch counts and generation lengths are agreed across ranks."""
+
+    world: distributed.World
+
+    def batches(self, count: int) -> int:
+        return distributed.max_int(count, self.world)
+
+    def all_done(self, done: bool) -> bool:
+        return distributed.all_true(done, self.world)
+
+
+def validation_metrics(model, tokenizer, config, examples: list[dict], *, device, autocast,
+                       world: distributed.World = distributed.World(), lockstep: bool = False) -> dict:
+    """Validation loss and perplexity; with generation (config.generates), the metrics of `sftkit eval` on the
+    same split, as eval_<name>."""
+    metrics = evaluate_loss(model, examples, config.eval_batch_size, tokenizer.pad_token_id, device, autocast, world,
+                            lockstep)
+    if not config.generates:
+        return metrics
+    with torch.no_grad(), autocast:
+        report = evaluate_generation(model, tokenizer, config.template, [e["conversation"] for e in examples],
+                                     mode=config.eval_generation_mode, system=config.system,
+                                     gen_config=GenerationConfig(max_new_tokens=config.eval_max_new_tokens),
+                                     limit=config.eval_generation_limit, batch_size=config.eval_batch_size,
+                                     world=world, lockstep=lockstep, constrained_tool_calls=config.constrained_tool_calls)
+    return {**metrics, **{f"eval_{key}": value for key, value in report["metrics"].items()
+                          if isinstance(value, (int, float)) and not isinstance(value, bool)}}
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int, device, autocast,
+                  world: distributed.World = distributed.World(), lockstep: bool = False) -> dict:
+    """Token-mean loss over the validation set (unweighted, whatever --loss_scale says), and its perplexity."""
+    model.eval()
+    shard = examples[world.rank::world.size]
+    batches = -(-len(shard) // batch_size)
+    if lockstep:
+        batches = distributed.max_int(batches, world)
+    total, tokens = 0.0, 0
+    for index in range(batches):
+        part = shard[index * batch_size:(index + 1) * batch_size]
+        unweighted = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in (part or examples[:1])]
+        batch = {k: v.to(device) for k, v in collate(unweighted, pad_id).items()}
+        with autocast:
+            summed, count = loss_sum(model, batch)
+        if part:  # else a throwaway forward, so that every rank joined it
+            total, tokens = total + summed.item(), tokens + count
+    total, tokens = distributed.sum_floats([total, float(tokens)], world)
+    loss = total / max(tokens, 1)
+    return {"eval_loss": round(loss, 6), "eval_ppl": round(math.exp(min(loss, 50.0)), 4)}
+
+
+def generate_all(model, tokenizer, prompts: list[list[int]], gen_config: GenerationConfig, stops, batch_size: int = 8,
+                 stop_after=(), lockstep: Lockstep | None = None, guide=None, tools=None) -> list[str]:
+    """generate_batch over any number of prompts, batch_size at a time; with a guide, prompt i's calls use tools[i]."""
+    stop_strings, stop_ids = stops
+    count = -(-len(prompts) // batch_size)
+    if lockstep:
+        count = lockstep.batches(count)
+    replies = []
+    for index in range(count):
+        part = prompts[index * batch_size:(index + 1) * batch_size]
+        constraint = guide.constraint(tools[index * batch_size:(index + 1) * batch_size]) if guide and part else None
+        outputs = generate_batch(model, tokenizer, part or [[tokenizer.pad_token_id]], gen_config, stop_strings, stop_ids,
+                                 stop_after=stop_after, all_done=lockstep.all_done if lockstep else None,
+                                 constraint=constraint)
+        replies += outputs if part else []
+    return replies
+
+
+def agent_replies(model, tokenizer, template, cases, gen_config: GenerationConfig, *, system=None, batch_size=8,
+                  lockstep: Lockstep | None = None, constrained: bool = True):
+    """Answer each (prompt, reference turn) as a user of the agent would see it; returns (replies, results inserted).
+
+    Generate until a tool call closes or the turn ends; after a call, insert the reference turn's next tool
+    result and continue. Each continuation uses up one reference result, so an example generates at most
+    (its reference results + 1) times. A reply holds its calls, the inserted results and the final answer.
+    With `constrained`, calls are restricted to the tools each conversation offers.
+    """
+    template = get_template(template)
+    stops, call_end = stop_criteria(tokenizer, template), tool_call_end(template)
+    guide = tool_call_guide(tokenizer, template) if constrained else None
+    tools = [conversation_tools(prompt, system) for prompt, _ in cases]
+    results = [[message for message in reference if message.role == "tool"] for _, reference in cases]
+    turns: list[list[Message]] = [[] for _ in cases]
+    replies, used = [""] * len(cases), [0] * len(cases)
+    active = list(range(len(cases)))
+    while (lockstep.batches(len(active)) if lockstep else len(active)) > 0:
+        prompts = [prompt_ids(cases[i][0] + turns[i], tokenizer, template, system) for i in active]
+        outputs = generate_all(model, tokenizer, prompts, gen_config, stops, batch_size, stop_after=(call_end,),
+                               lockstep=lockstep, guide=guide, tools=[tools[i] for i in active])
+        waiting = []
+        for index, text in zip(active, outputs):
+            replies[index] += text
+            turns[index] = turns[index] + reply_messages(text)
+            if call_end and text.endswith(call_end) and used[index] < len(results[index]):
+                result = results[index][used[index]]
+                used[index] += 1
+                turns[index] = turns[index] + [result]
+                replies[index] += template.tool_result.replace("{{CONTENT}}", result.content)
+                waiting.append(index)
+        active = waiting
+    return replies, sum(used)
+
+
+def evaluate_generation(model, tokenizer, template, conversations: list[list[Message]], *, mode: str = "rouge",
+                        gen_config: GenerationConfig, system: str | None = None, limit: int | None = None,
+                        batch_size: int = 8, world: distributed.World = distributed.World(),
+                        lockstep: bool = False, constrained_tool_calls: bool = True) -> dict:
+    """Generate an answer to each conversation's last user turn and score it against the reference answer.
+
+    rouge: one generation, ROUGE-L and BLEU-4 over the whole answer. agent: calls (constrained to the offered
+    tools unless constrained_tool_calls is false), inserted reference results and the final answer
+    (agent_replies), scored with agent_metrics, plus each call error by kind with the worst examples of each.
+    The report holds the metrics, counts, unparsed calls, the worst examples by ROUGE-L and every example with
+    its ROUGE-L.
+    """
+    if mode not in GENERATION_MODES:
+        raise ValueError(f"mode must be one of {GENERATION_MODES}, got {mode!r}")
+    template = get_template(template)
+    cases = [split_last_turn(conversation) for conversation in conversations[:limit]]
+    if not cases:
+        raise ValueError("no conversations to evaluate")
+    references = [response_text(reference, template) for _, reference in cases]
+    mine = list(range(world.rank, len(cases), world.size))
+    sync = Lockstep(world) if lockstep else None
+    inserted = 0
+    if mode == "rouge":
+        prompts = [prompt_ids(cases[i][0], tokenizer, template, system) for i in mine]
+        outputs = generate_all(model, tokenizer, prompts, gen_config, stop_criteria(tokenizer, template), batch_size,
+                               lockstep=sync)
+    else:
+        outputs, inserted = agent_replies(model, tokenizer, template, [cases[i] for i in mine], gen_config,
+                                          system=system, batch_size=batch_size, lockstep=sync,
+                                          constrained=constrained_tool_calls)
+    predictions = [""] * len(cases)
+    for shard in distributed.gather(list(zip(mine, outputs)), world):
+        for index, text in shard:
+            predictions[index] = text
+    inserted = distributed.sum_int(inserted, world)
+    if mode == "rouge":
+        metrics, unparsed = text_metrics(predictions, references), []
+    else:
+        metrics = agent_metrics([{"prediction": p, "reference": r} for p, r in zip(predictions, references)])
+        unparsed = metrics.pop("unparsed")
+    scores = [rouge_l(prediction, reference) for prediction, reference in zip(predictions, references)]
+    rows = [{"index": i, "rouge_l": scores[i], "prompt": prompt_text(cases[i][0], tokenizer, template, system),
+             "reference": references[i], "prediction": predictions[i]} for i in range(len(cases))]
+    agent_part = {}
+    if mode == "agent":
+        offered = [{tool.name for tool in conversation_tools(prompt, system)} or None for prompt, _ in cases]
+        errors = [call_errors(p, r, names) for p, r, names in zip(predictions, references, offered)]
+        agent_part = {"constrained_tool_calls": constrained_tool_calls,
+                      "errors": {"counts": error_counts(errors),
+                                 "worst": _worst_by_kind(errors, scores, cases, predictions, references, tokenizer,
+                                                         template, system)}}
+    return {
+        "mode": mode,
+        **agent_part,
+        "metrics": metrics,
+        "counts": {
+            "examples": len(cases),
+            "reference_tool_calls": sum(m.role == "tool_call" for _, reference in cases for m in reference),
+            "tool_results_inserted": inserted,
+            "empty_predictions": sum(not prediction.strip() for prediction in predictions),
+        },
+        "unparsed_calls": unparsed,
+        "worst": sorted(rows, key=lambda row: row["rouge_l"])[:WORST_SHOWN],
+        "examples": rows,
+    }
+
+
+def _worst_by_kind(errors, scores, cases, predictions, references, tokenizer, template, system) -> dict:
+    """For each error kind, the examples that have it, most errors first (then lowest ROUGE-L), WORST_SHOWN of them."""
+    worst = {}
+    for kind in error_counts(errors):
+        having = [i for i, found in enumerate(errors) if any(error["kind"] == kind for error in found)]
+        having.sort(key=lambda i: (-len(errors[i]), scores[i]))
+        worst[kind] = [{"index": i, "errors": [error for error in errors[i] if error["kind"] == kind],
+                        "prompt": prompt_text(cases[i][0], tokenizer, template, system), "reference": references[i],
+                        "prediction": predictions[i]} for i in having[:WORST_SHOWN]]
+    return worst
+
+
+def evaluate_checkpoint(config) -> dict:
+    """`sftkit eval`: score an EvalConfig's model on its dataset; writes the JSON report and returns it."""
+    model, tokenizer, settings = load_for_inference(config.ckpt_dir, config.model, template=config.template,
+                                                    system=config.system, dtype=config.dtype)
+    conversations, specs = dataset_conversations(config, settings)
+    report = evaluate_generation(model, tokenizer, settings.template, conversations, mode=config.metrics,
+                                 gen_config=generation_config(config), system=settings.system, limit=config.limit,
+                                 batch_size=config.batch_size, constrained_tool_calls=config.constrained_tool_calls)
+    report = {"ckpt_dir": settings.ckpt_dir, "model_dir": settings.model_dir, "dataset": specs, **report}
+    path = output_path(config, settings, "eval_report.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2, ensure_ascii=False)
+    return {**report, "output": path}
