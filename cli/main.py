@@ -40,6 +40,7 @@ def train(config: TrainConfig):
     """Fine-tune a causal LM with LoRA or full parameters (default: the embedded SmolLM2 on the bundled data)."""
     from sftkit.data.errors import DataError
     from sftkit.distributed import relaunch_command
+    from sftkit.memory import NotEnoughMemory
     from sftkit.model import ModelLoadError
     from sftkit.train import TrainingError, train as run_train
 
@@ -49,7 +50,7 @@ def train(config: TrainConfig):
         sys.exit(subprocess.call(relaunch_command(nproc, sys.argv[1:])))
     try:
         run_train(config)
-    except (DataError, ModelLoadError, TrainingError, FileNotFoundError) as error:
+    except (DataError, ModelLoadError, NotEnoughMemory, TrainingError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from None
 
 

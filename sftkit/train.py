@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from . import deepspeed, distributed
+from . import deepspeed, distributed, memory
+from .attention import use_varlen_attention
 from .checkpoint import TrainState, begin_checkpoint, finish_checkpoint, mark_best, pointer, prune, resolve_checkpoint
 from .config import TrainConfig, config_dict, loss_scale_weights
 from .data import cache as dataset_cache
@@ -40,6 +41,7 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); the message names the last good checkpoint."""
 
 
+@memory.explain_out_of_memory  # issue 21: an out-of-memory error names the options that lower the need
 def train(config: TrainConfig) -> str:
     """Fine-tune as `config` says; returns the best checkpoint folder (the last one without evaluation)."""
     # Processes and devices: one rank per process (torchrun), each owning one device or, for
@@ -71,6 +73,8 @@ def train(config: TrainConfig) -> str:
         say(f"[sftkit] model parallel over {devices}: {place(model, devices)}")
     trainable, total = count_parameters(model)
     say(f"[sftkit] model {model_dir}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+    if config.varlen_attention:  # issue 21: no T x T attention mask in training
+        say(f"[sftkit] {use_varlen_attention(model)}")
 
     # Data, tokenized once up front (every rank tokenizes the same data and takes its own slices).
     train_examples, val_examples = prepare_data(config, tokenizer, say)
@@ -79,6 +83,8 @@ def train(config: TrainConfig) -> str:
         unpacked = len(train_examples)
         train_examples, collate_train = pack(train_examples, config.max_length or 2048), collate_packed
         say(f"[sftkit] packed {unpacked} examples into {len(train_examples)} rows of at most {config.max_length or 2048} tokens")
+    # issue 21: print the estimated peak of a micro-batch; checkpoint what --max_memory needs
+    memory.plan_memory(model, config, device, train_examples, say, processes=world.size if device.type == "cpu" else 1)
     global_batch = config.batch_size * world.size
     batches_per_epoch = math.ceil(len(train_examples) / global_batch)
     steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
