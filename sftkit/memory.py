@@ -250,8 +250,9 @@ def limit_heap_fragmentation(threshold: int = 2**20) -> bool:
     return bool(libc.mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
 
 
-def plan_memory(model, config, device: torch.device, examples: list[dict], say=print, processes: int = 1) -> CheckpointPlan:
-    """Print the estimated peak of a micro-batch and, when it exceeds --max_memory, checkpoint what makes it fit."""
+def plan_memory(model, config, device: torch.device, examples: list[dict], say=print, processes: int = 1) -> int:
+    """Print the estimated peak of a micro-batch and, when it exceeds --max_memory, checkpoint what makes it fit;
+    returns that estimate in bytes."""
     from .attention import VARLEN
 
     shape = ModelShape.from_config(model.config)
@@ -283,7 +284,7 @@ def plan_memory(model, config, device: torch.device, examples: list[dict], say=p
         say(f"[sftkit] to fit the budget: {plan.describe(shape.layers)} (about +{100 * extra:.0f}% compute)")
     if budget and peak > budget:
         say(f"[sftkit] warning: the estimate exceeds the budget even so; {advice(config)}")
-    return plan
+    return peak
 
 
 def size(count: int) -> str:
@@ -317,5 +318,6 @@ def explain_out_of_memory(train):
         except Exception as error:
             if isinstance(error, NotEnoughMemory) or not is_out_of_memory(error):
                 raise
-            raise NotEnoughMemory(f"out of memory ({str(error).splitlines()[0][:200]}): {advice(config)}") from error
+            what = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            raise NotEnoughMemory(f"out of memory ({what}): {advice(config)}") from error
     return run
