@@ -456,14 +456,14 @@ def instrument_memory() -> dict:
         memory = importlib.import_module("sftkit.memory")
     except ImportError:
         return {}
-    estimated, plan = {}, memory.plan_memory
+    estimated, plan = {}, memory.prepare_memory
 
     def wrapper(*args, **kwargs):
         peak = plan(*args, **kwargs)
         estimated["peak_mb"] = round(peak / 2**20, 1)
         return peak
 
-    memory.plan_memory = wrapper
+    memory.prepare_memory = wrapper
     return estimated
 
 

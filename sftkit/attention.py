@@ -10,6 +10,7 @@ generation with a cache) runs exactly as transformers' SDPA.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -108,10 +109,13 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     documents = kwargs.pop(DOCUMENTS, None)
-    if documents is None or documents.one_per_row or query.shape[2] != key.shape[2]:
+    if documents is None or documents.one_per_row:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if attention_mask is None and _varlen_kernel_runs(query, dropout, kwargs):
-        return _flash_varlen(module, query, key, value, documents, scaling, kwargs.get("sliding_window")), None
+    if query.shape[2] != key.shape[2]:
+        raise ValueError("packed documents go with training forwards only (no KV cache)")
+    kernel = _varlen_kernel(query, dropout, kwargs)
+    if attention_mask is None and kernel is not None:
+        return _flash_varlen(kernel, query, key, value, documents, scaling, kwargs.get("sliding_window")), None
     # One call per document; a mask that is still there (a sliding window shorter than the row) is cut to it.
     rows = []
     for row in range(documents.rows):
@@ -126,24 +130,24 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     return torch.cat(rows, dim=0), None
 
 
-def _varlen_kernel_runs(query, dropout: float, kwargs: dict) -> bool:
-    """torch's varlen flash kernel: CUDA, half precision, no dropout, no soft-capping."""
+def _varlen_kernel(query, dropout: float, kwargs: dict):
+    """torch's varlen flash kernel where it runs: CUDA from Ampere on, half precision, no dropout or soft-capping."""
     if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16) or dropout or kwargs.get("softcap"):
-        return False
+        return None
+    if torch.cuda.get_device_capability(query.device) < (8, 0):
+        return None
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401  torch >= 2.10
+        from torch.nn.attention.varlen import varlen_attn  # torch >= 2.10
     except ImportError:
-        return False
-    return True
+        return None
+    return varlen_attn if "enable_gqa" in inspect.signature(varlen_attn).parameters else None
 
 
-def _flash_varlen(module, query, key, value, documents: Documents, scaling, sliding_window):
-    from torch.nn.attention.varlen import varlen_attn
-
+def _flash_varlen(kernel, query, key, value, documents: Documents, scaling, sliding_window):
     batch, heads, width, head_dim = query.shape
     boundaries = documents.cumulative_lengths(query.device)
     flat = [tensor.transpose(1, 2).reshape(batch * width, tensor.shape[1], head_dim) for tensor in (query, key, value)]
     window = (sliding_window - 1, 0) if sliding_window else (-1, 0)  # (-1, 0): causal
-    output = varlen_attn(*flat, boundaries, boundaries, documents.longest, documents.longest, scale=scaling,
-                         window_size=window, enable_gqa=heads != key.shape[1])
+    output = kernel(*flat, boundaries, boundaries, documents.longest, documents.longest, scale=scaling, window_size=window,
+                    enable_gqa=heads != key.shape[1])
     return output.reshape(batch, width, heads, head_dim)

@@ -216,10 +216,19 @@ def fixed_bytes(model, optimizer_bytes_per_parameter: int = 12) -> int:
 
 
 def device_budget(device: torch.device, processes: int = 1) -> int:
-    """'auto': most of the GPU's memory, or of the memory available on this machine shared by `processes` ranks."""
+    """'auto': most of the GPU's memory; on CPU, most of what this process holds (the model is loaded by now)
+    plus its share of what the machine has free, `processes` ranks sharing it."""
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory * _HEADROOM)
-    return int(available_ram() / max(processes, 1) * _HEADROOM)
+    return int((available_ram() / max(processes, 1) + resident_bytes()) * _HEADROOM)
+
+
+def resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
 
 
 def available_ram() -> int:
@@ -250,9 +259,9 @@ def limit_heap_fragmentation(threshold: int = 2**20) -> bool:
     return bool(libc.mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
 
 
-def plan_memory(model, config, device: torch.device, examples: list[dict], say=print, processes: int = 1) -> int:
-    """Print the estimated peak of a micro-batch and, when it exceeds --max_memory, checkpoint what makes it fit;
-    returns that estimate in bytes."""
+def prepare_memory(model, config, device: torch.device, examples: list[dict], say=print, processes: int = 1) -> int:
+    """Before the first step: on CPU tune the allocator, print the estimated peak of a micro-batch and, when it
+    exceeds --max_memory, checkpoint what makes it fit. Returns the estimated peak in bytes."""
     from .attention import VARLEN
 
     shape = ModelShape.from_config(model.config)

@@ -84,7 +84,7 @@ def train(config: TrainConfig) -> str:
         train_examples, collate_train = pack(train_examples, config.max_length or 2048), collate_packed
         say(f"[sftkit] packed {unpacked} examples into {len(train_examples)} rows of at most {config.max_length or 2048} tokens")
     # issue 21: print the estimated peak of a micro-batch; checkpoint what --max_memory needs
-    memory.plan_memory(model, config, device, train_examples, say, processes=world.size if device.type == "cpu" else 1)
+    memory.prepare_memory(model, config, device, train_examples, say, processes=world.size if device.type == "cpu" else 1)
     global_batch = config.batch_size * world.size
     batches_per_epoch = math.ceil(len(train_examples) / global_batch)
     steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
