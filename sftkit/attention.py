@@ -17,6 +17,7 @@ import torch
 
 VARLEN = "sftkit_varlen"
 DOCUMENTS = "packed_documents"  # the keyword that carries a packed batch's documents down to every attention call
+INSTALLED = f"attention: {VARLEN} (causal kernel for padded batches, per document for packed rows)"
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,12 @@ def use_varlen_attention(model) -> str:
     on another implementation (eager for soft-capping models, flash_attention_2, ...) keeps it. Says what it did."""
     current = model.config._attn_implementation
     if current == VARLEN:
-        return f"attention: {VARLEN} (causal kernel for padded batches, per document for packed rows)"
+        return INSTALLED
     if current != "sdpa":
         return f"attention: {current} (varlen attention replaces only sdpa)"
     register()
     model.set_attn_implementation(VARLEN)
-    return f"attention: {VARLEN} (causal kernel for padded batches, per document for packed rows)"
+    return INSTALLED
 
 
 def uses_varlen(model) -> bool:
