@@ -132,6 +132,11 @@ class TrainConfig(DataOptions):
     dtype: str = option("auto", "auto (fp32 on CPU, bf16 on capable GPUs), bf16, fp16 or fp32", aliases=("torch_dtype",),
                         choices=DTYPE_CHOICES)
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    max_memory: str | None = option("auto", "memory budget such as 24GB: when the estimated peak of a micro-batch exceeds it, "
+                                            "recompute the cheapest layer parts (MLP, attention or whole layers) that make "
+                                            "it fit (auto: the device's memory; none: never)")
+    varlen_attention: bool = option(True, "attention without a T x T mask: padded batches run the causal kernel, packed "
+                                          "rows attend within each document (false: transformers' masked SDPA)")
     seed: int = option(42, "seed for data order, splits and initialisation")
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)")
     devices: tuple[str, ...] = option((), "spread the model's layers over these devices, e.g. cpu,cuda:0 "
@@ -186,6 +191,12 @@ class TrainConfig(DataOptions):
             checks.append(f"max_steps must be > 0 or -1, got {self.max_steps}")
         try:
             loss_scale_weights(self.loss_scale)
+        except ValueError as error:
+            checks.append(str(error))
+        from .memory import parse_memory
+
+        try:
+            parse_memory(self.max_memory)
         except ValueError as error:
             checks.append(str(error))
         if self.sft_type == "full" and self.quantization_bit:
