@@ -14,6 +14,7 @@ from .deploy import deploy
 from .options import config_command
 from .registry import list_command
 from .use import chat, evaluate, infer, merge
+from .webui import web_ui
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -46,7 +47,7 @@ def train(config: TrainConfig):
     run_train(config)
 
 
-for command in (list_command, chat, infer, evaluate, merge, deploy):
+for command in (list_command, chat, infer, evaluate, merge, deploy, web_ui):
     main.add_command(command)
 
 if __name__ == "__main__":

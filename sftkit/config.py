@@ -497,3 +497,41 @@ class DeployConfig(GenerateOptions):
     def adapter_dirs(self) -> dict[str, str]:
         """--adapters as {name: folder} (validated by problems())."""
         return {name.strip(): folder.strip() for name, _, folder in (item.partition("=") for item in self.adapters)}
+
+
+@dataclass(frozen=True)
+class WebUIConfig:
+    """sftkit web-ui: train, watch, chat, evaluate and preview data from a browser."""
+
+    host: str = option("127.0.0.1", "address to listen on; anything but loopback exposes training and your files to the network",
+                       aliases=("server_name",))
+    port: int = option(7860, "port to listen on", aliases=("server_port",))
+    auth: str | None = option(None, "user:password that the page asks for (needed before listening beyond this machine)")
+    output_dir: str = option("output", "where the Train tab writes runs and the Chat and Evaluate tabs look for them")
+
+    def problems(self) -> list[str]:
+        checks = []
+        if not 0 < self.port < 65536:
+            checks.append(f"port must be in 1..65535, got {self.port}")
+        if self.auth is not None and not all(self.auth.partition(":")[::2]):
+            checks.append("auth must be user:password, both non-empty")
+        return checks
+
+    @property
+    def credentials(self) -> tuple[str, str] | None:
+        if self.auth is None:
+            return None
+        user, _, password = self.auth.partition(":")
+        return user, password
+
+    @property
+    def loopback(self) -> bool:
+        """Whether only this machine can reach the server."""
+        import ipaddress
+
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False

@@ -144,7 +144,8 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
     rouge: one generation, ROUGE-L and BLEU-4 over the whole answer. agent: calls (constrained to the offered
     tools unless constrained_tool_calls is false), inserted reference results and the final answer
     (agent_replies), scored with agent_metrics, plus each call error by kind with the worst examples of each.
-    The report holds the metrics, counts, unparsed calls and the worst examples by ROUGE-L.
+    The report holds the metrics, counts, unparsed calls, the worst examples by ROUGE-L and every example with
+    its ROUGE-L.
     """
     if mode not in GENERATION_MODES:
         raise ValueError(f"mode must be one of {GENERATION_MODES}, got {mode!r}")
@@ -175,7 +176,8 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
         metrics = agent_metrics([{"prediction": p, "reference": r} for p, r in zip(predictions, references)])
         unparsed = metrics.pop("unparsed")
     scores = [rouge_l(prediction, reference) for prediction, reference in zip(predictions, references)]
-    worst = sorted(range(len(cases)), key=lambda i: scores[i])[:WORST_SHOWN]
+    rows = [{"index": i, "rouge_l": scores[i], "prompt": prompt_text(cases[i][0], tokenizer, template, system),
+             "reference": references[i], "prediction": predictions[i]} for i in range(len(cases))]
     agent_part = {}
     if mode == "agent":
         offered = [{tool.name for tool in conversation_tools(prompt, system)} or None for prompt, _ in cases]
@@ -195,8 +197,8 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
             "empty_predictions": sum(not prediction.strip() for prediction in predictions),
         },
         "unparsed_calls": unparsed,
-        "worst": [{"index": i, "rouge_l": scores[i], "prompt": prompt_text(cases[i][0], tokenizer, template, system),
-                   "reference": references[i], "prediction": predictions[i]} for i in worst],
+        "worst": sorted(rows, key=lambda row: row["rouge_l"])[:WORST_SHOWN],
+        "examples": rows,
     }
 
 

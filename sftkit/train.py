@@ -112,7 +112,9 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
             elapsed = time.time() - window_started
             record = {"step": state.step, "loss": round(mean_loss, 6), "lr": learning_rate, "grad_norm": round(grad_norm, 6),
                       "trainable_tokens_per_s": round(counts["trainable_tokens"] / max(elapsed, 1e-9), 2),
-                      "epoch": round(state.epoch + state.batches_in_epoch / batches_per_epoch, 4), **counts}
+                      "epoch": round(state.epoch + state.batches_in_epoch / batches_per_epoch, 4), **counts,
+                      # What a watcher needs for progress and ETA (this process's wall time: it restarts on resume).
+                      "total_steps": total_steps, "elapsed_s": round(time.time() - started, 3)}
             progress.update(1)
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{learning_rate:.2e}", tok_s=f"{record['trainable_tokens_per_s']:.0f}")
             if state.step % config.logging_steps == 0 or state.step == total_steps:
