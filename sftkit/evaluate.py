@@ -154,22 +154,8 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
     if not cases:
         raise ValueError("no conversations to evaluate")
     references = [response_text(reference, template) for _, reference in cases]
-    mine = list(range(world.rank, len(cases), world.size))
-    sync = Lockstep(world) if lockstep else None
-    inserted = 0
-    if mode == "rouge":
-        prompts = [prompt_ids(cases[i][0], tokenizer, template, system) for i in mine]
-        outputs = generate_all(model, tokenizer, prompts, gen_config, stop_criteria(tokenizer, template), batch_size,
-                               lockstep=sync)
-    else:
-        outputs, inserted = agent_replies(model, tokenizer, template, [cases[i] for i in mine], gen_config,
-                                          system=system, batch_size=batch_size, lockstep=sync,
-                                          constrained=constrained_tool_calls)
-    predictions = [""] * len(cases)
-    for shard in distributed.gather(list(zip(mine, outputs)), world):
-        for index, text in shard:
-            predictions[index] = text
-    inserted = distributed.sum_int(inserted, world)
+    predictions, inserted = _predictions(model, tokenizer, template, cases, mode, gen_config, system, batch_size,
+                                         world, lockstep, constrained_tool_calls)
     if mode == "rouge":
         metrics, unparsed = text_metrics(predictions, references), []
     else:
@@ -180,12 +166,8 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
              "reference": references[i], "prediction": predictions[i]} for i in range(len(cases))]
     agent_part = {}
     if mode == "agent":
-        offered = [{tool.name for tool in conversation_tools(prompt, system)} or None for prompt, _ in cases]
-        errors = [call_errors(p, r, names) for p, r, names in zip(predictions, references, offered)]
         agent_part = {"constrained_tool_calls": constrained_tool_calls,
-                      "errors": {"counts": error_counts(errors),
-                                 "worst": _worst_by_kind(errors, scores, cases, predictions, references, tokenizer,
-                                                         template, system)}}
+                      "errors": _call_errors(cases, predictions, references, scores, tokenizer, template, system)}
     return {
         "mode": mode,
         **agent_part,
@@ -200,6 +182,34 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
         "worst": sorted(rows, key=lambda row: row["rouge_l"])[:WORST_SHOWN],
         "examples": rows,
     }
+
+
+def _predictions(model, tokenizer, template, cases, mode, gen_config, system, batch_size, world, lockstep,
+                 constrained) -> tuple[list[str], int]:
+    """Every case's generated answer (each rank generates its share; all ranks get all), and the tool results inserted."""
+    mine = list(range(world.rank, len(cases), world.size))
+    sync = Lockstep(world) if lockstep else None
+    inserted = 0
+    if mode == "rouge":
+        prompts = [prompt_ids(cases[i][0], tokenizer, template, system) for i in mine]
+        outputs = generate_all(model, tokenizer, prompts, gen_config, stop_criteria(tokenizer, template), batch_size,
+                               lockstep=sync)
+    else:
+        outputs, inserted = agent_replies(model, tokenizer, template, [cases[i] for i in mine], gen_config,
+                                          system=system, batch_size=batch_size, lockstep=sync, constrained=constrained)
+    predictions = [""] * len(cases)
+    for shard in distributed.gather(list(zip(mine, outputs)), world):
+        for index, text in shard:
+            predictions[index] = text
+    return predictions, distributed.sum_int(inserted, world)
+
+
+def _call_errors(cases, predictions, references, scores, tokenizer, template, system) -> dict:
+    """Each call error by kind against the tools each conversation offered, and the worst examples of each kind."""
+    offered = [{tool.name for tool in conversation_tools(prompt, system)} or None for prompt, _ in cases]
+    errors = [call_errors(p, r, names) for p, r, names in zip(predictions, references, offered)]
+    return {"counts": error_counts(errors),
+            "worst": _worst_by_kind(errors, scores, cases, predictions, references, tokenizer, template, system)}
 
 
 def _worst_by_kind(errors, scores, cases, predictions, references, tokenizer, template, system) -> dict:

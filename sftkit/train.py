@@ -99,10 +99,7 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
             window_loss = accumulate(backend, shards, collate_train, tokenizer.pad_token_id, device, autocast,
                                      counts["trainable_tokens"], world)
             mean_loss = distributed.sum_floats([window_loss], world)[0] / max(counts["trainable_tokens"], 1)
-            if not math.isfinite(mean_loss):
-                last = run.pointer(run_dir, run.LATEST)
-                raise TrainingError(f"loss is {mean_loss} at step {state.step + 1}; stopped without updating the weights. "
-                                    f"Last good checkpoint: {last or 'none yet'}. Try a lower learning rate or fp32.")
+            check_finite(mean_loss, state.step + 1, run_dir)
             learning_rate = backend.learning_rate
             grad_norm = backend.step()
 
@@ -139,11 +136,7 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
                 checkpoint = save(run_dir, state.step, world=world, backend=backend, write_weights=write_checkpoint_weights,
                                   resumable=not config.only_save_model)
                 if world.is_main:
-                    if improved or not val_examples:
-                        mark_best(run_dir, checkpoint)
-                    prune(run_dir, config.save_total_limit, protect=(run.pointer(run_dir, run.BEST), checkpoint))
-                    if config.push_to_hub:
-                        maybe_push(config.push_hub_strategy, "save", checkpoint, improved, partial(upload, config, say))
+                    after_save(config, run_dir, checkpoint, improved, bool(val_examples), say)
             if stopping:
                 progress.close()
                 say(f"[sftkit] stopped by signal after step {state.step}; checkpoint saved.\n"
@@ -162,6 +155,24 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
         report_end(config, state, run_dir, best, time.time() - started, say)
     distributed.shutdown(world)
     return best
+
+
+def check_finite(mean_loss: float, step: int, run_dir: str) -> None:
+    """A NaN or inf loss stops the run before the weights change, naming the last good checkpoint."""
+    if not math.isfinite(mean_loss):
+        last = run.pointer(run_dir, run.LATEST)
+        raise TrainingError(f"loss is {mean_loss} at step {step}; stopped without updating the weights. "
+                            f"Last good checkpoint: {last or 'none yet'}. Try a lower learning rate or fp32.")
+
+
+def after_save(config: TrainConfig, run_dir: str, checkpoint: str, improved: bool, evaluates: bool, say=print) -> None:
+    """Rank 0, once a checkpoint is in place: move `best` (to the newest when nothing is evaluated), prune old
+    checkpoints, push to the hub."""
+    if improved or not evaluates:
+        mark_best(run_dir, checkpoint)
+    prune(run_dir, config.save_total_limit, protect=(run.pointer(run_dir, run.BEST), checkpoint))
+    if config.push_to_hub:
+        maybe_push(config.push_hub_strategy, "save", checkpoint, improved, partial(upload, config, say))
 
 
 def open_run_dir(config: TrainConfig, model_dir: str, resume: str | None, val_examples: list[dict],

@@ -140,6 +140,28 @@ def train_initial(output_dir: str) -> dict:
     return initial
 
 
+def train_monitor() -> dict:
+    """The Train tab's right column: start/stop, the command, progress, the loss plot, the best checkpoint, the log."""
+    panel = {}
+    with gr.Row():
+        panel["start"] = gr.Button("Start", variant="primary", elem_id="train-start")
+        panel["stop"] = gr.Button("Stop", variant="stop", interactive=False, elem_id="train-stop")
+    panel["command"] = gr.Textbox(label="the same run from a terminal", value="sftkit train", interactive=False,
+                                  buttons=["copy"], elem_id="train-command")
+    panel["status"] = gr.Markdown("No run yet.", elem_id="train-status")
+    panel["bar"] = gr.HTML("", elem_id="train-progress")
+    # Drawn on the server: gradio's own line plots fix their series from the first value they get.
+    panel["loss_plot"] = gr.Plot(label="loss", show_label=False, format="png", elem_id="train-loss-plot")
+    panel["best"] = gr.Textbox(label="best checkpoint", interactive=False, elem_id="train-best")
+    with gr.Row():
+        panel["chat"] = gr.Button("Chat with it", interactive=False, elem_id="train-chat")
+        panel["evaluate"] = gr.Button("Evaluate it", interactive=False, elem_id="train-evaluate")
+        panel["merge"] = gr.Button("Merge it", interactive=False, elem_id="train-merge")
+    panel["merged"] = gr.Markdown("", elem_id="train-merged")
+    panel["log"] = gr.Textbox(label="log", lines=14, max_lines=14, interactive=False, autoscroll=True, elem_id="train-log")
+    return panel
+
+
 def train_tab(server: Server) -> dict:
     specs = forms.field_specs(TrainConfig, train_initial(server.output_dir))
     form = {}
@@ -151,55 +173,16 @@ def train_tab(server: Server) -> dict:
                 with gr.Accordion(title, open=title in forms.OPEN_GROUPS, elem_id=group_id):
                     form.update(fields_block(group, "train"))
         with gr.Column(scale=2):
-            with gr.Row():
-                start = gr.Button("Start", variant="primary", elem_id="train-start")
-                stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="train-stop")
-            command = gr.Textbox(label="the same run from a terminal", value="sftkit train", interactive=False,
-                                 buttons=["copy"], elem_id="train-command")
-            status = gr.Markdown("No run yet.", elem_id="train-status")
-            bar = gr.HTML("", elem_id="train-progress")
-            # Drawn on the server: gradio's own line plots fix their series from the first value they get.
-            loss_plot = gr.Plot(label="loss", show_label=False, format="png", elem_id="train-loss-plot")
-            best = gr.Textbox(label="best checkpoint", interactive=False, elem_id="train-best")
-            with gr.Row():
-                chat_button = gr.Button("Chat with it", interactive=False, elem_id="train-chat")
-                eval_button = gr.Button("Evaluate it", interactive=False, elem_id="train-evaluate")
-                merge_button = gr.Button("Merge it", interactive=False, elem_id="train-merge")
-            merged = gr.Markdown("", elem_id="train-merged")
-            log = gr.Textbox(label="log", lines=14, max_lines=14, interactive=False, autoscroll=True, elem_id="train-log")
+            panel = train_monitor()
+    start, stop, command, status, bar, loss_plot, best, chat_button, eval_button, merge_button, merged, log = (
+        panel[name] for name in ("start", "stop", "command", "status", "bar", "loss_plot", "best", "chat", "evaluate",
+                                 "merge", "merged", "log"))
     timer = gr.Timer(POLL_SECONDS, active=False)
     plotted = gr.State(0)  # how many records this page's loss plot shows: redraw only when more arrive
     watched = [status, bar, loss_plot, plotted, best, log, timer, start, stop, chat_button, eval_button, merge_button]
 
     def watch(shown_records: int = 0, message: str | None = None):
-        """Everything the right column shows, read from the job's log and run folder."""
-        job = server.job
-        if job is None:
-            return (message or "No run yet.", "", gr.skip(), 0, "", "", gr.Timer(active=False),
-                    gr.Button(interactive=True), gr.Button(interactive=False), *[gr.Button(interactive=False)] * 3)
-        log_text = job.log_text()
-        run_dir = jobs.run_folder(log_text)
-        records = jobs.read_records(run_dir)
-        state = jobs.progress(records)
-        running = job.running
-        lines = [f"**{job.status()}**" + (f" · run folder `{run_dir}`" if run_dir else "")]
-        evaluation = jobs.last_evaluation(records)
-        if evaluation:
-            lines.append(f"last evaluation, {evaluation}")
-        if not running and job.process.returncode and not job.stop_requested:
-            lines.append(jobs.error_line(log_text) or "see the log below")
-        if message:
-            lines.insert(0, message)
-        fraction = state["step"] / state["total_steps"] if state else 0.0
-        if not running and job.process.returncode == 0 and not job.stop_requested:
-            fraction = 1.0
-        bar_html = (f'<div class="sftkit-bar"><div style="width: {100 * fraction:.1f}%"></div></div>'
-                    f"<p>{jobs.progress_text(state) if running or state else ''}</p>")
-        checkpoint = (pointer(run_dir, BEST) or pointer(run_dir, LATEST)) if run_dir and not running else None
-        plot = loss_figure(records) if records and len(records) != shown_records else gr.skip()
-        return ("\n\n".join(lines), bar_html, plot, len(records), checkpoint or "", jobs.log_tail(log_text),
-                gr.Timer(active=running), gr.Button(interactive=not running), gr.Button(interactive=running),
-                *[gr.Button(interactive=checkpoint is not None)] * 3)
+        return watch_job(server, shown_records, message)
 
     def on_start(*values):
         if server.job is not None and server.job.running:
@@ -230,33 +213,63 @@ def train_tab(server: Server) -> dict:
         values = {name: forms.shown(value, by_name[name].kind) for name, value in server.job_overrides.items()}
         return watch() + (server.job.command,) + tuple(values.get(name, by_name[name].value) for name in form)
 
-    def on_merge(checkpoint: str):
-        from ..chat import merge
-
-        try:
-            output_dir = merge(build_config(MergeConfig, None, {"ckpt_dir": checkpoint}))
-        except Exception as error:  # the page's boundary: every failure becomes a message in the page
-            return failure(error)
-        return (f"Merged model written to `{output_dir}`: plain transformers loads it "
-                f"(`sftkit merge --ckpt_dir {checkpoint}` does the same).")
-
     inputs = list(form.values())
     start.click(on_start, inputs, watched + [command])
     stop.click(on_stop, plotted, watched)
     timer.tick(watch, plotted, watched, show_progress="hidden")
     gr.on([component.change for component in inputs], preview_command, inputs, command, show_progress="hidden",
           trigger_mode="always_last")
-    merge_button.click(lambda: "Merging…", None, merged).then(on_merge, best, merged)
+    merge_button.click(lambda: "Merging…", None, merged).then(merge_checkpoint, best, merged)
     return {"load": (on_load, watched + [command] + inputs), "best": best, "chat": chat_button, "evaluate": eval_button}
+
+
+def watch_job(server: Server, shown_records: int = 0, message: str | None = None):
+    """Everything the right column shows, read from the job's log and run folder."""
+    job = server.job
+    if job is None:
+        return (message or "No run yet.", "", gr.skip(), 0, "", "", gr.Timer(active=False),
+                gr.Button(interactive=True), gr.Button(interactive=False), *[gr.Button(interactive=False)] * 3)
+    log_text = job.log_text()
+    run_dir = jobs.run_folder(log_text)
+    records = jobs.read_records(run_dir)
+    state = jobs.progress(records)
+    running = job.running
+    lines = [f"**{job.status()}**" + (f" · run folder `{run_dir}`" if run_dir else "")]
+    evaluation = jobs.last_evaluation(records)
+    if evaluation:
+        lines.append(f"last evaluation, {evaluation}")
+    if not running and job.process.returncode and not job.stop_requested:
+        lines.append(jobs.error_line(log_text) or "see the log below")
+    if message:
+        lines.insert(0, message)
+    fraction = state["step"] / state["total_steps"] if state else 0.0
+    if not running and job.process.returncode == 0 and not job.stop_requested:
+        fraction = 1.0
+    bar_html = (f'<div class="sftkit-bar"><div style="width: {100 * fraction:.1f}%"></div></div>'
+                f"<p>{jobs.progress_text(state) if running or state else ''}</p>")
+    checkpoint = (pointer(run_dir, BEST) or pointer(run_dir, LATEST)) if run_dir and not running else None
+    plot = loss_figure(records) if records and len(records) != shown_records else gr.skip()
+    return ("\n\n".join(lines), bar_html, plot, len(records), checkpoint or "", jobs.log_tail(log_text),
+            gr.Timer(active=running), gr.Button(interactive=not running), gr.Button(interactive=running),
+            *[gr.Button(interactive=checkpoint is not None)] * 3)
+
+
+def merge_checkpoint(checkpoint: str) -> str:
+    """The Merge button: the checkpoint merged as `sftkit merge` does, or what went wrong."""
+    from ..chat import merge
+
+    try:
+        output_dir = merge(build_config(MergeConfig, None, {"ckpt_dir": checkpoint}))
+    except Exception as error:  # the page's boundary: every failure becomes a message in the page
+        return failure(error)
+    return (f"Merged model written to `{output_dir}`: plain transformers loads it "
+            f"(`sftkit merge --ckpt_dir {checkpoint}` does the same).")
 
 
 # --- Chat -----------------------------------------------------------------------------------------------------
 
 
 def chat_tab(server: Server) -> dict:
-    from ..generation import generation_config
-    from .turns import stream_turn
-
     specs = {spec.name: spec for spec in forms.field_specs(ChatConfig)}
     form = {}
     with gr.Row():
@@ -287,34 +300,8 @@ def chat_tab(server: Server) -> dict:
     history = gr.State([])
     awaiting = gr.State(False)  # the model called a tool: the next message is that tool's result
 
-    def message_box(waiting: bool):
-        if waiting:
-            return gr.Textbox(value="", label="tool result", placeholder="The model called a tool: paste its result")
-        return gr.Textbox(value="", label="message", placeholder="Type a message and press Enter")
-
     def on_send(text: str, past: list[Message], waiting: bool, *values):
-        if not text.strip():
-            yield gr.skip(), past, waiting, gr.skip(), ""
-            return
-        try:
-            config, _ = forms.parse_form(ChatConfig, named(form, values))
-            asked = past + [Message("tool" if waiting else "user", text)]
-            yield views.chat_messages(asked), past, waiting, message_box(False), "Loading the model…"
-            model, tokenizer, settings = server.chat_model(config)
-            system = config.system if config.system is not None else settings.system
-            template = config.template or settings.template
-            guide = server.tool_guide(tokenizer, template) if config.agent and config.constrained_tool_calls else None
-            started = time.time()
-            for conversation, calling in stream_turn(model, tokenizer, template, system, past, text,
-                                                     generation_config(config), agent=config.agent,
-                                                     tool_result=waiting, guide=guide):
-                yield views.chat_messages(conversation), past, waiting, gr.skip(), ""
-        except Exception as error:  # the page's boundary: every failure becomes a message in the page
-            yield views.chat_messages(past), past, waiting, message_box(waiting), failure(error)
-            return
-        note = f"answered in {time.time() - started:.1f}s" + (
-            "; the model called a tool: type the tool's result and send it." if calling else "")
-        yield views.chat_messages(conversation), conversation, calling, message_box(calling), note
+        yield from send_message(server, list(form), text, past, waiting, values)
 
     outputs = [chatbot, history, awaiting, message, status]
     inputs = [message, history, awaiting, *form.values()]
@@ -324,6 +311,41 @@ def chat_tab(server: Server) -> dict:
     chatbot.clear(lambda: ([], False, message_box(False), ""), None, outputs[1:])
     refresh.click(lambda: gr.Dropdown(choices=server.checkpoints()), None, form["ckpt_dir"])
     return {"ckpt_dir": form["ckpt_dir"]}
+
+
+def message_box(waiting: bool):
+    """The message box, labelled for a tool's result while the model waits for one."""
+    if waiting:
+        return gr.Textbox(value="", label="tool result", placeholder="The model called a tool: paste its result")
+    return gr.Textbox(value="", label="message", placeholder="Type a message and press Enter")
+
+def send_message(server: Server, names: list[str], text: str, past: list[Message], waiting: bool, values):
+    """One chat turn from the page, streamed: (chat, history, awaiting a tool result, message box, status) updates."""
+    from ..generation import generation_config
+    from .turns import stream_turn
+
+    if not text.strip():
+        yield gr.skip(), past, waiting, gr.skip(), ""
+        return
+    try:
+        config, _ = forms.parse_form(ChatConfig, named(names, values))
+        asked = past + [Message("tool" if waiting else "user", text)]
+        yield views.chat_messages(asked), past, waiting, message_box(False), "Loading the model…"
+        model, tokenizer, settings = server.chat_model(config)
+        system = config.system if config.system is not None else settings.system
+        template = config.template or settings.template
+        guide = server.tool_guide(tokenizer, template) if config.agent and config.constrained_tool_calls else None
+        started = time.time()
+        for conversation, calling in stream_turn(model, tokenizer, template, system, past, text,
+                                                 generation_config(config), agent=config.agent,
+                                                 tool_result=waiting, guide=guide):
+            yield views.chat_messages(conversation), past, waiting, gr.skip(), ""
+    except Exception as error:  # the page's boundary: every failure becomes a message in the page
+        yield views.chat_messages(past), past, waiting, message_box(waiting), failure(error)
+        return
+    note = f"answered in {time.time() - started:.1f}s" + (
+        "; the model called a tool: type the tool's result and send it." if calling else "")
+    yield views.chat_messages(conversation), conversation, calling, message_box(calling), note
 
 
 # --- Evaluate -------------------------------------------------------------------------------------------------
