@@ -13,13 +13,12 @@ import os
 import torch
 
 from . import deepspeed, distributed
-from .checkpoint import load_schedule, load_tensors, load_weights, save_schedule
+from .checkpoint import OPTIMIZER_FILE, load_schedule, load_tensors, load_weights, save_schedule
 from .errors import CheckpointError
 from .loss import loss_sum
 from .quant import make_optimizer
 
 SCHEDULES = ("cosine", "linear", "constant")
-OPTIMIZER_FILE = "optimizer.pt"
 
 
 def lr_lambda(kind: str, warmup_steps: int, total_steps: int):

@@ -6,6 +6,7 @@ is stable: complete UTF-8 characters that cannot be the start of a stop string.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, fields
 from typing import Iterator
 
@@ -100,11 +101,11 @@ def generate_stream(model, tokenizer, input_ids, config: GenerationConfig, stop_
 
 
 def generate_batch(model, tokenizer, batch_input_ids, config: GenerationConfig, stop_strings=(), stop_token_ids=(),
-                   *, stop_after=(), all_done=None) -> list[str]:
+                   *, stop_after=(), all_done=None, on_tokens=None) -> list[str]:
     """The replies to several prompts at once (left-padded); each row stops on its own, as generate_stream would.
 
     all_done(finished here) -> finished everywhere: ranks that must run the same forwards (ZeRO-3) go on
-    until every rank has finished.
+    until every rank has finished. on_tokens(n), if given, hears how many tokens each step generated.
     """
     if not batch_input_ids:
         return []
@@ -114,6 +115,8 @@ def generate_batch(model, tokenizer, batch_input_ids, config: GenerationConfig, 
     done = [False] * len(batch_input_ids)
     padded = _left_pad([list(ids) for ids in batch_input_ids], _pad_id(tokenizer), model.device)
     for tokens in _token_steps(model, *padded, config):
+        if on_tokens is not None:
+            on_tokens(done.count(False))
         for row, token in enumerate(tokens.tolist()):
             if done[row]:
                 continue
@@ -221,6 +224,7 @@ def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
+    cache_name = cache_argument(model)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     seen = None  # [batch, vocab] tokens already in each row, for the repetition penalty
     generator = None
@@ -236,13 +240,19 @@ def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
                 if seen is not None:
                     seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
             output = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
-                           past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = output.past_key_values
+                           use_cache=True, logits_to_keep=1, **{cache_name: cache})
+            cache = getattr(output, cache_name)
             logits = output.logits[:, -1, :].float()
             if config.repetition_penalty != 1.0 and seen is None:
                 seen = _seen_tokens(input_ids, attention_mask, logits.shape[-1])
             tokens = next_tokens(logits, config, seen, generator)
             yield tokens
+
+
+def cache_argument(model) -> str:
+    """The name the model's forward takes the KV cache under: `cache` from transformers 5.24 on (which warns on
+    every call given the old name), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _seen_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:

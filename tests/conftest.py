@@ -28,3 +28,17 @@ def _private_dataset_cache(tmp_path_factory):
     sftkit.data.cache.cache_dir = lambda: folder
     yield
     sftkit.data.cache.cache_dir = original
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_checkpoint_key(tmp_path_factory):
+    """Checkpoints of the tests are signed with a key of their own (the environment reaches torchrun children too)."""
+    from sftkit.manifest import KEY_ENV
+
+    original = os.environ.get(KEY_ENV)
+    os.environ[KEY_ENV] = str(tmp_path_factory.mktemp("sftkit-key") / "checkpoint.key")
+    yield
+    if original is None:
+        os.environ.pop(KEY_ENV, None)
+    else:
+        os.environ[KEY_ENV] = original

@@ -184,7 +184,7 @@ def test_agent_procedure_inserts_reference_results_and_continues(monkeypatch, to
     }
     prompts = []
 
-    def scripted(model, tokenizer, batch, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), all_done=None):
+    def scripted(model, tokenizer, batch, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), all_done=None, on_tokens=None):
         texts = [tokenizer.decode(ids) for ids in batch]
         prompts.extend(texts)
         return [script[(text.split("user\n")[1].split("<|im_end|>")[0], text.count("<|startofexec|>"))] for text in texts]

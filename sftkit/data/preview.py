@@ -52,9 +52,9 @@ def preview(config, tokenizer=None, echo=print) -> dict:
     from .pipeline import build_example
 
     if tokenizer is None:
-        from ..model import load_tokenizer, resolve_model_dir
+        from ..model import load_tokenizer, resolve_tokenizer_dir
 
-        tokenizer = load_tokenizer(resolve_model_dir(config.tokenizer))
+        tokenizer = load_tokenizer(resolve_tokenizer_dir(config.tokenizer))
     conversations, report = load_conversations(list(config.datasets()), strategy=config.check_dataset_strategy)
     options = dict(tokenizer=tokenizer, template=config.template, train_on=config.train_on, system=config.system)
     # Encode once at full length (for the statistics), then truncate as training would.
