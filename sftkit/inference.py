@@ -119,9 +119,9 @@ def is_adapter(checkpoint: str) -> bool:
 def require_full_weights(checkpoint: str) -> None:
     """A folder without an adapter must hold a whole model: config.json and safetensors weights."""
     if not os.path.isfile(os.path.join(checkpoint, "config.json")) or \
-            not any(name.endswith(".safetensors") for name in os.listdir(checkpoint)):
+            not any(name.startswith("model") and name.endswith(".safetensors") for name in os.listdir(checkpoint)):
         raise CheckpointError(f"{checkpoint} holds no weights: neither a LoRA adapter ({CONFIG_NAME} + {WEIGHTS_NAME}) "
-                              "nor a full model (config.json + *.safetensors)")
+                              "nor a full model (config.json + model*.safetensors)")
 
 
 def base_model_dir(args: dict) -> str:
