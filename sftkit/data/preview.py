@@ -56,7 +56,8 @@ def preview(config, tokenizer=None, echo=print) -> dict:
 
         tokenizer = load_tokenizer(resolve_tokenizer_dir(config.tokenizer))
     conversations, report = load_conversations(list(config.datasets()), strategy=config.check_dataset_strategy)
-    options = dict(tokenizer=tokenizer, template=config.template, train_on=config.train_on, system=config.system)
+    options = dict(tokenizer=tokenizer, template=config.template or default_template(config.tokenizer),
+                   train_on=config.train_on, system=config.system)
     # Encode once at full length (for the statistics), then truncate as training would.
     full = [build_example(conversation, **options) for conversation in conversations]
     lengths = [len(example["input_ids"]) for example in full if example is not None]
@@ -78,3 +79,11 @@ def preview(config, tokenizer=None, echo=print) -> dict:
     echo("tokens per example: " + ", ".join(f"{key} {value}" for key, value in stats["tokens"].items()))
     echo(f"truncated to {config.max_length}: {stats['truncated']}; dropped with no trainable token left: {stats['dropped_no_trainable_token']}")
     return stats
+
+
+def default_template(tokenizer: str | None) -> str:
+    """What training would use without --template: the model type's template, else the tokenizer's own (auto)."""
+    from ..registry import EMBEDDED_MODEL_TYPE, MODELS, infer_model_type
+
+    model_type = infer_model_type(tokenizer) if tokenizer else EMBEDDED_MODEL_TYPE
+    return MODELS[model_type].template if model_type else "auto"
