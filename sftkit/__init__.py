@@ -21,7 +21,7 @@ from .lora import (
     unload_lora,
     unmerge_lora,
 )
-from .errors import CheckpointError, ModelLoadError, SftkitError, TrainingError
+from .errors import CheckpointError, ModelLoadError, OptionError, SftkitError, TrainingError, TrainingStopped
 from .evaluate import evaluate_checkpoint, evaluate_generation
 from .generation import GenerationConfig, generate_batch, generate_stream
 from .inference import load_for_inference
@@ -31,7 +31,7 @@ from .registry import MODELS, ModelInfo, infer_model_type, register_model
 from .train import train
 
 __all__ = [
-    "CheckpointError", "ModelLoadError", "SftkitError", "evaluate_checkpoint",
+    "CheckpointError", "ModelLoadError", "OptionError", "SftkitError", "TrainingStopped", "evaluate_checkpoint",
     "ChatConfig", "EvalConfig", "GenerationConfig", "InferConfig", "MODELS", "MergeConfig", "ModelInfo",
     "agent_metrics", "bleu4", "evaluate_generation", "generate_batch", "generate_stream", "get_model_tokenizer",
     "infer", "infer_model_type", "load_for_inference", "merge", "parse_tool_calls", "register_model", "rouge_l",

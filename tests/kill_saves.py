@@ -3,8 +3,9 @@ file operation of a save (or of the metrics write just before it), then a clean 
 
     python tests/kill_saves.py MODEL_DIR DATA_FILE OUT_DIR --cycles 50 --seed 13
 
-This parent never runs torch: it forks each child (which trains, resuming from `latest`) and, after every kill,
-checks what the kill left: `latest` (or the newest checkpoint) verifies against its manifest and is resumable.
+The parent warms up with one step on one thread, then forks each child (which trains, resuming from `latest`)
+and, after every kill, checks what the kill left: `latest` (or the newest checkpoint) verifies against its
+manifest and is resumable.
 The last line printed is JSON with the figures.
 """
 from __future__ import annotations
@@ -135,6 +136,11 @@ def main() -> None:
     rng = random.Random(args.seed)
     started = time.time()
 
+    # Warm up here, uninstrumented, so each child starts with transformers' lazy modules imported and the
+    # tokenized data cached (one thread: no OpenMP pool exists to be broken by the forks).
+    torch.set_num_threads(1)
+    training.train(dataclasses.replace(config(args.model_dir, args.data, os.path.join(args.out, "warm-up"), resume=False),
+                                       max_steps=1))
     # Calibrate: how many file operations three saves (and their metrics lines) take.
     calibration, counter = os.path.join(args.out, "calibration"), os.path.join(args.out, "operations")
     settings = config(args.model_dir, args.data, calibration, resume=False)

@@ -95,6 +95,7 @@ def test_kill_9_during_saves_never_corrupts_a_checkpoint(tiny_model_dir, chat_da
                             capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
+    print(figures)  # the reliability figures (pytest -s shows them)
     assert figures["cycles"] == 50 and figures["killed"] == 50
     assert figures["corrupt"] == 0 and figures["duplicate_metrics"] == 0 and figures["unresumable"] == 0
     final, reference = load_file(figures["final_adapter"]), load_file(figures["reference_adapter"])
