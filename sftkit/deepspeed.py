@@ -12,8 +12,7 @@ import os
 
 import torch
 
-from .checkpoint import DEEPSPEED_FOLDER as STATE_FOLDER
-from .checkpoint import load_schedule, save_schedule
+from .checkpoint import DEEPSPEED_FOLDER, load_schedule, save_schedule
 from .errors import CheckpointError, OptionError, SftkitError
 from .paths import packaged
 
@@ -104,15 +103,15 @@ class DeepSpeedBackend:
 
     def save(self, folder: str) -> None:
         """DeepSpeed's own state (partitioned optimizer, module) into <folder>/deepspeed on every rank; the schedule."""
-        self.engine.save_checkpoint(folder, tag=STATE_FOLDER)
+        self.engine.save_checkpoint(folder, tag=DEEPSPEED_FOLDER)
         if self.world.is_main:
             save_schedule(folder, self.scheduler, None)
 
     def load(self, folder: str) -> None:
-        path, _ = self.engine.load_checkpoint(folder, tag=STATE_FOLDER, load_optimizer_states=True,
+        path, _ = self.engine.load_checkpoint(folder, tag=DEEPSPEED_FOLDER, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:
-            raise CheckpointError(f"{folder} holds no DeepSpeed state ({STATE_FOLDER}/): it was not saved by a DeepSpeed run")
+            raise CheckpointError(f"{folder} holds no DeepSpeed state ({DEEPSPEED_FOLDER}/): it was not saved by a DeepSpeed run")
         load_schedule(folder, self.scheduler, None)
 
 

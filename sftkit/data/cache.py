@@ -21,6 +21,7 @@ import tempfile
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import SftkitError
 from ..manifest import describe
 from ..paths import cache_dir, private_file, private_folder
 from .formats import Message
@@ -60,8 +61,6 @@ def cache_path(key: str) -> str:
 
 def check_writable() -> None:
     """Fail before any work when the cache cannot be written (the CLI then prints one line)."""
-    from ..errors import SftkitError
-
     folder = os.path.join(cache_dir(), "datasets")
     try:
         private_folder(folder)
