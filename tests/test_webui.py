@@ -224,12 +224,12 @@ def test_stop_sends_sigterm_and_the_run_saves_a_checkpoint(tmp_path, tiny_model_
             time.sleep(0.2)
         assert job.status() == "running"
         job.stop()
-        assert job.wait(60) == 0, job.log_text()[-2000:]
+        assert job.wait(60) == 143, job.log_text()[-2000:]  # saved, then the exit code of a stop by SIGTERM
     finally:
         if job.running:
             job.process.kill()
     run_dir = jobs.run_folder(job.log_text())
-    assert job.status() == "stopped (checkpoint saved)" and "stopped by signal" in job.log_text()
+    assert job.status() == "stopped (checkpoint saved)" and "stopped by SIGTERM; checkpoint saved" in job.log_text()
     from sftkit.run import pointer
 
     assert os.path.isfile(os.path.join(pointer(run_dir, "latest"), "adapter_model.safetensors"))

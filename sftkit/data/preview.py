@@ -67,8 +67,13 @@ def build_preview(config, tokenizer) -> Preview:
     from .loading import load_conversations
     from .pipeline import build_example
 
+    if tokenizer is None:
+        from ..model import load_tokenizer, resolve_tokenizer_dir
+
+        tokenizer = load_tokenizer(resolve_tokenizer_dir(config.tokenizer))
     conversations, report = load_conversations(list(config.datasets()), strategy=config.check_dataset_strategy)
-    options = dict(tokenizer=tokenizer, template=config.template, train_on=config.train_on, system=config.system)
+    options = dict(tokenizer=tokenizer, template=config.template or default_template(config.tokenizer),
+                   train_on=config.train_on, system=config.system)
     # Encode once at full length (for the statistics), then truncate as training would.
     full = [build_example(conversation, **options) for conversation in conversations]
     lengths = [len(example["input_ids"]) for example in full if example is not None]
@@ -87,9 +92,9 @@ def build_preview(config, tokenizer) -> Preview:
 def preview(config, tokenizer=None, echo=print) -> dict:
     """Load, encode and show `config.num_examples` examples of a PreviewConfig; returns the statistics."""
     if tokenizer is None:
-        from ..model import load_tokenizer, resolve_model_dir
+        from ..model import load_tokenizer, resolve_tokenizer_dir
 
-        tokenizer = load_tokenizer(resolve_model_dir(config.tokenizer))
+        tokenizer = load_tokenizer(resolve_tokenizer_dir(config.tokenizer))
     result = build_preview(config, tokenizer)
     for index, example in enumerate(result.examples):
         trainable = trainable_tokens(example)
@@ -101,3 +106,11 @@ def preview(config, tokenizer=None, echo=print) -> dict:
     echo("tokens per example: " + ", ".join(f"{key} {value}" for key, value in stats["tokens"].items()))
     echo(f"truncated to {config.max_length}: {stats['truncated']}; dropped with no trainable token left: {stats['dropped_no_trainable_token']}")
     return stats
+
+
+def default_template(tokenizer: str | None) -> str:
+    """What training would use without --template: the model type's template, else the tokenizer's own (auto)."""
+    from ..registry import EMBEDDED_MODEL_TYPE, MODELS, infer_model_type
+
+    model_type = infer_model_type(tokenizer) if tokenizer else EMBEDDED_MODEL_TYPE
+    return MODELS[model_type].template if model_type else "auto"

@@ -31,7 +31,7 @@ TRAIN_GROUPS = {
                             "predict_with_generate", "eval_generation_mode", "constrained_tool_calls",
                             "eval_generation_limit", "eval_max_new_tokens", "save_steps", "save_total_limit",
                             "only_save_model", "logging_steps", "output_dir",
-                            "add_output_dir_suffix", "resume_from_checkpoint", "logging_dir", "push_to_hub", "hub_model_id",
+                            "add_output_dir_suffix", "resume_from_checkpoint", "ignore_args_mismatch", "trust_checkpoint", "logging_dir", "push_to_hub", "hub_model_id",
                             "hub_private_repo", "push_hub_strategy", "hub_token"),
     "distributed": ("device", "devices", "deepspeed", "dataloader_num_workers"),
 }

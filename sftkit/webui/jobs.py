@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+from ..errors import STOPPED_EXIT_CODES
 from ..logs import read_metrics
 from ..run import ARGS_FILE, BEST, LATEST, metrics_file, pointer
 
@@ -63,8 +64,8 @@ class TrainJob:
         if code is None:
             return "stopping (saving a checkpoint)" if self.stop_requested else "running"
         if self.stop_requested:
-            # Before the loop starts there is no handler yet: SIGTERM ends the process before any checkpoint.
-            return "stopped (checkpoint saved)" if code == 0 else "stopped before training began (nothing saved)"
+            # A stopped run saves and exits 130/143; before the loop starts SIGTERM ends it with nothing saved.
+            return "stopped (checkpoint saved)" if code in STOPPED_EXIT_CODES else "stopped before training began (nothing saved)"
         return "finished" if code == 0 else f"failed (exit code {code})"
 
 
