@@ -20,7 +20,8 @@ def chat(config: ChatConfig):
     from sftkit.inference import load_for_inference
 
     model, tokenizer, settings = load_for_inference(config.ckpt_dir, config.model, template=config.template,
-                                                    system=config.system, dtype=config.dtype)
+                                                    system=config.system, dtype=config.dtype,
+                                                    trust_remote_code=config.trust_remote_code)
     chat_repl(model, tokenizer, settings.template, settings.system, generation_config(config), agent=config.agent,
               stream=config.stream)
 

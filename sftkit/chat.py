@@ -99,7 +99,8 @@ def _show(pieces, output, stream: bool) -> str:
 def infer(config, echo=print) -> list[dict]:
     """Generate an answer for every row of an InferConfig's dataset; writes {prompt, reference, prediction} JSONL."""
     model, tokenizer, settings = load_for_inference(config.ckpt_dir, config.model, template=config.template,
-                                                    system=config.system, dtype=config.dtype)
+                                                    system=config.system, dtype=config.dtype,
+                                                    trust_remote_code=config.trust_remote_code)
     conversations, _ = dataset_conversations(config, settings)
     cases = [split_last_turn(conversation) for conversation in conversations]
     prompts = [prompt_ids(prompt, tokenizer, settings.template, settings.system) for prompt, _ in cases]
@@ -140,13 +141,14 @@ def merge(config) -> str:
     if os.path.exists(output_dir):
         raise CheckpointError(f"{output_dir} already exists: remove it or pass --output_dir")
     model_dir = base_model_dir(args)
-    model = load_model(model_dir, dtype="fp32", device="cpu")
+    remote = bool(args.get("trust_remote_code"))  # the run's consent to run the base's own code
+    model = load_model(model_dir, dtype="fp32", device="cpu", trust_remote_code=remote)
     load_adapter(model, checkpoint)
     unload_lora(model)
     model.to(saved_dtype(args, model_dir))
     staging = f"{output_dir}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
-    load_tokenizer(model_dir).save_pretrained(staging)
+    load_tokenizer(model_dir, trust_remote_code=remote).save_pretrained(staging)
     os.replace(staging, output_dir)
     return output_dir

@@ -366,6 +366,8 @@ class GenerateOptions:
     system: str | None = option(None, "system prompt (default: the run's, else the template's)")
     dtype: str | None = option(None, "auto, bf16, fp16 or fp32 (default: the run's, else auto)", aliases=("torch_dtype",),
                                choices=DTYPE_CHOICES)
+    trust_remote_code: bool = option(False, "allow a model whose repository ships Python code (a run trained with "
+                                            "--trust_remote_code true allows its base already)")
     max_new_tokens: int = option(512, "most tokens generated per reply")
     do_sample: bool = option(False, "sample the next token instead of taking the most likely one")
     temperature: float = option(1.0, "sampling temperature (with do_sample)")

@@ -185,7 +185,8 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
 def evaluate_checkpoint(config) -> dict:
     """`sftkit eval`: score an EvalConfig's model on its dataset; writes the JSON report and returns it."""
     model, tokenizer, settings = load_for_inference(config.ckpt_dir, config.model, template=config.template,
-                                                    system=config.system, dtype=config.dtype)
+                                                    system=config.system, dtype=config.dtype,
+                                                    trust_remote_code=config.trust_remote_code)
     conversations, specs = dataset_conversations(config, settings)
     report = evaluate_generation(model, tokenizer, settings.template, conversations, mode=config.metrics,
                                  gen_config=generation_config(config), system=settings.system, limit=config.limit,

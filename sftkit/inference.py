@@ -31,12 +31,13 @@ class InferenceSettings:
 
 
 def load_for_inference(ckpt_dir: str | None = None, model: str | None = None, *, template: str | None = None,
-                       system: str | None = None, dtype: str | None = None, device=None):
+                       system: str | None = None, dtype: str | None = None, device=None, trust_remote_code: bool = False):
     """(model, tokenizer, InferenceSettings) for a training checkpoint, a plain model, or neither.
 
     A LoRA checkpoint is loaded onto its run's base model (`model` overrides that base); a full one is the
     model. With neither, the embedded default SmolLM2-135M-Instruct is loaded with its own chat template,
-    so `sftkit chat` works out of the box. Explicit template/system/dtype win over the run's.
+    so `sftkit chat` works out of the box. Explicit template/system/dtype win over the run's. A run's base
+    loads as training loaded it: with the model type's fixes, and its consent to run the model's own code.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     args, checkpoint = {}, None
@@ -58,7 +59,10 @@ def load_for_inference(ckpt_dir: str | None = None, model: str | None = None, *,
         bits=args.get("quantization_bit") or None, bnb_4bit_quant_type=args.get("bnb_4bit_quant_type", "nf4"),
         bnb_4bit_use_double_quant=args.get("bnb_4bit_use_double_quant", True),
         bnb_4bit_compute_dtype=args.get("bnb_4bit_comp_dtype", "auto")) if adapter else None
-    loaded = load_model_and_tokenizer(model_dir, dtype=settings_dtype, device=device, quantization=quantization)
+    model_type = args.get("model_type") if model is None else None
+    loaded = load_model_and_tokenizer(model_dir, model_type=model_type, dtype=settings_dtype, device=device,
+                                      quantization=quantization,
+                                      trust_remote_code=trust_remote_code or bool(args.get("trust_remote_code")))
     if adapter:
         load_adapter(loaded.model, checkpoint)
     loaded.model.eval().requires_grad_(False)

@@ -168,18 +168,20 @@ def _gguf_dequantize_kwargs() -> dict:
     return {"quantization_config": GgufConfig(dequantize=True)}
 
 
-def _check_remote_code(model_dir: str, trust_remote_code: bool) -> None:
-    """Fail early and clearly where transformers would need the repo's own Python code."""
+def _check_remote_code(model_dir: str, trust_remote_code: bool) -> bool:
+    """Whether the model runs its repository's own Python code; fails early and clearly where that is not allowed."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as file:
         config = json.load(file)
     # An auto_map next to a model_type transformers knows (Phi-3, ...) is ignored without trust_remote_code.
-    if "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING and not trust_remote_code:
+    remote = "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING
+    if remote and not trust_remote_code:
         raise ModelLoadError(
             f"{model_dir!r} needs its own Python code (config.json has auto_map, model_type "
             f"{config.get('model_type')!r}): pass --trust_remote_code true if you trust it"
         )
+    return remote
 
 
 def load_tokenizer(model_dir: str, *, trust_remote_code: bool = False):
@@ -238,7 +240,11 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    _check_remote_code(model_dir, trust_remote_code)
+    if _check_remote_code(model_dir, trust_remote_code) or attn_implementation == "sdpa":
+        # transformers refuses to build a class that lacks the implementation asked for (Bloom has no SDPA; remote
+        # code, ChatGLM or Baichuan, declares none and runs its own): left to it, it takes SDPA where the class
+        # has it, else eager.
+        attn_implementation = None
     torch_dtype = resolve_dtype(dtype, device)
     quantization_kwargs = _quantization_kwargs(model_dir, quantization, torch_dtype, device)
     model = (automodel_class or AutoModelForCausalLM).from_pretrained(

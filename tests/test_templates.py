@@ -7,7 +7,7 @@ import pytest
 
 from sftkit.data.formats import Message
 from sftkit.data.pipeline import IGNORE_INDEX, build_example, encode, mask
-from sftkit.data.templates import TEMPLATES, Template, get_template, register_template, render
+from sftkit.data.templates import TEMPLATES, Template, TokenText, Tokens, get_template, pattern_text, register_template, render
 
 GOLDEN = Path(__file__).parent / "golden" / "templates.json"
 THINK = '<|startofthink|>{"api_name": "weather", "parameters": {"city": "Paris"}}<|endofthink|>'
@@ -22,6 +22,8 @@ CONVERSATION = [
     Message("assistant", "18 C."),
 ]
 NAMED = sorted(name for name in TEMPLATES if name != "auto")
+TEXT_ONLY = [name for name in NAMED if not TEMPLATES[name].has_tokens]
+WITH_TOKENS = [name for name in NAMED if TEMPLATES[name].has_tokens]
 
 
 def specials(tokenizer):
@@ -44,9 +46,10 @@ def golden_text(renderings) -> str:
     return "{\n" + ",\n".join(blocks) + "\n}\n"
 
 
-def test_builtin_templates_match_golden(tokenizer):
-    """Golden text + ids + labels per template; regenerate with SFTKIT_UPDATE_GOLDEN=1 after a deliberate change."""
-    current = {name: rendering(name, tokenizer) for name in NAMED + ["auto"]}
+def test_builtin_templates_match_golden(tokenizer, marker_tokenizer):
+    """Golden text + ids + labels per template; regenerate with SFTKIT_UPDATE_GOLDEN=1 after a deliberate change.
+    Templates that write token ids need a tokenizer that has those tokens."""
+    current = {name: rendering(name, marker_tokenizer if name in WITH_TOKENS else tokenizer) for name in NAMED + ["auto"]}
     if os.environ.get("SFTKIT_UPDATE_GOLDEN"):
         GOLDEN.write_text(golden_text(current), encoding="utf-8")
     golden = json.loads(GOLDEN.read_text(encoding="utf-8"))
@@ -60,7 +63,7 @@ def test_required_builtins_exist():
         assert name in TEMPLATES
 
 
-@pytest.mark.parametrize("name", NAMED + ["auto"])
+@pytest.mark.parametrize("name", TEXT_ONLY + ["auto"])
 def test_joined_encoding_equals_plain_tokenization(name, tokenizer):
     segments = render(CONVERSATION, name, tokenizer=tokenizer, **specials(tokenizer))
     text = "".join(t for t, _ in segments)
@@ -88,7 +91,7 @@ def test_trainable_text_is_answers_calls_and_end_of_turn(name, marker_tokenizer)
     template = get_template(name)
     example = build_example(CONVERSATION, tokenizer=tokenizer, template=name)
     trained = tokenizer.decode([t for t, l in zip(example["input_ids"], example["labels"]) if l != IGNORE_INDEX])
-    suffix = template.suffix.replace("{{EOS}}", tokenizer.eos_token).replace("{{BOS}}", tokenizer.bos_token)
+    suffix = pattern_text(template.suffix, tokenizer).replace("{{EOS}}", tokenizer.eos_token).replace("{{BOS}}", tokenizer.bos_token)
     call = template.tool_call.replace("{{CONTENT}}", CONVERSATION[4].content)
     # A space that ends the prompt glue rides on the answer's first token (" 4"): ignore spaces.
     assert trained.replace(" ", "") == ("4." + suffix + call + "18 C." + suffix).replace(" ", "")
