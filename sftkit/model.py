@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+from .architecture import HEAD_NAMES
 from .errors import ModelLoadError
 from .paths import cache_dir
 from .registry import EMBEDDED_MODEL_TYPE, EMBEDDED_TAG, ModelInfo, entry_problems, get_model_info, hub_model_id
@@ -184,13 +185,13 @@ def _check_remote_code(model_dir: str, trust_remote_code: bool) -> bool:
     return remote
 
 
-def load_tokenizer(model_dir: str, *, trust_remote_code: bool = False):
-    """AutoTokenizer with a pad token guaranteed, since batching needs one."""
+def load_tokenizer(model_dir: str, *, trust_remote_code: bool = False, pad: bool = True):
+    """AutoTokenizer with a pad token guaranteed, since batching needs one (pad=False: the caller sees to it)."""
     from transformers import AutoTokenizer
 
     _check_remote_code(model_dir, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
+    if pad and tokenizer.pad_token is None:
         tokenizer.pad_token = _pad_fallback(tokenizer)
     return tokenizer
 
@@ -278,7 +279,10 @@ def _quantization_kwargs(model_dir: str, quantization, torch_dtype: torch.dtype,
     try:
         if options.enabled:
             require_bitsandbytes()
-            return {"quantization_config": bnb_config(options, torch_dtype), "device_map": device_map}
+            config = bnb_config(options, torch_dtype)
+            # The head stays in full precision, also where transformers cannot find it (ChatGLM's output_layer).
+            config.llm_int8_skip_modules = list(HEAD_NAMES)
+            return {"quantization_config": config, "device_map": device_map}
         if method == "gptq":
             require_gptq()
     except QuantizationError as error:
@@ -334,7 +338,8 @@ def load_model_and_tokenizer(
         model_dir = _entry_dir(info, local, hub=hub, revision=revision, cache_dir=cache_dir)
     else:
         model_dir = resolve_model_dir(model, hub=hub, revision=revision, cache_dir=cache_dir)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    # A model type's patch may name the tokenizer's special tokens (Qwen v1 names none): pad after it.
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code, pad=False)
     loaded = None
     if with_model:
         loaded = load_model(
@@ -343,6 +348,8 @@ def load_model_and_tokenizer(
             automodel_class=info.automodel_class if info else None)
     if info is not None and info.patch is not None:
         info.patch(loaded, tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = _pad_fallback(tokenizer)
     return Loaded(loaded, tokenizer, model_dir)
 
 

@@ -35,7 +35,7 @@ from .loss import loss_sum
 from .model import attn_implementation, load_model_and_tokenizer, resolve_dtype
 from .placement import place
 from .quant import QuantizationOptions, is_quantized
-from .registry import EMBEDDED_MODEL_TYPE, MODELS, infer_model_type, resolve_lora_targets
+from .registry import EMBEDDED_MODEL_TYPE, get_model_info, infer_model_type, resolve_lora_targets
 
 
 def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], None] = lambda record: None) -> str:
@@ -46,7 +46,8 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
     """
     # --- Setup. One rank per process (torchrun), each owning one device or, for pipeline-style model
     # parallel, a group of devices its layers are spread over.
-    world = distributed.init("cuda" if (config.device or "cuda").startswith("cuda") and torch.cuda.is_available() else "cpu")
+    world = distributed.init("cuda" if (config.device or "cuda").startswith("cuda") and torch.cuda.is_available() else "cpu",
+                             config.ddp_backend)
     devices = rank_devices(config, world)
     device = torch.device(devices[0])
     compute_dtype = resolve_dtype(config.dtype, device)
@@ -256,7 +257,7 @@ def setup_model(config: TrainConfig, devices: list[str], say=print):
         gradient_checkpointing=config.gradient_checkpointing, quantization=quantization)
     if config.sft_type == "full" and is_quantized(model):
         raise TrainingError(f"{model_dir} is quantized: its weights cannot be trained, only LoRA adapters on them (--sft_type lora)")
-    template = config.template or (MODELS[model_type].template if model_type else "auto")
+    template = config.template or (get_model_info(model_type).template if model_type else "auto")
     config = replace(config, model_type=model_type, template=template)
     lora_config = None
     if config.sft_type == "lora":
