@@ -70,9 +70,15 @@ def make_model(tokenizer, arch: str = "llama", hidden: int = 64, layers: int = 2
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    if arch in ("gemma", "gemma2", "gemma3_text"):
+    if arch in ("gemma", "gemma2", "gemma3_text", "gemma3"):
         kwargs["head_dim"] = hidden // 4
-    config = AutoConfig.for_model(arch, **kwargs)
+    if arch == "gemma3":  # Gemma 3 4B+: the text model inside an image-text model, with a tiny vision tower
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                      patch_size=14)
+        special = {key: kwargs[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")}
+        config = AutoConfig.for_model(arch, text_config=kwargs, vision_config=vision, mm_tokens_per_image=4, **special)
+    else:
+        config = AutoConfig.for_model(arch, **kwargs)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
 
