@@ -5,7 +5,9 @@ downloads, checks and loads, for training and inference alike.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -189,11 +191,48 @@ def load_tokenizer(model_dir: str, *, trust_remote_code: bool = False, pad: bool
     """AutoTokenizer with a pad token guaranteed, since batching needs one (pad=False: the caller sees to it)."""
     from transformers import AutoTokenizer
 
-    _check_remote_code(model_dir, trust_remote_code)
+    if _check_remote_code(model_dir, trust_remote_code):
+        remote_class = _remote_tokenizer_class(model_dir)
+        if remote_class is not None:
+            _sentencepiece_first(remote_class)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     if pad and tokenizer.pad_token is None:
         tokenizer.pad_token = _pad_fallback(tokenizer)
     return tokenizer
+
+
+def _remote_tokenizer_class(model_dir: str):
+    """The tokenizer class the repository's own code defines (as AutoTokenizer will load it), or None."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
+
+    reference = (get_tokenizer_config(model_dir).get("auto_map") or {}).get("AutoTokenizer")
+    reference = reference[0] if isinstance(reference, (list, tuple)) else reference
+    return get_class_from_dynamic_module(reference, model_dir) if reference else None
+
+
+def _sentencepiece_first(tokenizer_class) -> None:
+    """Load a SentencePiece tokenizer's model before its own __init__ runs.
+
+    Baichuan's (1 and 2) and other 2023 remote tokenizers load it after calling the base __init__, which since
+    transformers 4.34 already asks for the vocabulary ("has no attribute sp_model"); loading it first is the
+    fix their users apply to the file, here applied to the class as loaded.
+    """
+    init = tokenizer_class.__init__
+    parameters = inspect.signature(init).parameters
+    if getattr(init, "_sentencepiece_first", False) or not {"vocab_file", "sp_model_kwargs"} <= parameters.keys():
+        return
+
+    @functools.wraps(init)
+    def __init__(self, vocab_file, *args, sp_model_kwargs=None, **kwargs):
+        import sentencepiece
+
+        self.sp_model = sentencepiece.SentencePieceProcessor(**(sp_model_kwargs or {}))
+        self.sp_model.Load(vocab_file)
+        init(self, vocab_file, *args, sp_model_kwargs=sp_model_kwargs, **kwargs)
+
+    __init__._sentencepiece_first = True
+    tokenizer_class.__init__ = __init__
 
 
 def _pad_fallback(tokenizer) -> str:
@@ -338,16 +377,19 @@ def load_model_and_tokenizer(
         model_dir = _entry_dir(info, local, hub=hub, revision=revision, cache_dir=cache_dir)
     else:
         model_dir = resolve_model_dir(model, hub=hub, revision=revision, cache_dir=cache_dir)
-    # A model type's patch may name the tokenizer's special tokens (Qwen v1 names none): pad after it.
+    # A model type's patch may name the tokenizer's special tokens (Qwen v1 names none) or give the model what
+    # checkpointing needs (Baichuan-13B's input embeddings): padding and checkpointing come after it.
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code, pad=False)
     loaded = None
     if with_model:
         loaded = load_model(
             model_dir, dtype=dtype or "auto", device=device, attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code, gradient_checkpointing=gradient_checkpointing, quantization=quantization,
+            trust_remote_code=trust_remote_code, quantization=quantization,
             automodel_class=info.automodel_class if info else None)
     if info is not None and info.patch is not None:
         info.patch(loaded, tokenizer)
+    if loaded is not None and gradient_checkpointing:
+        _enable_gradient_checkpointing(loaded)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = _pad_fallback(tokenizer)
     return Loaded(loaded, tokenizer, model_dir)

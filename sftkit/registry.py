@@ -261,6 +261,17 @@ def fix_internlm_chat(model, tokenizer) -> None:
     tokenizer.eos_token = "<eoa>"
 
 
+def fix_baichuan(model, tokenizer) -> None:
+    """Baichuan-13B's remote code raises NotImplementedError from get_input_embeddings, which gradient checkpointing
+    (and finding the vocabulary) asks for."""
+    if model is None:
+        return
+    try:
+        model.get_input_embeddings()
+    except NotImplementedError:
+        type(model).get_input_embeddings = lambda self: self.model.embed_tokens
+
+
 def fix_baichuan2(model, tokenizer) -> None:
     """Baichuan2's NormHead normalises its weight into float32 under a half-precision model (ms-swift's "fp32 bug");
     Baichuan2-13B's config gives gradient_checkpointing as a list, which reads as true."""
@@ -325,8 +336,9 @@ _QWEN_BASE = dict(_QWEN_CODE, patch=fix_qwen_base)
 _QWEN_CHAT = dict(_QWEN_CODE, patch=fix_qwen_chat)
 _QWEN_GPTQ = dict(_QWEN_CHAT, requires=("tiktoken", "einops", "optimum", "gptqmodel"), torch_dtype="fp16")
 _QWEN_VL = dict(_QWEN_CODE, tags=(MULTIMODAL_TAG,))
-# Baichuan-7B/13B's remote tokenizer sets itself up after transformers reads it (ms-swift keeps the same bound).
-_BAICHUAN_OLD = dict(trust_remote_code=True, requires=("transformers<4.34",), architecture="baichuan")
+# Baichuan-7B/13B's remote tokenizer loads its SentencePiece model too late for transformers >= 4.34 (ms-swift
+# pinned transformers < 4.34); sftkit.model loads it first, as for Baichuan2.
+_BAICHUAN1 = dict(trust_remote_code=True, requires=_SP, architecture="baichuan", patch=fix_baichuan)
 _BAICHUAN2 = dict(trust_remote_code=True, requires=_SP, architecture="baichuan", patch=fix_baichuan2)
 _BAICHUAN_4BIT = dict(_BAICHUAN2, requires=_SP + ("bitsandbytes",), torch_dtype="bf16")
 _CHATGLM = dict(trust_remote_code=True, requires=_SP, architecture="chatglm")
@@ -347,10 +359,10 @@ _BUILTIN = [
     ("qwen-14b-chat-int8", "qwen/Qwen-14B-Chat-Int8", "Qwen/Qwen-14B-Chat-Int8", "qwen", _QWEN, 2048, _QWEN_GPTQ),
     ("qwen-vl", "qwen/Qwen-VL", "Qwen/Qwen-VL", _GEN, _QWEN, 2048, _QWEN_VL),
     ("qwen-vl-chat", "qwen/Qwen-VL-Chat", "Qwen/Qwen-VL-Chat", "qwen", _QWEN, 2048, _QWEN_VL),
-    ("baichuan-7b", "baichuan-inc/baichuan-7B", "baichuan-inc/Baichuan-7B", _GEN, _BAICHUAN, 4096, _BAICHUAN_OLD),
-    ("baichuan-13b", "baichuan-inc/Baichuan-13B-Base", "baichuan-inc/Baichuan-13B-Base", _GEN, _BAICHUAN, 4096, _BAICHUAN_OLD),
+    ("baichuan-7b", "baichuan-inc/baichuan-7B", "baichuan-inc/Baichuan-7B", _GEN, _BAICHUAN, 4096, _BAICHUAN1),
+    ("baichuan-13b", "baichuan-inc/Baichuan-13B-Base", "baichuan-inc/Baichuan-13B-Base", _GEN, _BAICHUAN, 4096, _BAICHUAN1),
     ("baichuan-13b-chat", "baichuan-inc/Baichuan-13B-Chat", "baichuan-inc/Baichuan-13B-Chat", "baichuan", _BAICHUAN, 4096,
-     _BAICHUAN_OLD),
+     _BAICHUAN1),
     ("baichuan2-7b", "baichuan-inc/Baichuan2-7B-Base", "baichuan-inc/Baichuan2-7B-Base", _GEN, _BAICHUAN, 4096, _BAICHUAN2),
     ("baichuan2-7b-chat", "baichuan-inc/Baichuan2-7B-Chat", "baichuan-inc/Baichuan2-7B-Chat", "baichuan", _BAICHUAN, 4096,
      _BAICHUAN2),
