@@ -15,6 +15,7 @@ from .errors import CheckpointError
 from .lora import CONFIG_NAME, load_adapter
 from .model import DTYPES, load_model_and_tokenizer, resolve_model_dir
 from .quant import QuantizationOptions
+from .registry import registered_names
 from .run import ARGS_FILE, BEST, read_run_args, val_file
 
 
@@ -59,7 +60,8 @@ def load_for_inference(ckpt_dir: str | None = None, model: str | None = None, *,
         bits=args.get("quantization_bit") or None, bnb_4bit_quant_type=args.get("bnb_4bit_quant_type", "nf4"),
         bnb_4bit_use_double_quant=args.get("bnb_4bit_use_double_quant", True),
         bnb_4bit_compute_dtype=args.get("bnb_4bit_comp_dtype", "auto")) if adapter else None
-    model_type = args.get("model_type") if model is None else None
+    # The run's model type, for its fixes; one a script registered is unknown to a later process, which loads without.
+    model_type = args.get("model_type") if model is None and args.get("model_type") in registered_names() else None
     loaded = load_model_and_tokenizer(model_dir, model_type=model_type, dtype=settings_dtype, device=device,
                                       quantization=quantization,
                                       trust_remote_code=trust_remote_code or bool(args.get("trust_remote_code")))

@@ -108,6 +108,11 @@ def register_model(
     return use_as_patch
 
 
+def registered_names() -> set[str]:
+    """Every model type and older name this process knows."""
+    return set(MODELS) | set(ALIASES)
+
+
 def get_model_info(model_type: str) -> ModelInfo:
     """The entry of a model type or of one of its older names."""
     model_type = ALIASES.get(model_type, model_type)

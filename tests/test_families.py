@@ -16,7 +16,6 @@ import tiny
 from sftkit.architecture import output_head
 from sftkit.data.formats import Message
 from sftkit.data.pipeline import IGNORE_INDEX, build_example, collate
-from sftkit.inference import load_for_inference
 from sftkit.lora import LoRAConfig, inject_lora
 from sftkit.loss import backbone_hidden, loss_sum
 from sftkit.model import load_model_and_tokenizer
@@ -178,3 +177,13 @@ def test_qlora_keeps_chatglms_output_layer_unquantized(glm_dir):
     model, _, _ = load_model_and_tokenizer(glm_dir, trust_remote_code=True, quantization=QuantizationOptions(bits=4))
     assert is_quantized_linear(model.transformer.encoder.layers[0].self_attention.query_key_value)
     assert type(model.transformer.output_layer) is torch.nn.Linear
+
+
+def test_chatglm_replies_stop_at_its_role_tokens(glm):
+    from sftkit.data.templates import get_template
+    from sftkit.generation import stop_criteria
+
+    _, tokenizer = glm
+    strings, ids = stop_criteria(tokenizer, get_template("chatglm3"))
+    assert {tokenizer.convert_tokens_to_ids("<|user|>"), tokenizer.convert_tokens_to_ids("<|observation|>")} <= set(ids)
+    assert "<|user|>" in strings  # typed as text it is several tokens: matched as text too

@@ -23,8 +23,9 @@ CONVERSATION = [
     Message("assistant", "18 C."),
 ]
 NAMED = sorted(name for name in TEMPLATES if name != "auto")
-TEXT_ONLY = [name for name in NAMED if not TEMPLATES[name].has_tokens]
-WITH_TOKENS = [name for name in NAMED if TEMPLATES[name].has_tokens]
+PARTS = ("prefix", "prompt", "suffix", "separator", "end", "prefix_no_system")
+WITH_TOKENS = [name for name in NAMED if any(isinstance(getattr(TEMPLATES[name], part), tuple) for part in PARTS)]
+TEXT_ONLY = [name for name in NAMED if name not in WITH_TOKENS]
 
 
 def specials(tokenizer):

@@ -134,12 +134,6 @@ class Template:
             raise TypeError("template tool_call and tool_result must be text")
         object.__setattr__(self, "stop_words", tuple(self.stop_words))
 
-    @property
-    def has_tokens(self) -> bool:
-        """Whether some part writes token ids (then encoding is not one tokenizer call over the joined text)."""
-        return any(not isinstance(getattr(self, name), (str, type(None)))
-                   for name in ("prefix", "prompt", "suffix", "separator", "end", "prefix_no_system"))
-
 
 TEMPLATES: dict[str, Template] = {}
 
