@@ -409,6 +409,18 @@ def test_internlm_chat_ends_turns_with_eoa():
     assert tokenizer.eos_token == "<eoa>" and "eos_token_id" not in type(tokenizer).__dict__
 
 
+def test_baichuan_13b_gets_its_input_embeddings():
+    class BaichuanForCausalLM(nn.Module):  # its remote code: no get_input_embeddings
+        def get_input_embeddings(self):
+            raise NotImplementedError
+
+    model = BaichuanForCausalLM()
+    model.model = nn.Module()
+    model.model.embed_tokens = nn.Embedding(5, 2)
+    registry.fix_baichuan(model, None)
+    assert model.get_input_embeddings() is model.model.embed_tokens
+
+
 class NormHead(nn.Module):
     """Baichuan2's head as its remote code writes it: normalised weights, in place at the first evaluation."""
 
