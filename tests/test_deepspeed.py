@@ -124,3 +124,17 @@ def test_qlora_under_zero2_equals_one_process(tiny_model_dir, data_file, tmp_pat
     expected = load_file(str(single / "checkpoint-4" / "adapter_model.safetensors"))
     for key in expected:  # ZeRO-2 reduces in its own order: a few elements differ in the last digits
         torch.testing.assert_close(exported[key], expected[key], rtol=1e-3, atol=1e-4)
+
+
+def test_a_quantized_checkpoint_is_refused_under_zero3(tokenizer):
+    """A GPTQ checkpoint is quantized without quantization_bit: the backend refuses it under ZeRO-3 too."""
+    import tiny
+    from sftkit.backend import build_backend
+    from sftkit.distributed import World
+    from sftkit.errors import TrainingError
+
+    model = tiny.make_model(tokenizer)
+    model.hf_quantizer = object()  # what transformers attaches to a quantized checkpoint
+    with pytest.raises(TrainingError, match="does not train under DeepSpeed ZeRO-3"):
+        build_backend(TrainConfig(deepspeed="zero3"), model, world=World(), devices=["cpu"],
+                      compute_dtype=torch.float32, total_steps=1)
