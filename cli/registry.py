@@ -9,10 +9,11 @@ MAX_CELL = 120
 
 
 def model_rows() -> list[dict]:
-    from sftkit.registry import MODELS
+    from sftkit.registry import MODELS, model_status
 
     return [{
         "model_type": info.model_type,
+        "status": model_status(info),
         "modelscope_id": info.model_id_or_path,
         "hf_id": info.hf_model_id,
         "template": info.template,
@@ -21,18 +22,19 @@ def model_rows() -> list[dict]:
         "max_length": info.max_length,
         "remote_code": info.trust_remote_code,
         "tags": ",".join(info.tags),
+        "aliases": ",".join(info.aliases),
     } for info in MODELS.values()]
 
 
 def template_rows() -> list[dict]:
-    from sftkit.data.templates import TEMPLATES
+    from sftkit.data.templates import TEMPLATES, pattern_text
 
     return [{
         "name": name,
-        "prefix": template.prefix,
-        "prompt": template.prompt,
-        "suffix": template.suffix,
-        "separator": template.separator,
+        "prefix": pattern_text(template.prefix),
+        "prompt": pattern_text(template.prompt),
+        "suffix": pattern_text(template.suffix),
+        "separator": pattern_text(template.separator),
         "default_system": template.default_system,
         "stop_words": ",".join(template.stop_words),
         "tokenizer_template": template.use_tokenizer_template,

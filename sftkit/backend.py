@@ -14,9 +14,9 @@ import torch
 
 from . import deepspeed, distributed
 from .checkpoint import DEEPSPEED_FOLDER, OPTIMIZER_FILE, load_schedule, load_tensors, load_weights, save_schedule
-from .errors import CheckpointError
+from .errors import CheckpointError, TrainingError
 from .loss import loss_sum
-from .quant import make_optimizer
+from .quant import is_quantized, make_optimizer
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -61,6 +61,8 @@ def build_backend(config, model, *, world: distributed.World, devices: list[str]
         optimizer, lr_lambda(config.lr_scheduler_type, round(config.warmup_ratio * total_steps), total_steps))
     module = LossModule(model, loss_fn)
     if config.deepspeed:
+        if is_quantized(model) and deepspeed.deepspeed_stage(config.deepspeed) >= 3:
+            raise TrainingError(deepspeed.QUANTIZED_ZERO3)
         ds_config = deepspeed.fill_config(config.deepspeed, micro_batch=config.batch_size, world_size=world.size,
                                           accumulation=config.gradient_accumulation_steps,
                                           max_grad_norm=config.max_grad_norm, compute_dtype=compute_dtype,

@@ -155,13 +155,14 @@ def merge(config) -> str:
     if os.path.exists(output_dir):
         raise CheckpointError(f"{output_dir} already exists: remove it or pass --output_dir")
     model_dir = base_model_dir(args)
-    model = load_model(model_dir, dtype="fp32", device="cpu", trust_remote_code=config.trust_remote_code)
+    remote = config.trust_remote_code or bool(args.get("trust_remote_code"))  # consent now, or the run's
+    model = load_model(model_dir, dtype="fp32", device="cpu", trust_remote_code=remote)
     load_adapter(model, checkpoint)
     unload_lora(model)
     model.to(stored_dtype(model_dir) if config.dtype == "auto" else DTYPES[config.dtype])
     staging = f"{output_dir}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
-    load_tokenizer(model_dir, trust_remote_code=config.trust_remote_code).save_pretrained(staging)
+    load_tokenizer(model_dir, trust_remote_code=remote).save_pretrained(staging)
     os.replace(staging, output_dir)
     return output_dir

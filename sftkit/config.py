@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 
 from .backend import SCHEDULES
+from .deepspeed import QUANTIZED_ZERO3, deepspeed_stage
 from .data.loading import STRATEGIES
 from .data.pipeline import TRAIN_ON, TRUNCATION_SIDES
 from .errors import SftkitError
@@ -24,6 +25,11 @@ from .paths import bundled
 from .quant import BITS, COMPUTE_DTYPES, OPTIMIZER_ALIASES, OPTIMIZERS, QUANT_TYPES
 
 SFT_TYPES = ("lora", "full")
+TUNER_BACKENDS = ("peft", "swift")
+DDP_BACKENDS = ("nccl", "gloo", "mpi")
+NO_LIMIT = {-1: None}
+# ms-swift's check_dataset_strategy values: none (no check: a bad row stops the run) and discard (drop it).
+SEED_STRATEGIES = {"none": "error", "discard": "skip"}
 LOSS_SCALE_PRESETS = {"agent": {"tool_call": 2.0, "assistant": 1.0}}
 CONSTRAINED_HELP = ("in agent mode (chat --agent, infer, eval --metrics agent), a tool call may only name a tool the "
                     "conversation offers, with that tool's parameter names and value types (false: free, to compare)")
@@ -39,10 +45,13 @@ class ConfigError(SftkitError, ValueError):
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def option(default, help: str, *, aliases: tuple[str, ...] = (), choices: tuple | None = None):
-    """A config field with its help text, extra CLI spellings and allowed values."""
+def option(default, help: str, *, aliases: tuple[str, ...] = (), choices: tuple | None = None,
+           value_aliases: dict | None = None):
+    """A config field with its help text, extra CLI spellings and allowed values; value_aliases maps a value as
+    ms-swift's scripts write it to sftkit's (max_length -1 -> None)."""
     factory = {"default_factory": lambda: default} if isinstance(default, (list, dict)) else {"default": default}
-    return field(metadata={"help": help, "aliases": aliases, "choices": choices}, **factory)
+    return field(metadata={"help": help, "aliases": aliases, "choices": choices, "value_aliases": value_aliases or {}},
+                 **factory)
 
 
 @dataclass(frozen=True)
@@ -55,10 +64,12 @@ class DataOptions:
     template: str | None = option(None, "chat template name, or 'auto' for the tokenizer's own chat_template "
                                         "(default: the model type's template, else auto)", aliases=("template_type",))
     system: str | None = option(None, "system prompt for rows that have none (default: the template's)")
-    max_length: int | None = option(2048, "truncate examples to this many tokens")
+    max_length: int | None = option(2048, "truncate examples to this many tokens (-1 or none: no limit)",
+                                    value_aliases=NO_LIMIT)
     truncation_side: str = option("right", "which end truncation cuts", choices=TRUNCATION_SIDES)
     train_on: str = option("assistant", "which tokens train", choices=TRAIN_ON)
-    check_dataset_strategy: str = option("error", "what a bad row does", choices=STRATEGIES)
+    check_dataset_strategy: str = option("error", "what a bad row does (ms-swift's none: error, discard: skip)",
+                                         choices=STRATEGIES, value_aliases=SEED_STRATEGIES)
 
     def datasets(self) -> tuple[str, ...]:
         return self.dataset or (bundled("chat.jsonl"),)
@@ -95,10 +106,13 @@ class TrainConfig(DataOptions):
                                           aliases=("custom_val_dataset_path",))
     dataset_test_ratio: float = option(0.01, "share of the training data held out for validation when no val_dataset")
     train_dataset_sample: int = option(-1, "use this many training rows after the split (-1: all)")
+    dataset_seed: int | None = option(None, "seed of the validation split and of row sampling (default: seed)")
     loss_scale: str | None = option(None, "per-segment loss weights: 'agent' (tool calls 2, answers 1) or JSON such as "
                                           "'{\"tool_call\": 2, \"assistant\": 1}'; tool results always weigh 0")
     # method
     sft_type: str = option("lora", "LoRA adapters or all parameters", choices=SFT_TYPES)
+    tuner_backend: str = option("peft", "ms-swift's choice of LoRA code; sftkit has one, which writes peft-format "
+                                        "adapters, so both train the same", choices=TUNER_BACKENDS)
     lora_rank: int = option(8, "LoRA rank r")
     lora_alpha: float = option(32, "LoRA alpha (scaling = alpha / r)")
     lora_dropout: float = option(0.05, "dropout on the LoRA input", aliases=("lora_dropout_p",))
@@ -113,6 +127,8 @@ class TrainConfig(DataOptions):
     optim: str = option("adamw", "optimizer: torch AdamW or bitsandbytes 8-bit AdamW",
                         choices=OPTIMIZERS + tuple(OPTIMIZER_ALIASES))
     deepspeed: str | None = option(None, "DeepSpeed config: zero2, zero3, zero2_offload, zero3_offload or a JSON path")
+    ddp_backend: str | None = option(None, "process-group backend under torchrun (default: nccl on CUDA, gloo on CPU)",
+                                     choices=DDP_BACKENDS)
     dataset_cache: bool = option(True, "reuse tokenized data from the sftkit cache when data, template and tokenizer are unchanged")
     packing: bool = option(False, "pack examples into rows of max_length tokens with no padding (attention stays per example)")
     group_by_length: bool = option(False, "batch examples of similar length together (less padding; the alternative to packing)")
@@ -208,8 +224,8 @@ class TrainConfig(DataOptions):
             checks.append("quantization_bit needs sft_type lora: 4/8-bit weights cannot be trained, only adapters on them")
         if self.deepspeed and self.devices:
             checks.append("deepspeed and model parallel (--devices) do not combine: DeepSpeed shards the model itself")
-        if self.deepspeed and self.quantization_bit:
-            checks.append("deepspeed with a quantized base (quantization_bit) is not supported: use DDP for QLoRA")
+        if self.deepspeed and self.quantization_bit and deepspeed_stage(self.deepspeed) >= 3:
+            checks.append(QUANTIZED_ZERO3)
         if self.model and self.model_type:
             checks.append("give --model_type or --model (--model_id_or_path), not both: a model type names its own weights")
         if self.push_to_hub and not self.hub_model_id:
@@ -233,6 +249,11 @@ class TrainConfig(DataOptions):
     @property
     def lr(self) -> float:
         return self.learning_rate or (1e-4 if self.sft_type == "lora" else 2e-5)
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the validation split and row sampling."""
+        return self.seed if self.dataset_seed is None else self.dataset_seed
 
 
 
@@ -331,6 +352,7 @@ def build_config(cls, file: str | None = None, overrides: dict | None = None):
         except ValueError as error:
             problems.append(f"{name}: {error}")
             continue
+        converted[name] = _unalias(converted[name], by_name[name].metadata.get("value_aliases") or {})
         choices = by_name[name].metadata.get("choices")
         if choices and converted[name] not in choices and converted[name] is not None:
             problems.append(f"{name} must be one of {', '.join(map(str, choices))}, got '{converted.pop(name)}'")
@@ -340,6 +362,14 @@ def build_config(cls, file: str | None = None, overrides: dict | None = None):
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def _unalias(value, aliases: dict):
+    """A value as ms-swift spells it, in sftkit's terms (unhashable values have no alias)."""
+    try:
+        return aliases.get(value, value)
+    except TypeError:
+        return value
 
 
 def coerce(value, kind):
@@ -405,6 +435,8 @@ class GenerateOptions:
     system: str | None = option(None, "system prompt (default: the run's, else the template's)")
     dtype: str | None = option(None, "auto, bf16, fp16 or fp32 (default: the run's, else auto)", aliases=("torch_dtype",),
                                choices=DTYPE_CHOICES)
+    trust_remote_code: bool = option(False, "allow a model whose repository ships Python code (a run trained with "
+                                            "--trust_remote_code true allows its base already)")
     max_new_tokens: int = option(512, "most tokens generated per reply")
     do_sample: bool = option(False, "sample the next token instead of taking the most likely one")
     temperature: float = option(1.0, "sampling temperature (with do_sample)")
@@ -438,7 +470,8 @@ class DatasetGenerateOptions(GenerateOptions):
     max_new_tokens: int = option(256, "most tokens generated per answer (a bound, so one runaway row cannot take minutes)")
     output: str | None = option(None, "where results go (default: <checkpoint>/infer_result.jsonl, or eval_report.json for eval)")
     batch_size: int = option(8, "prompts generated together", aliases=("eval_batch_size", "per_device_eval_batch_size"))
-    check_dataset_strategy: str = option("error", "what a bad row does", choices=STRATEGIES)
+    check_dataset_strategy: str = option("error", "what a bad row does (ms-swift's none: error, discard: skip)",
+                                         choices=STRATEGIES, value_aliases=SEED_STRATEGIES)
 
     def problems(self) -> list[str]:
         return super().problems() + [p for p in [_positive("batch_size", self.batch_size)] if p]

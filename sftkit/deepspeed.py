@@ -17,6 +17,10 @@ from .errors import CheckpointError, OptionError, SftkitError
 from .paths import packaged
 
 NAMED_CONFIGS = ("zero2", "zero3", "zero2_offload", "zero3_offload")
+QUANTIZED_ZERO3 = ("a quantized base (quantization_bit, GPTQ) does not train under DeepSpeed ZeRO-3: ZeRO-3 splits every "
+                   "weight across ranks, and a packed 4/8-bit weight cannot be split and put back together (its "
+                   "quantization state lives outside the tensor). Use ZeRO-2 (--deepspeed zero2) or plain DDP for QLoRA: "
+                   "each rank then holds its own quantized copy")
 
 
 def config_path(name_or_path: str) -> str:
@@ -33,6 +37,15 @@ def check_config(config, world_size: int) -> None:
     _deepspeed()
     fill_config(config.deepspeed, micro_batch=config.batch_size, accumulation=config.gradient_accumulation_steps,
                 world_size=world_size, max_grad_norm=config.max_grad_norm, compute_dtype=torch.float32)
+
+
+def deepspeed_stage(name_or_path: str) -> int:
+    """The ZeRO stage of a shipped or JSON config; 0 when the file cannot be read (using it reports why)."""
+    try:
+        with open(config_path(name_or_path), encoding="utf-8") as handle:
+            return stage(json.load(handle))
+    except (OSError, ValueError, SftkitError):
+        return 0
 
 
 def fill_config(name_or_path: str, *, micro_batch: int, accumulation: int, world_size: int, max_grad_norm: float,

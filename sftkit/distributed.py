@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import SftkitError
+
 
 @dataclass(frozen=True)
 class World:
@@ -28,13 +30,18 @@ class World:
         return self.size > 1
 
 
-def init(device_type: str) -> World:
-    """Join the process group torchrun describes in the environment; world size 1 without it."""
+def init(device_type: str, backend: str | None = None) -> World:
+    """Join the process group torchrun describes in the environment; world size 1 without it.
+
+    backend: nccl, gloo or mpi (ms-swift's ddp_backend); default nccl on CUDA, gloo on CPU.
+    """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
+    if backend == "nccl" and device_type != "cuda":
+        raise SftkitError("ddp_backend nccl needs CUDA GPUs: use gloo on CPU")
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend or ("nccl" if device_type == "cuda" else "gloo"))
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 

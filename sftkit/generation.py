@@ -12,6 +12,9 @@ from typing import Iterator
 
 import torch
 
+from .architecture import call, is_remote_code
+from .data.templates import pattern_text
+
 REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -57,18 +60,23 @@ def generation_config(options) -> GenerationConfig:
 def stop_criteria(tokenizer, template) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """(stop strings, stop token ids) for a template: its suffix and stop words end a reply.
 
-    One that is a single token stops on that id (exact, and cheaper); longer ones are matched as text.
-    The tokenizer's EOS always stops, so it is not listed.
+    One that is a single token stops on that id (exact, and cheaper); longer ones are matched as text, and
+    also stop on their id where the vocabulary has them as one token a tokenizer does not parse out of text
+    (ChatGLM's <|user|>). The tokenizer's EOS always stops, so it is not listed.
     """
     eos = tokenizer.eos_token or ""
-    words = {template.suffix.replace("{{EOS}}", eos).strip(), *template.stop_words} - {"", eos}
+    suffix = pattern_text(template.suffix, tokenizer)
+    words = {suffix.replace("{{EOS}}", eos).strip(), *template.stop_words} - {"", eos}
     strings, ids = [], []
     for word in sorted(words):
         encoded = tokenizer(word, add_special_tokens=False)["input_ids"]
         if len(encoded) == 1:
             ids.append(encoded[0])
-        else:
-            strings.append(word)
+            continue
+        strings.append(word)
+        vocabulary_id = tokenizer.convert_tokens_to_ids(word)
+        if isinstance(vocabulary_id, int) and vocabulary_id != tokenizer.unk_token_id:
+            ids.append(vocabulary_id)
     return tuple(strings), tuple(ids)
 
 
@@ -256,7 +264,8 @@ def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     """
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
+    # Remote code (ChatGLM, Qwen v1) keeps its own cache format: it makes one when given none, and gets it back.
+    cache = None if is_remote_code(model) else DynamicCache(config=model.config)
     cache_name = cache_argument(model)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     seen = None  # [batch, vocab] tokens already in each row, for the repetition penalty
@@ -272,8 +281,8 @@ def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(tokens), 1))], dim=-1)
                 if seen is not None:
                     seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
-            output = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
-                           use_cache=True, logits_to_keep=1, **{cache_name: cache})
+            output = call(model, input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
+                          use_cache=True, logits_to_keep=1, **{cache_name: cache})
             cache = getattr(output, cache_name)
             logits = output.logits[:, -1, :].float()
             if constraint is not None:

@@ -15,6 +15,7 @@ from .errors import CheckpointError
 from .lora import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from .model import DTYPES, load_model_and_tokenizer, resolve_model_dir
 from .quant import QuantizationOptions
+from .registry import registered_names
 from .run import ARGS_FILE, BEST, read_run_args, val_file
 
 
@@ -37,7 +38,8 @@ def load_for_inference(ckpt_dir: str | None = None, model: str | None = None, *,
     A LoRA checkpoint is loaded onto its run's base model (`model` overrides that base); a full one is the
     model. With neither, the embedded default SmolLM2-135M-Instruct is loaded with its own chat template,
     so `sftkit chat` works out of the box. Explicit template/system/dtype win over the run's. A checkpoint's
-    files are checked against its manifest first, and only safetensors weights are read from it.
+    files are checked against its manifest first, and only safetensors weights are read from it. A run's base
+    loads as training loaded it: with the model type's fixes, and its consent to run the model's own code.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_dir, checkpoint, args = model_source(ckpt_dir, model)
@@ -48,8 +50,11 @@ def load_for_inference(ckpt_dir: str | None = None, model: str | None = None, *,
         bits=args.get("quantization_bit") or None, bnb_4bit_quant_type=args.get("bnb_4bit_quant_type", "nf4"),
         bnb_4bit_use_double_quant=args.get("bnb_4bit_use_double_quant", True),
         bnb_4bit_compute_dtype=args.get("bnb_4bit_comp_dtype", "auto")) if adapter else None
-    loaded = load_model_and_tokenizer(model_dir, dtype=settings_dtype, device=device, quantization=quantization,
-                                      trust_remote_code=trust_remote_code, use_safetensors=model_dir == checkpoint)
+    # The run's model type, for its fixes; one a script registered is unknown to a later process, which loads without.
+    model_type = args.get("model_type") if model is None and args.get("model_type") in registered_names() else None
+    loaded = load_model_and_tokenizer(model_dir, model_type=model_type, dtype=settings_dtype, device=device,
+                                      quantization=quantization, use_safetensors=model_dir == checkpoint,
+                                      trust_remote_code=trust_remote_code or bool(args.get("trust_remote_code")))
     if adapter:
         load_adapter(loaded.model, checkpoint)
     loaded.model.eval().requires_grad_(False)

@@ -1,4 +1,5 @@
-"""LoRA for nn.Linear and quantized linear layers, saved and loaded in peft's adapter format without importing peft."""
+"""LoRA for nn.Linear, transformers' Conv1D and quantized linear layers, saved and loaded in peft's adapter format
+without importing peft."""
 from __future__ import annotations
 
 import itertools
@@ -13,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
+from .architecture import output_head
 from .errors import CheckpointError, OptionError
 from .quant import is_quantized_linear
 
@@ -38,7 +41,6 @@ _PEFT_UNSUPPORTED = {
     "arrow_config": None,
     "bias": "none",
     "exclude_modules": None,
-    "fan_in_fan_out": False,
     "kasa_config": None,
     "layer_replication": None,
     "layers_pattern": None,
@@ -62,6 +64,9 @@ _PEFT_OTHER = {
     "corda_config": None,
     "ensure_weight_tying": False,
     "eva_config": None,
+    # Whether the layers store their weight transposed (Conv1D): the layers decide, as in peft, which sets it to
+    # match each target; save_adapter writes what the model's layers are.
+    "fan_in_fan_out": False,
     "inference_mode": True,
     "loftq_config": {},
     "lora_ga_config": None,
@@ -177,10 +182,11 @@ class LoRALinear(nn.Module):
         self.register_parameter("bias", base.bias)
         # Like peft: the base's device and dtype, but never an integer (quantized) dtype.
         dtype = base.weight.dtype if base.weight.dtype.is_floating_point else torch.float32
-        self._add_lora(base, config, device=base.weight.device, dtype=dtype)
+        self._add_lora(base.in_features, base.out_features, config, device=base.weight.device, dtype=dtype)
 
-    def _add_lora(self, base: nn.Module, config: LoRAConfig, *, device: torch.device, dtype: torch.dtype) -> None:
-        self.in_features, self.out_features = base.in_features, base.out_features
+    def _add_lora(self, in_features: int, out_features: int, config: LoRAConfig, *, device: torch.device,
+                  dtype: torch.dtype) -> None:
+        self.in_features, self.out_features = in_features, out_features
         self.r, self.scaling, self.merged = config.r, config.scaling, False
         self.dropout = nn.Dropout(config.dropout)
         self.lora_A = nn.Linear(self.in_features, config.r, bias=False, device=device, dtype=dtype)
@@ -215,6 +221,12 @@ class LoRALinear(nn.Module):
         # Add in float32 and round once to the weight dtype.
         self.weight.copy_(self.weight.float() + delta)
 
+    def to_base(self) -> nn.Module:
+        """The plain layer again, holding this layer's (merged) weight and bias."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
@@ -230,13 +242,39 @@ class LoRAQuantLinear(LoRALinear):
         nn.Module.__init__(self)
         self.base_layer = base
         device = next(itertools.chain(base.parameters(), base.buffers())).device
-        self._add_lora(base, config, device=device, dtype=torch.float32)
+        self._add_lora(base.in_features, base.out_features, config, device=device, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._add_update(self.base_layer(x), x)
 
     def merge(self) -> None:
         raise ValueError(MERGE_QUANTIZED)
+
+
+class LoRAConv1D(LoRALinear):
+    """transformers' Conv1D (GPT-2 and the families built on it, PolyLM) plus LoRA. Conv1D is a linear layer whose
+    weight is stored transposed, [in, out] (peft's fan_in_fan_out); the adapter is shaped as for nn.Linear."""
+
+    def __init__(self, base: Conv1D, config: LoRAConfig):
+        nn.Module.__init__(self)
+        self.weight = base.weight
+        self.register_parameter("bias", base.bias)
+        dtype = base.weight.dtype if base.weight.dtype.is_floating_point else torch.float32
+        self._add_lora(base.nx, base.nf, config, device=base.weight.device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Conv1D's own computation, so the unmerged layer gives exactly the base's output plus the update.
+        result = torch.addmm(self.bias, x.reshape(-1, self.in_features), self.weight).view(*x.shape[:-1], self.out_features)
+        return result if self.merged else self._add_update(result, x)
+
+    def delta_weight(self) -> torch.Tensor:
+        return super().delta_weight().T
+
+    def to_base(self) -> nn.Module:
+        with torch.device("meta"):
+            conv = Conv1D(self.out_features, self.in_features)
+        conv.weight, conv.bias = self.weight, self.bias
+        return conv
 
 
 def _init_lora(lora_A: torch.Tensor, lora_B: torch.Tensor, config: LoRAConfig) -> None:
@@ -249,13 +287,13 @@ def _init_lora(lora_A: torch.Tensor, lora_B: torch.Tensor, config: LoRAConfig) -
 
 
 def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Replace the targeted linears with LoRALinear (LoRAQuantLinear on a quantized one) and freeze everything else;
-    returns their names."""
+    """Replace the targeted linears with LoRALinear (LoRAQuantLinear on a quantized one, LoRAConv1D on a Conv1D) and
+    freeze everything else; returns their names."""
     names = target_names(model, config.target_modules)
     model.requires_grad_(False)
     for name in names:
         base = model.get_submodule(name)
-        layer_class = LoRAQuantLinear if is_quantized_linear(base) else LoRALinear
+        layer_class = LoRAQuantLinear if is_quantized_linear(base) else LoRAConv1D if isinstance(base, Conv1D) else LoRALinear
         _set_submodule(model, name, layer_class(base, config))
     return names
 
@@ -279,7 +317,7 @@ def target_names(model: nn.Module, target_modules: str | tuple[str, ...]) -> lis
                           "or all-linear")
     unsupported = [f"{name} ({type(modules[name]).__name__})" for name in names if not is_adaptable(modules[name])]
     if unsupported:
-        raise OptionError("lora_target_modules", f"LoRA supports only nn.Linear and bitsandbytes/GPTQ quantized "
+        raise OptionError("lora_target_modules", f"LoRA supports only nn.Linear, Conv1D and bitsandbytes/GPTQ quantized "
                           f"linears; {_shown(target_modules)} matches {unsupported[:10]}")
     return sorted(names)
 
@@ -297,21 +335,21 @@ def _matches(target_modules: str | tuple[str, ...], name: str) -> bool:
 
 def _output_head_names(model: nn.Module, modules: dict[str, nn.Module]) -> set[str]:
     """all-linear leaves the vocabulary projection alone: it is huge and usually tied to the embeddings."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_head(model)
     if head is not None:
         return {name for name, module in modules.items() if module is head}
     return {name for name in modules if name.rpartition(".")[2] == "lm_head"}
 
 
 def _is_linear(module: nn.Module) -> bool:
-    """nn.Linear and its subclasses (bitsandbytes' are), and GPTQ linears, which are not."""
-    return isinstance(module, nn.Linear) or is_quantized_linear(module)
+    """nn.Linear and its subclasses (bitsandbytes' are), Conv1D (as peft's all-linear), and GPTQ linears."""
+    return isinstance(module, (nn.Linear, Conv1D)) or is_quantized_linear(module)
 
 
 def is_adaptable(module: nn.Module) -> bool:
     """LoRALinear calls F.linear on the weight, which is wrong for a subclass with its own forward; the quantized
     ones we know go through LoRAQuantLinear, which calls their forward."""
-    plain = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+    plain = any(isinstance(module, kind) and type(module).forward is kind.forward for kind in (nn.Linear, Conv1D))
     return plain or is_quantized_linear(module)
 
 
@@ -347,12 +385,10 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def unload_lora(model: nn.Module) -> nn.Module:
-    """Merge and put plain nn.Linear layers back, so the model saves and loads like the base architecture."""
+    """Merge and put the plain layers back, so the model saves and loads like the base architecture."""
     merge_lora(model)
     for name, layer in _lora_layers(model):
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        linear.weight, linear.bias = layer.weight, layer.bias
-        _set_submodule(model, name, linear)
+        _set_submodule(model, name, layer.to_base())
     return model
 
 
@@ -399,6 +435,7 @@ def save_adapter(
     targets = _saved_target_modules(model, config.target_modules, sorted(name for name, _ in layers))
     base = base_model_name_or_path or getattr(model, "name_or_path", None) or None
     peft_config = replace(config, target_modules=targets).to_peft_dict(base)
+    peft_config["fan_in_fan_out"] = any(isinstance(layer, LoRAConv1D) for _, layer in layers)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
         f.write(json.dumps(peft_config, indent=2, sort_keys=True))
@@ -490,9 +527,10 @@ def _adapter_shapes(model: nn.Module, names: list[str], r: int) -> dict[str, tup
     """The tensors a file must hold for these layers, under peft's saved key names."""
     shapes = {}
     for name in names:
-        linear = model.get_submodule(name)
-        shapes[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (r, linear.in_features)
-        shapes[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (linear.out_features, r)
+        layer = model.get_submodule(name)
+        in_features, out_features = (layer.nx, layer.nf) if isinstance(layer, Conv1D) else (layer.in_features, layer.out_features)
+        shapes[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (r, in_features)
+        shapes[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (out_features, r)
     return shapes
 
 

@@ -1,15 +1,19 @@
 """The training loss as a sum over trainable tokens, computed without materialising full-vocabulary logits.
 
 Logits exist only at positions whose next token trains, a chunk at a time, in float32: the memory of
-sequence x vocabulary logits is what dominates small-model fine-tuning.
+sequence x vocabulary logits is what dominates small-model fine-tuning. That needs the decoder stack and
+the head apart (sftkit.architecture finds them, whatever the family); a model where they cannot be found
+trains on its own full logits instead, still cast to float32 a chunk at a time.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .architecture import batch_first, call, decoder_stack, output_head
 from .attention import decoder_inputs
 from .data.pipeline import IGNORE_INDEX
+from .errors import TrainingError
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -21,15 +25,18 @@ def loss_sum(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, 
     """(sum of per-token cross-entropy (times loss_weights when given), number of trainable tokens)."""
     targets = shifted_targets(batch["labels"])
     selected = targets != IGNORE_INDEX
-    hidden = backbone_hidden(model, batch)
+    head = output_head(model)
+    hidden = backbone_hidden(model, batch) if head is not None else None
+    if hidden is None or hidden.shape[-1] != getattr(head, "in_features", None):
+        hidden, head = _model_logits(model, batch), None
     # With model parallel the hidden states end on the last device, the labels start on the first.
     selected, targets = selected.to(hidden.device), targets.to(hidden.device)
     hidden, targets = hidden[selected], targets[selected]
     weights = shifted_weights(batch).to(hidden.device)[selected] if "loss_weights" in batch else None
-    head = model.get_output_embeddings()
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_size):
-        logits = _final_logits(model, head(hidden[start:start + chunk_size])).float()
+        part = hidden[start:start + chunk_size]
+        logits = (part if head is None else _final_logits(model, head(part))).float()
         losses = F.cross_entropy(logits, targets[start:start + chunk_size], reduction="none")
         if weights is not None:
             losses = losses * weights[start:start + chunk_size]
@@ -41,10 +48,26 @@ def shifted_weights(batch: dict) -> torch.Tensor:
     return F.pad(batch["loss_weights"][:, 1:], (0, 1), value=0.0)
 
 
-def backbone_hidden(model, batch: dict) -> torch.Tensor:
-    """Last hidden states of the decoder stack (the model without its output head)."""
-    backbone = getattr(model, model.base_model_prefix)
-    return backbone(**decoder_inputs(model, batch), use_cache=False).last_hidden_state
+def backbone_hidden(model, batch: dict) -> torch.Tensor | None:
+    """Last hidden states of the decoder stack (the model without its output head), batch-first; None when the
+    model has no separate stack or its layout cannot be told."""
+    backbone = decoder_stack(model)
+    if backbone is None:
+        return None
+    output = call(backbone, **decoder_inputs(model, batch), use_cache=False)
+    hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+    return batch_first(model, hidden, batch["input_ids"])
+
+
+def _model_logits(model, batch: dict) -> torch.Tensor:
+    """The model's own [batch, sequence, vocabulary] logits, for a model whose stack and head cannot be split."""
+    output = call(model, **decoder_inputs(model, batch), use_cache=False)
+    logits = output.logits if hasattr(output, "logits") else output[0]
+    ordered = batch_first(model, logits, batch["input_ids"], logits=True)
+    if ordered is None:
+        raise TrainingError(f"{type(model).__name__} returned logits of shape {tuple(logits.shape)} for input ids of "
+                            f"shape {tuple(batch['input_ids'].shape)}: sftkit cannot tell which axis is the sequence")
+    return ordered
 
 
 def _final_logits(model, logits: torch.Tensor) -> torch.Tensor:

@@ -52,17 +52,27 @@ class ModelShape:
     vocab: int
 
     @classmethod
-    def from_config(cls, config) -> "ModelShape":
+    def from_config(cls, config) -> "ModelShape | None":
+        """The shape under transformers' names or the remote-code ones (ChatGLM's num_layers, ...); None if unknown."""
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        heads = config.num_attention_heads
+        layers, hidden, heads, vocab = (_first(config, *names) for names in (
+            ("num_hidden_layers", "num_layers", "n_layer"), ("hidden_size", "n_embd"),
+            ("num_attention_heads", "n_head"), ("vocab_size", "padded_vocab_size")))
+        if not (layers and hidden and heads and vocab):
+            return None
         # Mixture-of-experts: each token goes through its top-k experts (and a shared one where there is one).
-        intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
+        intermediate = _first(config, "intermediate_size", "ffn_hidden_size", "n_inner") or 4 * hidden
         if getattr(config, "num_experts_per_tok", None) and getattr(config, "moe_intermediate_size", None):
             intermediate = config.moe_intermediate_size * config.num_experts_per_tok + (
                 getattr(config, "shared_expert_intermediate_size", None) or 0)
-        return cls(layers=config.num_hidden_layers, hidden=config.hidden_size, intermediate=intermediate, heads=heads,
-                   kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-                   head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, vocab=config.vocab_size)
+        return cls(layers=layers, hidden=hidden, intermediate=intermediate, heads=heads,
+                   kv_heads=_first(config, "num_key_value_heads", "multi_query_group_num") or heads,
+                   head_dim=_first(config, "head_dim", "kv_channels") or hidden // heads, vocab=vocab)
+
+
+def _first(config, *names):
+    """The first of these config attributes that is set."""
+    return next((value for name in names if (value := getattr(config, name, None))), None)
 
 
 @dataclass(frozen=True)
@@ -267,6 +277,10 @@ def prepare_memory(model, config, device: torch.device, examples: list[dict], sa
     from .attention import VARLEN
 
     shape = ModelShape.from_config(model.config)
+    if shape is None:
+        say(f"[sftkit] no memory estimate: {type(model.config).__name__} does not name its layers and sizes as "
+            "transformers' models do")
+        return 0
     longest = max(len(example["input_ids"]) for example in examples)
     most_trainable = max(sum(label != -100 for label in example["labels"][1:]) for example in examples)
     half = config.dtype in ("bf16", "fp16") or (config.dtype == "auto" and device.type == "cuda")

@@ -5,7 +5,9 @@ downloads, checks and loads, for training and inference alike.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -16,6 +18,7 @@ from typing import NamedTuple
 import torch
 from safetensors import SafetensorError
 
+from .architecture import HEAD_NAMES
 from .errors import ModelLoadError
 from .paths import cache_dir
 from .registry import EMBEDDED_MODEL_TYPE, EMBEDDED_TAG, ModelInfo, entry_problems, get_model_info, hub_model_id
@@ -169,8 +172,8 @@ def _gguf_dequantize_kwargs() -> dict:
     return {"quantization_config": GgufConfig(dequantize=True)}
 
 
-def _check_remote_code(model_dir: str, trust_remote_code: bool) -> None:
-    """Fail early and clearly where transformers would need the repo's own Python code."""
+def _check_remote_code(model_dir: str, trust_remote_code: bool) -> bool:
+    """Whether the model runs its repository's own Python code; fails early and clearly where that is not allowed."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     path = os.path.join(model_dir, "config.json")
@@ -184,11 +187,13 @@ def _check_remote_code(model_dir: str, trust_remote_code: bool) -> None:
     if not isinstance(config, dict):
         raise ModelLoadError(f"{path} must hold a JSON object")
     # An auto_map next to a model_type transformers knows (Phi-3, ...) is ignored without trust_remote_code.
-    if "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING and not trust_remote_code:
+    remote = "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING
+    if remote and not trust_remote_code:
         raise ModelLoadError(
             f"{model_dir!r} needs its own Python code (config.json has auto_map, model_type "
             f"{config.get('model_type')!r}): pass --trust_remote_code true if you trust it"
         )
+    return remote
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -201,18 +206,55 @@ def resolve_tokenizer_dir(name: str | None) -> str:
     return resolve_model_dir(name)
 
 
-def load_tokenizer(model_dir: str, *, trust_remote_code: bool = False):
-    """AutoTokenizer with a pad token guaranteed, since batching needs one."""
+def load_tokenizer(model_dir: str, *, trust_remote_code: bool = False, pad: bool = True):
+    """AutoTokenizer with a pad token guaranteed, since batching needs one (pad=False: the caller sees to it)."""
     from transformers import AutoTokenizer
 
-    _check_remote_code(model_dir, trust_remote_code)
+    if _check_remote_code(model_dir, trust_remote_code):
+        remote_class = _remote_tokenizer_class(model_dir)
+        if remote_class is not None:
+            _sentencepiece_first(remote_class)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:  # transformers' words for a folder without a usable tokenizer
         raise ModelLoadError(f"cannot load a tokenizer from {model_dir} ({error})") from None
-    if tokenizer.pad_token is None:
+    if pad and tokenizer.pad_token is None:
         tokenizer.pad_token = _pad_fallback(tokenizer)
     return tokenizer
+
+
+def _remote_tokenizer_class(model_dir: str):
+    """The tokenizer class the repository's own code defines (as AutoTokenizer will load it), or None."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
+
+    reference = (get_tokenizer_config(model_dir).get("auto_map") or {}).get("AutoTokenizer")
+    reference = reference[0] if isinstance(reference, (list, tuple)) else reference
+    return get_class_from_dynamic_module(reference, model_dir) if reference else None
+
+
+def _sentencepiece_first(tokenizer_class) -> None:
+    """Load a SentencePiece tokenizer's model before its own __init__ runs.
+
+    Baichuan's (1 and 2) and other 2023 remote tokenizers load it after calling the base __init__, which since
+    transformers 4.34 already asks for the vocabulary ("has no attribute sp_model"); loading it first is the
+    fix their users apply to the file, here applied to the class as loaded.
+    """
+    init = tokenizer_class.__init__
+    parameters = inspect.signature(init).parameters
+    if getattr(init, "_sentencepiece_first", False) or not {"vocab_file", "sp_model_kwargs"} <= parameters.keys():
+        return
+
+    @functools.wraps(init)
+    def __init__(self, vocab_file, *args, sp_model_kwargs=None, **kwargs):
+        import sentencepiece
+
+        self.sp_model = sentencepiece.SentencePieceProcessor(**(sp_model_kwargs or {}))
+        self.sp_model.Load(vocab_file)
+        init(self, vocab_file, *args, sp_model_kwargs=sp_model_kwargs, **kwargs)
+
+    __init__._sentencepiece_first = True
+    tokenizer_class.__init__ = __init__
 
 
 def _pad_fallback(tokenizer) -> str:
@@ -262,7 +304,11 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    _check_remote_code(model_dir, trust_remote_code)
+    if _check_remote_code(model_dir, trust_remote_code) or attn_implementation == "sdpa":
+        # transformers refuses to build a class that lacks the implementation asked for (Bloom has no SDPA; remote
+        # code, ChatGLM or Baichuan, declares none and runs its own): left to it, it takes SDPA where the class
+        # has it, else eager.
+        attn_implementation = None
     torch_dtype = resolve_dtype(dtype, device)
     quantization_kwargs = _quantization_kwargs(model_dir, quantization, torch_dtype, device)
     if use_safetensors:
@@ -303,7 +349,10 @@ def _quantization_kwargs(model_dir: str, quantization, torch_dtype: torch.dtype,
     try:
         if options.enabled:
             require_bitsandbytes()
-            return {"quantization_config": bnb_config(options, torch_dtype), "device_map": device_map}
+            config = bnb_config(options, torch_dtype)
+            # The head stays in full precision, also where transformers cannot find it (ChatGLM's output_layer).
+            config.llm_int8_skip_modules = list(HEAD_NAMES)
+            return {"quantization_config": config, "device_map": device_map}
         if method == "gptq":
             require_gptq()
     except QuantizationError as error:
@@ -362,15 +411,21 @@ def load_model_and_tokenizer(
         model_dir = _entry_dir(info, local, hub=hub, revision=revision, cache_dir=cache_dir)
     else:
         model_dir = resolve_model_dir(model, hub=hub, revision=revision, cache_dir=cache_dir)
-    tokenizer = tokenizer or load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    # A model type's patch may name the tokenizer's special tokens (Qwen v1 names none) or give the model what
+    # checkpointing needs (Baichuan-13B's input embeddings): padding and checkpointing come after it.
+    tokenizer = tokenizer or load_tokenizer(model_dir, trust_remote_code=trust_remote_code, pad=False)
     loaded = None
     if with_model:
         loaded = load_model(
             model_dir, dtype=dtype or "auto", device=device, attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code, gradient_checkpointing=gradient_checkpointing, quantization=quantization,
+            trust_remote_code=trust_remote_code, quantization=quantization,
             automodel_class=info.automodel_class if info else None, use_safetensors=use_safetensors)
     if info is not None and info.patch is not None:
         info.patch(loaded, tokenizer)
+    if loaded is not None and gradient_checkpointing:
+        _enable_gradient_checkpointing(loaded)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = _pad_fallback(tokenizer)
     return Loaded(loaded, tokenizer, model_dir)
 
 

@@ -36,7 +36,7 @@ from .loss import loss_sum
 from .model import attn_implementation, load_model_and_tokenizer, resolve_dtype
 from .placement import place
 from .quant import QuantizationOptions, is_quantized
-from .registry import EMBEDDED_MODEL_TYPE, MODELS, infer_model_type, resolve_lora_targets
+from .registry import EMBEDDED_MODEL_TYPE, get_model_info, infer_model_type, resolve_lora_targets
 
 
 @memory.explain_out_of_memory  # an out-of-memory error names the options that lower the need
@@ -49,7 +49,8 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
     """
     # --- Setup. One rank per process (torchrun), each owning one device or, for pipeline-style model
     # parallel, a group of devices its layers are spread over.
-    world = distributed.init("cuda" if (config.device or "cuda").startswith("cuda") and torch.cuda.is_available() else "cpu")
+    world = distributed.init("cuda" if (config.device or "cuda").startswith("cuda") and torch.cuda.is_available() else "cpu",
+                             config.ddp_backend)
     devices = rank_devices(config, world)
     device = torch.device(devices[0])
     compute_dtype = resolve_dtype(config.dtype, device)
@@ -271,7 +272,7 @@ def locate_model(config: TrainConfig):
         config.model, model_type=model_type, hub=config.hub, revision=config.model_revision,
         cache_dir=config.model_cache_dir, dtype=model_dtype(config), trust_remote_code=config.trust_remote_code,
         with_model=False)
-    template = config.template or (MODELS[model_type].template if model_type else "auto")
+    template = config.template or (get_model_info(model_type).template if model_type else "auto")
     get_template(template)
     return tokenizer, model_dir, replace(config, model_type=model_type, template=template)
 

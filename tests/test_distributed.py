@@ -1,4 +1,5 @@
 """DDP on CPU with gloo (2 processes == 1 process with the same global batch), resume, and model parallel placement."""
+import importlib.util
 import json
 import os
 import shutil
@@ -48,6 +49,27 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_model_dir, data
     resumed = load_file(str(copy / "checkpoint-4" / "adapter_model.safetensors"))
     for key in resumed:
         assert torch.equal(resumed[key], ddp_weights[key]), key
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_qlora_under_ddp_equals_one_process(tiny_model_dir, data_file, tmp_path):
+    """As the seed's scripts run QLoRA on several GPUs: each rank loads and quantizes its own copy of the base."""
+    qlora = dict(batch_size=2, quantization_bit=4, ddp_backend="gloo")
+    torchrun(options(tiny_model_dir, data_file, tmp_path / "ddp", **qlora))
+    train(TrainConfig(**{**options(tiny_model_dir, data_file, tmp_path / "single", **qlora), "dataset": (data_file,),
+                         "batch_size": 4}))
+    ddp, single = records(tmp_path / "ddp"), records(tmp_path / "single")
+    assert [r["step"] for r in ddp] == [r["step"] for r in single]
+    for a, b in zip(ddp, single):
+        for key in ("loss", "eval_loss"):
+            if key in b:
+                assert abs(a[key] - b[key]) < 1e-5, (a, b)
+    assert json.load(open(tmp_path / "ddp" / "sft_args.json"))["quantization_bit"] == 4
+    ddp_weights = load_file(str(tmp_path / "ddp" / "checkpoint-4" / "adapter_model.safetensors"))
+    single_weights = load_file(str(tmp_path / "single" / "checkpoint-4" / "adapter_model.safetensors"))
+    for key in single_weights:
+        torch.testing.assert_close(ddp_weights[key], single_weights[key], rtol=1e-4, atol=1e-5)
 
 
 def test_nproc_per_node_relaunches_under_torchrun(monkeypatch):

@@ -16,6 +16,7 @@ from tiny import ALL_LINEAR_LLAMA, logits, randomize_lora_B
 from sftkit.lora import (
     PEFT_PREFIX,
     LoRAConfig,
+    LoRAConv1D,
     LoRALinear,
     count_parameters,
     inject_lora,
@@ -80,7 +81,7 @@ def test_gaussian_init_has_std_one_over_r(tokenizer):
     assert weights.std().item() == pytest.approx(1 / 4, rel=0.1)
 
 
-@pytest.mark.parametrize("arch, use_rslora", [("llama", False), ("qwen2", True), ("mistral", False)])
+@pytest.mark.parametrize("arch, use_rslora", [("llama", False), ("qwen2", True), ("mistral", False), ("gpt2", False)])
 def test_same_logits_and_merge_as_peft(tokenizer, input_ids, arch, use_rslora):
     base = tiny.make_model(tokenizer, arch=arch)
     config = LoRAConfig(r=4, alpha=8, dropout=0.0, use_rslora=use_rslora)
@@ -221,6 +222,43 @@ def test_adapter_files_equal_peft_files(tiny_model_dir, tmp_path, target_modules
     assert all(ours_tensors[key].shape == peft_tensors[key].shape for key in ours_tensors)
     with safe_open(tmp_path / "ours" / "adapter_model.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt"}
+
+
+def test_conv1d_adapters_load_both_ways_with_peft(tokenizer, input_ids, tmp_path):
+    """GPT-2's Conv1D stores its weight transposed: peft marks such adapters fan_in_fan_out, and so do we."""
+    base = tiny.make_model(tokenizer, arch="gpt2")
+    ours = copy.deepcopy(base)
+    config = LoRAConfig(r=4, alpha=8, target_modules=["c_attn", "c_fc"])
+    inject_lora(ours, config)
+    assert isinstance(ours.transformer.h[0].attn.c_attn, LoRAConv1D)
+    randomize_lora_B(ours)
+    save_adapter(ours, config, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    assert max_diff(logits(theirs, input_ids), logits(ours, input_ids)) <= 1e-5
+
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["c_proj"], task_type="CAUSAL_LM"))
+    randomize_lora_B(theirs, seed=2)
+    theirs.save_pretrained(tmp_path / "peft")
+    reloaded = copy.deepcopy(base)
+    assert load_adapter(reloaded, tmp_path / "peft").target_modules == ("c_proj",)
+    assert max_diff(logits(reloaded, input_ids), logits(theirs, input_ids)) <= 1e-5
+
+
+def test_unloaded_conv1d_model_saves_and_loads_as_gpt2(tokenizer, input_ids, tmp_path):
+    from transformers.pytorch_utils import Conv1D
+
+    base = tiny.make_model(tokenizer, arch="gpt2")
+    model = copy.deepcopy(base)
+    inject_lora(model, LoRAConfig(r=4, target_modules=["c_attn"]))
+    randomize_lora_B(model)
+    expected = logits(model, input_ids)
+    unload_lora(model)
+    assert type(model.transformer.h[0].attn.c_attn) is Conv1D
+    assert {key: value.shape for key, value in model.state_dict().items()} == {
+        key: value.shape for key, value in base.state_dict().items()}
+    model.save_pretrained(tmp_path)
+    assert max_diff(logits(AutoModelForCausalLM.from_pretrained(tmp_path), input_ids), expected) <= 1e-5
 
 
 def test_config_round_trips_through_peft_dict():

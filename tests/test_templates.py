@@ -7,7 +7,8 @@ import pytest
 
 from sftkit.data.formats import Message
 from sftkit.data.pipeline import IGNORE_INDEX, build_example, encode, mask
-from sftkit.data.templates import TEMPLATES, Template, get_template, register_template, render
+from sftkit.data.templates import (TEMPLATES, Template, TemplateError, TokenText, Tokens, get_template, pattern_text,
+                                   register_template, render)
 
 GOLDEN = Path(__file__).parent / "golden" / "templates.json"
 THINK = '<|startofthink|>{"api_name": "weather", "parameters": {"city": "Paris"}}<|endofthink|>'
@@ -22,6 +23,9 @@ CONVERSATION = [
     Message("assistant", "18 C."),
 ]
 NAMED = sorted(name for name in TEMPLATES if name != "auto")
+PARTS = ("prefix", "prompt", "suffix", "separator", "end", "prefix_no_system")
+WITH_TOKENS = [name for name in NAMED if any(isinstance(getattr(TEMPLATES[name], part), tuple) for part in PARTS)]
+TEXT_ONLY = [name for name in NAMED if name not in WITH_TOKENS]
 
 
 def specials(tokenizer):
@@ -44,9 +48,10 @@ def golden_text(renderings) -> str:
     return "{\n" + ",\n".join(blocks) + "\n}\n"
 
 
-def test_builtin_templates_match_golden(tokenizer):
-    """Golden text + ids + labels per template; regenerate with SFTKIT_UPDATE_GOLDEN=1 after a deliberate change."""
-    current = {name: rendering(name, tokenizer) for name in NAMED + ["auto"]}
+def test_builtin_templates_match_golden(tokenizer, marker_tokenizer):
+    """Golden text + ids + labels per template; regenerate with SFTKIT_UPDATE_GOLDEN=1 after a deliberate change.
+    Templates that write token ids need a tokenizer that has those tokens."""
+    current = {name: rendering(name, marker_tokenizer if name in WITH_TOKENS else tokenizer) for name in NAMED + ["auto"]}
     if os.environ.get("SFTKIT_UPDATE_GOLDEN"):
         GOLDEN.write_text(golden_text(current), encoding="utf-8")
     golden = json.loads(GOLDEN.read_text(encoding="utf-8"))
@@ -60,7 +65,7 @@ def test_required_builtins_exist():
         assert name in TEMPLATES
 
 
-@pytest.mark.parametrize("name", NAMED + ["auto"])
+@pytest.mark.parametrize("name", TEXT_ONLY + ["auto"])
 def test_joined_encoding_equals_plain_tokenization(name, tokenizer):
     segments = render(CONVERSATION, name, tokenizer=tokenizer, **specials(tokenizer))
     text = "".join(t for t, _ in segments)
@@ -88,7 +93,7 @@ def test_trainable_text_is_answers_calls_and_end_of_turn(name, marker_tokenizer)
     template = get_template(name)
     example = build_example(CONVERSATION, tokenizer=tokenizer, template=name)
     trained = tokenizer.decode([t for t, l in zip(example["input_ids"], example["labels"]) if l != IGNORE_INDEX])
-    suffix = template.suffix.replace("{{EOS}}", tokenizer.eos_token).replace("{{BOS}}", tokenizer.bos_token)
+    suffix = pattern_text(template.suffix, tokenizer).replace("{{EOS}}", tokenizer.eos_token).replace("{{BOS}}", tokenizer.bos_token)
     call = template.tool_call.replace("{{CONTENT}}", CONVERSATION[4].content)
     # A space that ends the prompt glue rides on the answer's first token (" 4"): ignore spaces.
     assert trained.replace(" ", "") == ("4." + suffix + call + "18 C." + suffix).replace(" ", "")
@@ -147,3 +152,63 @@ def test_auto_needs_a_chat_template(tokenizer):
     bare = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
     with pytest.raises(ValueError, match="chat_template"):
         render(CONVERSATION, "auto", tokenizer=bare)
+
+
+# -- token pieces: ids written as they are, for tokens a tokenizer does not parse out of text ------------------------
+
+
+@pytest.mark.parametrize("name", WITH_TOKENS)
+def test_token_pieces_are_their_ids_and_the_text_between_them_is_tokenized_as_usual(name, marker_tokenizer):
+    tokenizer = marker_tokenizer
+    segments = render(CONVERSATION, name, tokenizer=tokenizer, **specials(tokenizer))
+    expected, run = [], ""
+    for text, _ in segments + [(TokenText(Tokens(("<unk>",))), None)]:  # a sentinel flushes the last text run
+        if isinstance(text, TokenText):
+            expected += tokenizer(run, add_special_tokens=False)["input_ids"] + text.tokens.ids(tokenizer)
+            run = ""
+        else:
+            run += text
+    assert encode(segments, tokenizer).input_ids == expected[:-1]
+    assert any(isinstance(text, TokenText) for text, _ in segments)
+
+
+def test_a_template_in_ms_swifts_spelling_with_ids_and_tokenizer_attributes(tokenizer):
+    """ms-swift writes token pieces as lists: ids, and tokenizer attributes such as eos_token_id."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    template = Template(prefix=[[bos]], prompt=["Q: {{QUERY}}\nA:"], suffix=[["eos_token_id"]], separator=["\n"])
+    assert template.prompt == "Q: {{QUERY}}\nA:" and template.separator == "\n"  # all text: stays a plain string
+    register_template("test-swift-ids", template)
+    try:
+        example = build_example([Message("user", "hi"), Message("assistant", "yo")], tokenizer=tokenizer,
+                                template="test-swift-ids")
+    finally:
+        del TEMPLATES["test-swift-ids"]
+    text = tokenizer("Q: hi\nA:", add_special_tokens=False)["input_ids"] + tokenizer("yo", add_special_tokens=False)["input_ids"]
+    assert example["input_ids"] == [bos] + text + [eos]
+    trained = [token for token, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
+    assert trained == tokenizer("yo", add_special_tokens=False)["input_ids"] + [eos]
+    rendered = render([Message("user", "hi")], template)
+    assert "".join(t for t, _ in rendered) == f"<id:{bos}>Q: hi\nA:"  # without a tokenizer ids read as <id:N>
+    assert "".join(t for t, _ in render([Message("user", "hi")], template, tokenizer=tokenizer)) == "<s>Q: hi\nA:"
+
+
+def test_a_token_the_tokenizer_lacks_is_named(tokenizer):
+    with pytest.raises(TemplateError, match=r"writes the token '\[gMASK\]', which this tokenizer's vocabulary does not have"):
+        build_example(CONVERSATION[1:3], tokenizer=tokenizer, template="chatglm3")
+    with pytest.raises(ValueError, match="ids >= 0 or token names"):
+        Template(prefix=[[-1]], prompt="{{QUERY}}", suffix="")
+    with pytest.raises(TypeError, match="tool_call"):
+        Template(prefix="", prompt="{{QUERY}}", suffix="", tool_call=["<call>", [5]])
+
+
+def test_a_python_tokenizer_encodes_segment_by_segment():
+    """A Python (slow) tokenizer gives no character offsets: each segment is tokenized on its own, as ms-swift and the
+    remote code of such models build prompts, and every token keeps its segment's role."""
+    from remote_code.tinyglm.tokenization_tinyglm import TinyGLMTokenizer
+
+    slow = TinyGLMTokenizer()
+    assert not slow.is_fast
+    segments = render(CONVERSATION[1:3], "chatml")
+    encoded = encode(segments, slow)
+    assert encoded.input_ids == [i for text, _ in segments for i in slow(text, add_special_tokens=False)["input_ids"]]
+    assert encoded.roles == [role for text, role in segments for _ in slow(text, add_special_tokens=False)["input_ids"]]

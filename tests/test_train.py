@@ -9,14 +9,16 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from sftkit import distributed
 from sftkit.backend import lr_lambda
 from sftkit.checkpoint import resolve_checkpoint, save_checkpoint
-from sftkit.config import TrainConfig
+from sftkit.config import ConfigError, TrainConfig, build_config
 from sftkit.data import prepare
 from sftkit.data.pipeline import build_example, collate
 from sftkit.data.sampler import batch_positions
-from sftkit.errors import TrainingError, TrainingStopped
+from sftkit.errors import SftkitError, TrainingError, TrainingStopped
 from sftkit.loss import loss_sum
+from sftkit.model import load_tokenizer
 from sftkit.run import pointer
 from sftkit.train import train
 from sftkit_cli.main import main
@@ -178,6 +180,33 @@ def test_cli_reports_every_problem_with_hints(tmp_path):
     settings.write_text('{"lerning_rate": 1e-4}')
     result = CliRunner().invoke(main, ["train", "--config", str(settings)])
     assert "did you mean 'learning_rate'" in result.output
+
+
+def test_seed_option_spellings_are_accepted(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """ms-swift's scripts write tuner_backend, dataset_seed, ddp_backend, check_dataset_strategy none and max_length -1."""
+    seed_spelled = build_config(TrainConfig, None, {"tuner_backend": "swift", "dataset_seed": "7", "ddp_backend": "gloo",
+                                                     "check_dataset_strategy": "none", "max_length": "-1"})
+    assert (seed_spelled.tuner_backend, seed_spelled.dataset_seed, seed_spelled.ddp_backend,
+            seed_spelled.check_dataset_strategy, seed_spelled.max_length) == ("swift", 7, "gloo", "error", None)
+    assert build_config(TrainConfig, None, {"check_dataset_strategy": "discard"}).check_dataset_strategy == "skip"
+    with pytest.raises(ConfigError, match="ddp_backend must be one of nccl, gloo, mpi"):
+        build_config(TrainConfig, None, {"ddp_backend": "hccl"})
+    result = CliRunner().invoke(main, ["preview", "--tokenizer", tiny_model_dir, "--dataset", data_file, "--template", "chatml",
+                                       "--max_length", "-1", "--check_dataset_strategy", "none", "--num_examples", "1"])
+    assert result.exit_code == 0, result.output
+
+    # dataset_seed picks the validation split; seed alone does when it is unset.
+    def validation(**options):
+        _, held_out = prepare.tokenize_data(config(tiny_model_dir, data_file, tmp_path, **options),
+                                            load_tokenizer(tiny_model_dir), say=lambda *a: None)
+        return [example["input_ids"] for example in held_out]
+
+    assert validation(seed=1, dataset_seed=5) == validation(seed=2, dataset_seed=5) != validation(seed=1, dataset_seed=6)
+    assert validation(seed=5) == validation(seed=1, dataset_seed=5)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SftkitError, match="ddp_backend nccl needs CUDA"):
+        distributed.init("cpu", "nccl")
 
 
 @pytest.mark.embedded

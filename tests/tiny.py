@@ -70,9 +70,15 @@ def make_model(tokenizer, arch: str = "llama", hidden: int = 64, layers: int = 2
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    if arch in ("gemma", "gemma2", "gemma3_text"):
+    if arch in ("gemma", "gemma2", "gemma3_text", "gemma3"):
         kwargs["head_dim"] = hidden // 4
-    config = AutoConfig.for_model(arch, **kwargs)
+    if arch == "gemma3":  # Gemma 3 4B+: the text model inside an image-text model, with a tiny vision tower
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                      patch_size=14)
+        special = {key: kwargs[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")}
+        config = AutoConfig.for_model(arch, text_config=kwargs, vision_config=vision, mm_tokens_per_image=4, **special)
+    else:
+        config = AutoConfig.for_model(arch, **kwargs)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
 
@@ -112,3 +118,39 @@ def randomize_lora_B(model, seed=1):
         for name, param in sorted(model.named_parameters()):
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+
+
+REMOTE_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote_code", "tinyglm")
+TINYGLM_FILES = ("configuration_tinyglm.py", "modeling_tinyglm.py", "tokenization_tinyglm.py")
+
+
+def save_tinyglm(path, seed: int = 0) -> str:
+    """A tiny model with ChatGLM2/3's layout, saved as remote code (config auto_map + its .py files), as the hub has it."""
+    import json
+    import shutil
+
+    import torch
+
+    from remote_code.tinyglm.configuration_tinyglm import TinyGLMConfig
+    from remote_code.tinyglm.modeling_tinyglm import TinyGLMForConditionalGeneration
+    from remote_code.tinyglm.tokenization_tinyglm import TinyGLMTokenizer
+
+    tokenizer = TinyGLMTokenizer()
+    config = TinyGLMConfig(padded_vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)
+    config.auto_map = {"AutoConfig": "configuration_tinyglm.TinyGLMConfig",
+                       "AutoModel": "modeling_tinyglm.TinyGLMForConditionalGeneration",
+                       "AutoModelForCausalLM": "modeling_tinyglm.TinyGLMForConditionalGeneration"}
+    torch.manual_seed(seed)
+    os.makedirs(path, exist_ok=True)
+    TinyGLMForConditionalGeneration(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    tokenizer_config = os.path.join(path, "tokenizer_config.json")
+    with open(tokenizer_config, encoding="utf-8") as handle:
+        settings = json.load(handle)
+    settings["auto_map"] = {"AutoTokenizer": ["tokenization_tinyglm.TinyGLMTokenizer", None]}
+    with open(tokenizer_config, "w", encoding="utf-8") as handle:
+        json.dump(settings, handle)
+    for name in TINYGLM_FILES:
+        shutil.copy(os.path.join(REMOTE_CODE, name), path)
+    return str(path)

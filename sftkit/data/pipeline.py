@@ -7,7 +7,7 @@ from bisect import bisect_left, insort
 import numpy as np
 
 from .formats import Message, to_messages
-from .templates import Segment, Template, get_template, render
+from .templates import Segment, Template, TokenText, get_template, render
 
 TRAIN_ON = ("assistant", "last", "all")
 TRUNCATION_SIDES = ("right", "left")
@@ -28,16 +28,51 @@ def encode(segments: list[Segment], tokenizer) -> Encoded:
 
     Encoding the joined text (not segment by segment) keeps the ids identical to what the model sees
     at inference, whatever the tokenizer does at boundaries (merges, SentencePiece's leading space).
+    Token segments (TokenText) go in as their ids, and the text between them is tokenized on its own; a
+    Python tokenizer, which gives no character offsets, tokenizes segment by segment (as ms-swift and the
+    remote code of the models that ship one build their prompts).
     """
     return encode_batch([segments], tokenizer)[0]
 
 
 def encode_batch(batch: list[list[Segment]], tokenizer) -> list[Encoded]:
     """encode() for many conversations in one tokenizer call, which the Rust tokenizer spreads over the cores."""
+    fast = getattr(tokenizer, "is_fast", False)
+    if not fast or any(isinstance(text, TokenText) for segments in batch for text, _ in segments):
+        return [_encode_pieces(segments, tokenizer, fast) for segments in batch]
     texts = ["".join(text for text, _ in segments) for segments in batch]
     encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     return [_with_roles(segments, ids, offsets)
             for segments, ids, offsets in zip(batch, encodings["input_ids"], encodings["offset_mapping"])]
+
+
+def _encode_pieces(segments: list[Segment], tokenizer, fast: bool) -> Encoded:
+    """Token segments as their ids; each run of text between them as one tokenizer call (fast), or each segment."""
+    ids, roles, run = [], [], []
+
+    def flush():
+        if fast and run:
+            text = "".join(text for text, _ in run)
+            encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            part = _with_roles(run, encoding["input_ids"], encoding["offset_mapping"])
+            ids.extend(part.input_ids)
+            roles.extend(part.roles)
+        for text, role in ([] if fast else run):
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids.extend(piece)
+            roles.extend([role] * len(piece))
+        run.clear()
+
+    for text, role in segments:
+        if isinstance(text, TokenText):
+            flush()
+            piece = text.tokens.ids(tokenizer)
+            ids.extend(piece)
+            roles.extend([role] * len(piece))
+        else:
+            run.append((text, role))
+    flush()
+    return Encoded(ids, roles)
 
 
 def _with_roles(segments: list[Segment], ids: list[int], offsets) -> Encoded:

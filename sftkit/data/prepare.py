@@ -9,7 +9,7 @@ from .pipeline import build_examples
 
 # The options that decide which examples a run gets, so they are part of the cache key.
 KEY_FIELDS = ("dataset_test_ratio", "train_dataset_sample", "system", "max_length", "truncation_side",
-              "check_dataset_strategy", "train_on", "loss_scale", "seed")
+              "check_dataset_strategy", "train_on", "loss_scale", "data_seed")
 
 
 def prepare_data(config, tokenizer, say=print) -> tuple[list[dict], list[dict]]:
@@ -32,11 +32,11 @@ def tokenize_data(config, tokenizer, say=print) -> tuple[list[dict], list[dict]]
     conversations, report = load_conversations(list(config.datasets()), strategy=config.check_dataset_strategy)
     if config.val_dataset:
         validation, val_report = load_conversations(list(config.val_dataset), strategy=config.check_dataset_strategy)
-        train_rows, _ = split_and_sample(conversations, test_ratio=0.0, sample=config.train_dataset_sample, seed=config.seed)
+        train_rows, _ = split_and_sample(conversations, test_ratio=0.0, sample=config.train_dataset_sample, seed=config.data_seed)
         say(f"[sftkit] validation data: {val_report.summary()}")
     else:
         train_rows, validation = split_and_sample(conversations, test_ratio=config.dataset_test_ratio,
-                                                  sample=config.train_dataset_sample, seed=config.seed)
+                                                  sample=config.train_dataset_sample, seed=config.data_seed)
         if validation and len(validation) != round(len(conversations) * config.dataset_test_ratio):
             say(f"[sftkit] validation split: {len(validation)} of {len(conversations)} rows (dataset_test_ratio "
                 f"{config.dataset_test_ratio} raised to at least min(20 rows, 10%) to choose the best checkpoint on)")

@@ -110,7 +110,7 @@ def preview(config, tokenizer=None, echo=print) -> dict:
 
 def default_template(tokenizer: str | None) -> str:
     """What training would use without --template: the model type's template, else the tokenizer's own (auto)."""
-    from ..registry import EMBEDDED_MODEL_TYPE, MODELS, infer_model_type
+    from ..registry import EMBEDDED_MODEL_TYPE, get_model_info, infer_model_type
 
     model_type = infer_model_type(tokenizer) if tokenizer else EMBEDDED_MODEL_TYPE
-    return MODELS[model_type].template if model_type else "auto"
+    return get_model_info(model_type).template if model_type else "auto"

@@ -1,8 +1,10 @@
-"""Chat templates as plain strings, a registry of them, and render(): messages -> role-tagged segments.
+"""Chat templates as plain strings (and token ids), a registry of them, and render(): messages -> role-tagged segments.
 
 A segment is `(text, role)`. role is None for template glue, "system"/"user" for what the model
 reads, "assistant"/"tool_call" for what it must learn and "tool" for tool results it must not.
 Placeholders: {{SYSTEM}}, {{QUERY}}, {{ROUND}} (1-based), {{CONTENT}}, {{BOS}}, {{EOS}}.
+A template part may also mix text with Tokens, ids written as they are (a TokenText segment), for special
+tokens a tokenizer does not parse out of text.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import difflib
 from dataclasses import dataclass, replace
 
 from ..errors import OptionError
+from ..errors import SftkitError
 from .errors import DataError
 from .formats import Message
 
@@ -17,6 +20,88 @@ Segment = tuple[str, "str | None"]
 
 AGENT_TOOL_CALL = "<|startofthink|>{{CONTENT}}<|endofthink|>"
 AGENT_TOOL_RESULT = "\n\n<|startofexec|>{{CONTENT}}<|endofexec|>\n"
+
+
+class TemplateError(SftkitError, ValueError):
+    """A template that cannot be written with this tokenizer (a token it does not have)."""
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Tokens a template writes as ids, never as text to tokenize: ChatGLM's tokenizer reads "[gMASK]" typed as text
+    as several ordinary pieces, not as its one special token.
+
+    Each item is an id (ms-swift writes [[64790, 64792]]), a vocabulary entry ("[gMASK]": its id in whichever
+    tokenizer is used), or a tokenizer attribute ending in _token_id ("eos_token_id", as ms-swift's templates use).
+    """
+
+    items: tuple[int | str, ...]
+
+    def __post_init__(self):
+        items = tuple(self.items)
+        if not items or not all((isinstance(i, int) and not isinstance(i, bool) and i >= 0) or (isinstance(i, str) and i)
+                                for i in items):
+            raise ValueError(f"template tokens must be ids >= 0 or token names, got {list(self.items)!r}")
+        object.__setattr__(self, "items", items)
+
+    def ids(self, tokenizer) -> list[int]:
+        return [_token_id(item, tokenizer) for item in self.items]
+
+    def text(self, tokenizer=None) -> str:
+        """How the tokens read: the tokenizer's token strings (names as written when there is no tokenizer)."""
+        return "".join(_token_text(item, tokenizer) for item in self.items)
+
+
+class TokenText(str):
+    """A rendered segment that is token ids: it reads as the tokens' text, so joined segments still show the prompt,
+    and encode() puts its ids in as they are."""
+
+    tokens: Tokens
+
+    def __new__(cls, tokens: Tokens, tokenizer=None):
+        text = super().__new__(cls, tokens.text(tokenizer))
+        text.tokens = tokens
+        return text
+
+
+Pattern = "str | tuple[str | Tokens, ...]"
+
+
+def _token_id(item: int | str, tokenizer) -> int:
+    if isinstance(item, int):
+        return item
+    if item.endswith("_token_id") and isinstance(getattr(tokenizer, item, None), int):
+        return getattr(tokenizer, item)
+    found = tokenizer.convert_tokens_to_ids(item)
+    if not isinstance(found, int) or (found == tokenizer.unk_token_id and item != tokenizer.unk_token):
+        raise TemplateError(f"the template writes the token {item!r}, which this tokenizer's vocabulary does not have")
+    return found
+
+
+def _token_text(item: int | str, tokenizer) -> str:
+    if tokenizer is None:
+        return item if isinstance(item, str) else f"<id:{item}>"
+    if isinstance(item, str) and item.endswith("_token_id") and hasattr(tokenizer, item):
+        return getattr(tokenizer, item[: -len("_id")]) or ""
+    token = tokenizer.convert_ids_to_tokens(item) if isinstance(item, int) else item
+    return token if isinstance(token, str) else f"<id:{item}>"
+
+
+def _pattern(value, name: str):
+    """A template part as given (text, or ms-swift's list of text and token lists) -> str, or a tuple of str and Tokens."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"template {name} must be text or a list of text and token lists, got {value!r}")
+    pieces = tuple(piece if isinstance(piece, (str, Tokens)) else Tokens(tuple(piece)) for piece in value)
+    return "".join(pieces) if all(isinstance(piece, str) for piece in pieces) else pieces
+
+
+def pattern_text(pattern, tokenizer=None) -> str:
+    """A template part as text (tokens as their token strings), for display and matching."""
+    if pattern is None or isinstance(pattern, str):
+        return pattern
+    return "".join(piece if isinstance(piece, str) else piece.text(tokenizer) for piece in pattern)
 
 
 @dataclass(frozen=True)
@@ -28,19 +113,27 @@ class Template:
     where the answer starts; suffix closes every answer and trains, so the model learns to stop;
     separator is untrained glue between rounds and end untrained glue after the last answer. A
     template whose prefix has no {{SYSTEM}} slot puts the system text in front of the first query.
+    Every part but tool_call/tool_result may be a list mixing text and token lists (see Tokens).
     """
 
-    prefix: str
-    prompt: str
-    suffix: str
-    separator: str = ""
-    end: str = ""
-    prefix_no_system: str | None = None
+    prefix: Pattern
+    prompt: Pattern
+    suffix: Pattern
+    separator: Pattern = ""
+    end: Pattern = ""
+    prefix_no_system: Pattern | None = None
     default_system: str | None = None
     stop_words: tuple[str, ...] = ()
     tool_call: str = AGENT_TOOL_CALL
     tool_result: str = AGENT_TOOL_RESULT
     use_tokenizer_template: bool = False
+
+    def __post_init__(self):
+        for name in ("prefix", "prompt", "suffix", "separator", "end", "prefix_no_system"):
+            object.__setattr__(self, name, _pattern(getattr(self, name), name))
+        if not isinstance(self.tool_call, str) or not isinstance(self.tool_result, str):
+            raise TypeError("template tool_call and tool_result must be text")
+        object.__setattr__(self, "stop_words", tuple(self.stop_words))
 
 
 TEMPLATES: dict[str, Template] = {}
@@ -87,31 +180,38 @@ def render(
     special = {"{{BOS}}": bos_token or "", "{{EOS}}": eos_token or ""}
     system_text, rounds = _rounds(messages, system if system is not None else template.default_system)
     segments: list[Segment] = []
-    has_slot = "{{SYSTEM}}" in template.prefix
+
+    def fill(pattern, slots: dict[str, Segment], glue_role: str | None = None) -> list[Segment]:
+        if isinstance(pattern, str):
+            return _fill(pattern, slots, glue_role)
+        return [segment for piece in pattern for segment in
+                (_fill(piece, slots, glue_role) if isinstance(piece, str) else [(TokenText(piece, tokenizer), glue_role)])]
+
+    has_slot = "{{SYSTEM}}" in pattern_text(template.prefix)
     if system_text and has_slot:
-        segments += _fill(template.prefix, {"{{SYSTEM}}": (system_text, "system"), **_glue(special)})
+        segments += fill(template.prefix, {"{{SYSTEM}}": (system_text, "system"), **_glue(special)})
     else:
-        segments += _fill(template.prefix_no_system if template.prefix_no_system is not None else template.prefix,
-                          {"{{SYSTEM}}": ("", None), **_glue(special)})
+        segments += fill(template.prefix_no_system if template.prefix_no_system is not None else template.prefix,
+                         {"{{SYSTEM}}": ("", None), **_glue(special)})
     for index, (query, response) in enumerate(rounds):
         if index:
-            segments += _fill(template.separator, _glue(special))
+            segments += fill(template.separator, _glue(special))
         if index == 0 and system_text and not has_slot:
             query = f"{system_text}\n\n{query}"
-        segments += _fill(template.prompt, {"{{QUERY}}": (query, "user"), "{{ROUND}}": (str(index + 1), None), **_glue(special)})
+        segments += fill(template.prompt, {"{{QUERY}}": (query, "user"), "{{ROUND}}": (str(index + 1), None), **_glue(special)})
         if response is None:
             continue
         for message in response:
             if message.role == "assistant":
                 segments.append((message.content, "assistant"))
             elif message.role == "tool_call":
-                segments += _fill(template.tool_call, {"{{CONTENT}}": (message.content, "tool_call")}, glue_role="tool_call")
+                segments += fill(template.tool_call, {"{{CONTENT}}": (message.content, "tool_call")}, glue_role="tool_call")
             else:
-                segments += _fill(template.tool_result, {"{{CONTENT}}": (message.content, "tool")}, glue_role="tool")
+                segments += fill(template.tool_result, {"{{CONTENT}}": (message.content, "tool")}, glue_role="tool")
         if response and response[-1].role != "tool":
-            segments += _fill(template.suffix, _glue(special), glue_role="assistant")
+            segments += fill(template.suffix, _glue(special), glue_role="assistant")
     if rounds and rounds[-1][1] is not None:
-        segments += _fill(template.end, _glue(special))
+        segments += fill(template.end, _glue(special))
     return _merge(segments)
 
 
@@ -155,11 +255,12 @@ def _fill(pattern: str, slots: dict[str, Segment], glue_role: str | None = None)
 
 
 def _merge(segments: list[Segment]) -> list[Segment]:
+    """Drop empty segments and join neighbours of one role; token segments stay whole, so their ids survive."""
     merged: list[Segment] = []
     for text, role in segments:
-        if not text:
+        if not text and not isinstance(text, TokenText):
             continue
-        if merged and merged[-1][1] == role:
+        if merged and merged[-1][1] == role and not isinstance(text, TokenText) and not isinstance(merged[-1][0], TokenText):
             merged[-1] = (merged[-1][0] + text, role)
         else:
             merged.append((text, role))
@@ -292,24 +393,28 @@ BUILTIN_TEMPLATES = {
         suffix="{{EOS}}",
         stop_words=("</s>",),
     ),
+    # The role markers are Baichuan's reserved tokens 195/196, written as ids as ms-swift does.
     "baichuan": Template(
         prefix="{{SYSTEM}}",
-        prompt="<reserved_106>{{QUERY}}<reserved_107>",
+        prompt=[["<reserved_106>"], "{{QUERY}}", ["<reserved_107>"]],
         suffix="{{EOS}}",
         stop_words=("</s>",),
     ),
+    # ChatGLM2/3's tokenizer reads "[gMASK]", "sop" and "<|user|>" typed as text as ordinary pieces: they are ids.
     "chatglm2": Template(
-        prefix="[gMASK]sop{{SYSTEM}}",
+        prefix=[["[gMASK]", "sop"], "{{SYSTEM}}"],
         prompt="[Round {{ROUND}}]\n\n问：{{QUERY}}\n\n答：",
         suffix="{{EOS}}",
         separator="\n\n",
         stop_words=("</s>",),
     ),
+    # ChatGLM3 ends an answer with the next turn's role token: the <|user|> after an answer is its trained end, so
+    # the first <|user|> comes with the prefix and the prompt does not repeat it.
     "chatglm3": Template(
-        prefix="[gMASK]sop<|system|>\n{{SYSTEM}}",
-        prefix_no_system="[gMASK]sop",
-        prompt="<|user|>\n{{QUERY}}<|assistant|>\n",
-        suffix="<|user|>",
+        prefix=[["[gMASK]", "sop", "<|system|>"], "\n{{SYSTEM}}", ["<|user|>"]],
+        prefix_no_system=[["[gMASK]", "sop", "<|user|>"]],
+        prompt=["\n{{QUERY}}", ["<|assistant|>"], "\n"],
+        suffix=[["<|user|>"]],
         stop_words=("<|user|>", "<|observation|>"),
     ),
     "internlm": Template(
@@ -329,7 +434,7 @@ BUILTIN_TEMPLATES = {
     "auto": Template(prefix="", prompt="", suffix="", use_tokenizer_template=True),
     # Base models: the raw text, closed by EOS so the model learns where a document ends.
     "default-generation": Template(prefix="{{BOS}}", prompt="{{QUERY}}", suffix="{{EOS}}"),
-    "chatglm-generation": Template(prefix="[gMASK]sop", prompt="{{QUERY}}", suffix="{{EOS}}"),
+    "chatglm-generation": Template(prefix=[["[gMASK]", "sop"]], prompt="{{QUERY}}", suffix="{{EOS}}"),
     # Qwen2.5's Jinja template puts this system text in when the conversation has none.
     "qwen2_5": replace(_CHATML, default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
     # Non-thinking Qwen3: every answer opens with the empty think block that enable_thinking=False

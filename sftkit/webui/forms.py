@@ -20,10 +20,12 @@ from ..data.loading import FILE_SUFFIXES
 TRAIN_GROUPS = {
     "model": ("model", "model_type", "template", "system", "dtype", "trust_remote_code", "use_flash_attn", "hub",
               "model_revision", "model_cache_dir"),
-    "data": ("dataset", "val_dataset", "dataset_test_ratio", "train_dataset_sample", "max_length", "truncation_side",
-             "check_dataset_strategy", "train_on", "loss_scale", "packing", "group_by_length", "varlen_attention", "dataset_cache"),
-    "LoRA / quantization": ("sft_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora",
-                            "quantization_bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_comp_dtype"),
+    "data": ("dataset", "val_dataset", "dataset_test_ratio", "train_dataset_sample", "dataset_seed", "max_length",
+             "truncation_side", "check_dataset_strategy", "train_on", "loss_scale", "packing", "group_by_length",
+             "varlen_attention", "dataset_cache"),
+    "LoRA / quantization": ("sft_type", "tuner_backend", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules",
+                            "use_rslora", "quantization_bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
+                            "bnb_4bit_comp_dtype"),
     "schedule": ("num_train_epochs", "max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate",
                  "lr_scheduler_type", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm", "optim",
                  "gradient_checkpointing", "max_memory", "seed"),
@@ -31,9 +33,9 @@ TRAIN_GROUPS = {
                             "predict_with_generate", "eval_generation_mode", "constrained_tool_calls",
                             "eval_generation_limit", "eval_max_new_tokens", "save_steps", "save_total_limit",
                             "only_save_model", "logging_steps", "output_dir",
-                            "add_output_dir_suffix", "resume_from_checkpoint", "ignore_args_mismatch", "trust_checkpoint", "logging_dir", "push_to_hub", "hub_model_id",
-                            "hub_private_repo", "push_hub_strategy", "hub_token"),
-    "distributed": ("device", "devices", "deepspeed", "dataloader_num_workers"),
+                            "add_output_dir_suffix", "resume_from_checkpoint", "ignore_args_mismatch", "trust_checkpoint",
+                            "logging_dir", "push_to_hub", "hub_model_id", "hub_private_repo", "push_hub_strategy", "hub_token"),
+    "distributed": ("device", "devices", "deepspeed", "ddp_backend", "dataloader_num_workers"),
 }
 OPEN_GROUPS = ("model", "data", "schedule")
 
