@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .attention import decoder_inputs
 from .data.pipeline import IGNORE_INDEX
+from .fused import linear_cross_entropy
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -17,16 +18,17 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def loss_sum(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
-    """(sum of per-token cross-entropy (times loss_weights when given), number of trainable tokens)."""
-    targets = shifted_targets(batch["labels"])
-    selected = targets != IGNORE_INDEX
+def loss_sum(model, batch: dict, chunk_size: int = 1024, fused: bool = False) -> tuple[torch.Tensor, int]:
+    """(sum of per-token cross-entropy (times loss_weights when given), number of trainable tokens).
+
+    fused: the head and the loss as fused.linear_cross_entropy when gradients are wanted (no logits kept for
+    backward); heads that transform their logits (soft-capping, scaling) and plain forwards take the eager path.
+    """
     hidden = backbone_hidden(model, batch)
-    # With model parallel the hidden states end on the last device, the labels start on the first.
-    selected, targets = selected.to(hidden.device), targets.to(hidden.device)
-    hidden, targets = hidden[selected], targets[selected]
-    weights = shifted_weights(batch).to(hidden.device)[selected] if "loss_weights" in batch else None
+    hidden, targets, weights = trainable_rows(hidden, batch)
     head = model.get_output_embeddings()
+    if fused and torch.is_grad_enabled() and hidden.requires_grad and _plain_head(model, head):
+        return linear_cross_entropy(hidden, head.weight, targets, weights, chunk_size), targets.shape[0]
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_size):
         logits = _final_logits(model, head(hidden[start:start + chunk_size])).float()
@@ -34,7 +36,37 @@ def loss_sum(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, 
         if weights is not None:
             losses = losses * weights[start:start + chunk_size]
         total = total + losses.sum()
-    return total, int(selected.sum())
+    return total, targets.shape[0]
+
+
+def trainable_rows(hidden: torch.Tensor, batch: dict):
+    """(hidden states, targets, weights or None) of the positions whose next token trains.
+
+    With the batch's trainable_positions (counted on the host when collated) they are gathered by index; else
+    a boolean mask selects them, whose size only the device knows (a wait for it).
+    """
+    # With model parallel the hidden states end on the last device, the labels start on the first.
+    targets = shifted_targets(batch["labels"]).to(hidden.device)
+    weights = shifted_weights(batch).to(hidden.device) if "loss_weights" in batch else None
+    if "trainable_positions" in batch:
+        positions = batch["trainable_positions"].to(hidden.device)
+        pick = lambda tensor: tensor.reshape(-1, *tensor.shape[2:]).index_select(0, positions)  # noqa: E731
+    else:
+        selected = targets != IGNORE_INDEX
+        pick = lambda tensor: tensor[selected]  # noqa: E731
+    return pick(hidden), pick(targets), None if weights is None else pick(weights)
+
+
+def trainable_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the positions whose next token trains: the host-side twin of trainable_rows' mask."""
+    return (shifted_targets(labels).flatten() != IGNORE_INDEX).nonzero().flatten()
+
+
+def _plain_head(model, head) -> bool:
+    """A bias-free linear head with nothing applied after it (what linear_cross_entropy computes)."""
+    config = model.config
+    return (isinstance(head, torch.nn.Linear) and head.bias is None and not getattr(config, "final_logit_softcapping", None)
+            and not getattr(config, "logit_scale", None))
 
 
 def shifted_weights(batch: dict) -> torch.Tensor:
