@@ -87,6 +87,9 @@ def compile_regions(model, *, cuda_graphs: bool = False, backend: str = "inducto
 
         inductor_config.triton.cudagraph_skip_dynamic_graphs = True  # graphs whose shapes still vary run without
     layers = decoder_layers(model)
+    if hasattr(model, "enable_input_require_grads"):
+        # The first layer's input would be the only one without requires_grad: a second graph for one layer.
+        model.enable_input_require_grads()
     for layer in layers:
         layer.compile(backend=backend, dynamic=not cuda_graphs, mode="reduce-overhead" if cuda_graphs else None)
     return len(layers)

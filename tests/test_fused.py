@@ -360,29 +360,30 @@ def test_fused_adamw_takes_the_same_steps():
         torch.testing.assert_close(copy, p)
 
 
-# --- compiled layers (aot_eager: dynamo and autograd tracing without code generation, fast on CPU) ----------------
+# --- compiled layers (backend "eager": dynamo's capture, guards and graph breaks, without code generation) -------
 
 
 @pytest.mark.slow
-def test_compiled_layers_equal_eager_and_compile_once(tokenizer):
+def test_compiled_layers_equal_eager_and_new_widths_do_not_recompile(tokenizer):
     import torch._dynamo
 
     torch._dynamo.reset()
     packed = collate_packed(pack(examples(), 24), tokenizer.pad_token_id, pad_to_multiple_of=8)
     padded = collate(examples()[:3], tokenizer.pad_token_id, pad_to_multiple_of=8, attention_mask=False)
     wider = collate_packed(pack(examples(lengths=(20, 30, 9, 4)), 40), tokenizer.pad_token_id, pad_to_multiple_of=8)
+    assert wider["input_ids"].shape[1] != packed["input_ids"].shape[1]
+    assert wider["document_boundaries"].shape != packed["document_boundaries"].shape
     reference = lora_model(tokenizer)
     compiled = lora_model(tokenizer)
     use_fused_lora(compiled)
-    assert speed.compile_regions(compiled, backend="aot_eager") == 2
-    with torch._dynamo.config.patch(error_on_recompile=False):
-        torch._dynamo.utils.counters.clear()
-        for batch in (packed, padded, wider):
-            assert_same(loss_and_grads(reference, [batch]), loss_and_grads(compiled, [batch]), rtol=1e-5, atol=2e-5)
-        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    # One layer graph (shared by both layers, dynamic widths and document counts), cut where the eager
-    # per-document attention runs: a handful of graphs, not one per batch or layer.
-    assert 0 < frames <= 6
+    assert speed.compile_regions(compiled, backend="eager") == 2
+    graphs = []
+    for batch in (packed, padded, wider):
+        assert_same(loss_and_grads(reference, [batch]), loss_and_grads(compiled, [batch]), rtol=1e-5, atol=2e-5)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    # Packed rows of another width and document count reuse the packed graphs (dynamic shapes); the padded batch
+    # (no documents: attention inside the graph) has graphs of its own.
+    assert graphs[0] > 0 and graphs[2] == graphs[1] > graphs[0]
 
 
 @pytest.mark.slow
