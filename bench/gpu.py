@@ -136,8 +136,6 @@ class Unavailable(Exception):
 
 def bench_model(name: str, args, device, variants: list[str], peak_tflops: float | None) -> dict:
     """Both sides on one model: every tokens-per-step count, sides alternating."""
-    import torch
-
     qlora = name.endswith("-qlora")
     arch, sizes = MODELS[name.removesuffix("-qlora")]
     tokens = [int(t) for t in (args.tokens or DEFAULT_TOKENS[name]).split(",")]
@@ -259,7 +257,11 @@ class SftkitSide:
 
     def start(self, steps: list[list[dict]]) -> None:
         remaining = iter(steps)
-        produce = lambda: (lambda rows: (rows, self.collate(rows, PAD_ID)))(next(remaining))  # noqa: E731
+
+        def produce():
+            rows = next(remaining)
+            return rows, self.collate(rows, PAD_ID)
+
         self.source = self.window.Prefetcher(produce) if self.levers.asynchronous else self.window.Inline(produce)
 
     def step(self) -> float:

@@ -57,7 +57,8 @@ def build_backend(config, model, *, world: distributed.World, devices: list[str]
     """The one setup branch: optimizer and schedule for the trainable parameters, then the backend that runs them."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(config.optim, parameters, config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                               weight_decay=config.weight_decay, fused=fused_optimizer and not config.deepspeed)
+                               weight_decay=config.weight_decay,
+                               fused=fused_optimizer and not config.deepspeed and len(devices) == 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(config.lr_scheduler_type, round(config.warmup_ratio * total_steps), total_steps))
     module = LossModule(model, loss_fn)

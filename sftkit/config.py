@@ -213,6 +213,9 @@ class TrainConfig(DataOptions):
             checks.append(str(error))
         if self.sft_type == "full" and self.quantization_bit:
             checks.append("quantization_bit needs sft_type lora: 4/8-bit weights cannot be trained, only adapters on them")
+        if self.deepspeed and (self.fused_lora or self.fused_loss):
+            checks.append("fused_lora and fused_loss do not combine with deepspeed: ZeRO-3 gathers a weight only around "
+                          "its module's own forward, and the fused paths read weights outside it")
         if self.cuda_graphs and not self.torch_compile:
             checks.append("cuda_graphs needs torch_compile true: the graphs are captured by the compiled layers")
         if self.deepspeed and self.devices:

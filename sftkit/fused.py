@@ -84,20 +84,22 @@ def _adapter_input(flat: torch.Tensor, keep: torch.Tensor | None, dtype: torch.d
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         weights: torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
+                         weights: torch.Tensor | None = None, chunk_size: int = 1024, chunk_kernel=None) -> torch.Tensor:
     """Sum over rows of cross_entropy(hidden W^T, targets) (times weights), the logits in float32 a chunk at a time.
 
     The head's matmul runs in the compute dtype, as `head(hidden)` does under autocast. A trainable head gets
-    its gradient in float32, accumulated over the chunks.
+    its gradient in float32, accumulated over the chunks. chunk_kernel(logits, targets, weights) -> (loss, logit
+    gradient) is chunk_loss_and_grad or a compiled version of it.
     """
     dtype = compute_dtype(hidden)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden.to(dtype), weight.to(dtype), targets, weights, chunk_size)
+        return _LinearCrossEntropy.apply(hidden.to(dtype), weight.to(dtype), targets, weights, chunk_size,
+                                         chunk_kernel or chunk_loss_and_grad)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, weights, chunk_size):
+    def forward(ctx, hidden, weight, targets, weights, chunk_size, chunk_kernel):
         wants_hidden, wants_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if wants_hidden else None
@@ -105,7 +107,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             rows = hidden[start:start + chunk_size]
             chunk_weights = None if weights is None else weights[start:start + chunk_size]
-            loss, grad_logits = chunk_loss_and_grad(rows @ weight.t(), targets[start:start + chunk_size], chunk_weights)
+            loss, grad_logits = chunk_kernel(rows @ weight.t(), targets[start:start + chunk_size], chunk_weights)
             total += loss
             grad_logits = grad_logits.to(hidden.dtype)
             if wants_hidden:
@@ -121,14 +123,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_hidden = None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype)
         grad_weight = None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None):
     """(sum of the rows' cross-entropy, its gradient with respect to the logits), computed in float32.
 
-    The elementwise work of the loss: torch.compile of this function fuses it into a couple of kernels
-    (speed.compile_regions does that).
+    The elementwise work of the loss: torch.compile fuses it into a couple of kernels (speed.training_loss
+    compiles it when the layers are compiled).
     """
     logits = logits.float()
     log_norm = torch.logsumexp(logits, dim=-1)

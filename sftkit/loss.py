@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .attention import decoder_inputs
 from .data.pipeline import IGNORE_INDEX
-from .fused import linear_cross_entropy
+from .fused import chunk_loss_and_grad, linear_cross_entropy
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -18,17 +18,19 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def loss_sum(model, batch: dict, chunk_size: int = 1024, fused: bool = False) -> tuple[torch.Tensor, int]:
+def loss_sum(model, batch: dict, chunk_size: int = 1024, fused: bool = False,
+             chunk_kernel=chunk_loss_and_grad) -> tuple[torch.Tensor, int]:
     """(sum of per-token cross-entropy (times loss_weights when given), number of trainable tokens).
 
     fused: the head and the loss as fused.linear_cross_entropy when gradients are wanted (no logits kept for
-    backward); heads that transform their logits (soft-capping, scaling) and plain forwards take the eager path.
+    backward), each chunk's loss and logit gradient by chunk_kernel; heads that transform their logits
+    (soft-capping, scaling) and plain forwards take the eager path.
     """
     hidden = backbone_hidden(model, batch)
     hidden, targets, weights = trainable_rows(hidden, batch)
     head = model.get_output_embeddings()
     if fused and torch.is_grad_enabled() and hidden.requires_grad and _plain_head(model, head):
-        return linear_cross_entropy(hidden, head.weight, targets, weights, chunk_size), targets.shape[0]
+        return linear_cross_entropy(hidden, head.weight, targets, weights, chunk_size, chunk_kernel), targets.shape[0]
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_size):
         logits = _final_logits(model, head(hidden[start:start + chunk_size])).float()
@@ -48,12 +50,12 @@ def trainable_rows(hidden: torch.Tensor, batch: dict):
     # With model parallel the hidden states end on the last device, the labels start on the first.
     targets = shifted_targets(batch["labels"]).to(hidden.device)
     weights = shifted_weights(batch).to(hidden.device) if "loss_weights" in batch else None
-    if "trainable_positions" in batch:
-        positions = batch["trainable_positions"].to(hidden.device)
-        pick = lambda tensor: tensor.reshape(-1, *tensor.shape[2:]).index_select(0, positions)  # noqa: E731
-    else:
-        selected = targets != IGNORE_INDEX
-        pick = lambda tensor: tensor[selected]  # noqa: E731
+    positions = batch["trainable_positions"].to(hidden.device) if "trainable_positions" in batch else None
+    selected = targets != IGNORE_INDEX if positions is None else None
+
+    def pick(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[selected] if positions is None else tensor.flatten(0, 1).index_select(0, positions)
+
     return pick(hidden), pick(targets), None if weights is None else pick(weights)
 
 

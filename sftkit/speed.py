@@ -21,6 +21,7 @@ import torch
 
 from .attention import uses_varlen
 from .data.pipeline import collate
+from .fused import chunk_loss_and_grad
 from .loss import loss_sum, trainable_positions
 from .lora import use_fused_lora
 from .memory import decoder_layers
@@ -53,8 +54,9 @@ class Levers:
 def resolve_levers(config, device: torch.device, rows: list[dict] | None = None) -> Levers:
     """The levers for this config on this device; `rows` (the training rows) size the static document count."""
     cuda = device.type == "cuda"
-    lora = config.sft_type == "lora"
-    fused_lora = (cuda if config.fused_lora is None else config.fused_lora) and lora
+    # ZeRO-3 gathers a weight only around its module's own forward; the fused paths read weights outside it.
+    fusable = cuda and not config.deepspeed
+    fused_lora = (fusable if config.fused_lora is None else config.fused_lora) and config.sft_type == "lora"
     static = config.torch_compile and config.cuda_graphs
     documents = None
     if static and config.packing and rows:
@@ -62,7 +64,7 @@ def resolve_levers(config, device: torch.device, rows: list[dict] | None = None)
         documents = config.batch_size * most
     width = (config.max_length or 2048) if static else WIDTH_MULTIPLE if config.torch_compile else None
     return Levers(fused_lora=config.lora_update_dtype if fused_lora else None,
-                  fused_loss=cuda if config.fused_loss is None else config.fused_loss,
+                  fused_loss=fusable if config.fused_loss is None else config.fused_loss,
                   compile=config.torch_compile, cuda_graphs=static, asynchronous=cuda, width_multiple=width,
                   documents_per_batch=documents)
 
@@ -95,9 +97,13 @@ def compile_regions(model, *, cuda_graphs: bool = False, backend: str = "inducto
     return len(layers)
 
 
-def training_loss(loss_fn, levers: Levers):
-    """The loss the backend runs: sftkit's own with the fused head when asked; a caller's own as given."""
-    return partial(loss_sum, fused=True) if levers.fused_loss and loss_fn is loss_sum else loss_fn
+def training_loss(loss_fn, levers: Levers, backend: str = "inductor"):
+    """The loss the backend runs: sftkit's own with the fused head when asked (its elementwise part compiled with
+    the layers); a caller's own as given."""
+    if not (levers.fused_loss and loss_fn is loss_sum):
+        return loss_fn
+    kernel = torch.compile(chunk_loss_and_grad, dynamic=True, backend=backend) if levers.compile else chunk_loss_and_grad
+    return partial(loss_sum, fused=True, chunk_kernel=kernel)
 
 
 def training_collate(collate_fn, levers: Levers, model):

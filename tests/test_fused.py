@@ -218,6 +218,19 @@ def test_fused_loss_keeps_no_logits_for_backward(tokenizer):
     assert saved_logits(fused=False) and not saved_logits(fused=True)
 
 
+def test_compiled_loss_kernel_equals_the_eager_loss(tokenizer):
+    batches = [collate(examples(), tokenizer.pad_token_id)]
+    loss_fn = speed.training_loss(loss_sum, speed.Levers(fused_loss=True, compile=True), backend="eager")
+    assert loss_fn.keywords["chunk_kernel"] is not chunk_loss_and_grad
+    model = lora_model(tokenizer)
+    model.zero_grad()
+    total = loss_fn(model, batches[0])[0]
+    total.backward()
+    compiled = total.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    assert_same(loss_and_grads(lora_model(tokenizer), batches), compiled)
+    assert speed.training_loss(loss_sum, speed.Levers()) is loss_sum
+
+
 def test_soft_capped_heads_keep_the_eager_loss(tokenizer):
     model = tiny.make_model(tokenizer)
     assert _plain_head(model, model.get_output_embeddings())
@@ -270,6 +283,11 @@ def test_cpu_keeps_the_eager_paths_and_cuda_turns_the_levers_on():
     assert cuda.fused_lora == "compute" and cuda.fused_loss and cuda.asynchronous and not cuda.compile
     assert speed.resolve_levers(TrainConfig(fused_lora=False, fused_loss=False), torch.device("cuda")).fused_lora is None
     assert speed.resolve_levers(TrainConfig(sft_type="full", fused_lora=True), torch.device("cpu")).fused_lora is None
+    # DeepSpeed's ZeRO-3 gathers weights only around their modules' forwards: the fused paths stay off.
+    zero = speed.resolve_levers(TrainConfig(deepspeed="zero3"), torch.device("cuda"))
+    assert zero.fused_lora is None and not zero.fused_loss
+    assert any("deepspeed" in problem for problem in TrainConfig(deepspeed="zero3", fused_loss=True).problems())
+    assert any("torch_compile" in problem for problem in TrainConfig(cuda_graphs=True).problems())
 
 
 def test_static_shapes_for_cuda_graphs(tokenizer):
