@@ -115,6 +115,9 @@ def main(argv=None) -> dict:
             results.append(bench_model(name, args, device, variants, peak_tflops))
         except Unavailable as why:
             skipped[name] = str(why)
+        except Exception as error:  # e.g. the base does not fit: the next model still runs
+            skipped[name] = failure(name, error)
+            release(device)
         print(f"[gpu bench] {name} done at {time.perf_counter() - started:.0f} s", flush=True)
     for name, why in skipped.items():
         print(f"[gpu bench] {name} skipped: {why}", flush=True)
@@ -140,11 +143,17 @@ def bench_model(name: str, args, device, variants: list[str], peak_tflops: float
     arch, sizes = MODELS[name.removesuffix("-qlora")]
     tokens = [int(t) for t in (args.tokens or DEFAULT_TOKENS[name]).split(",")]
     base, shape = build_base(arch, sizes, device, qlora)
-    sides = {f"sftkit:{variant}": SftkitSide(base, device, VARIANTS[variant], qlora) for variant in variants}
-    sides["reference"] = ReferenceSide(base, device, qlora)
+    sides, failed = {}, {}
+    for side_name in [f"sftkit:{variant}" for variant in variants] + ["reference"]:
+        try:
+            sides[side_name] = ReferenceSide(base, device, qlora) if side_name == "reference" else \
+                SftkitSide(base, device, VARIANTS[side_name.split(":")[1]], qlora)
+        except Exception as error:  # one side that cannot run must not cost the others' figures
+            failed[side_name] = failure(side_name, error)
     rows = {count: step_rows(count, args.row_tokens, sizes["vocab_size"], args.seed + count, args.steps + args.warmup)
             for count in tokens}
-    measurements = []
+    measurements = [{"side": side_name, "tokens_per_step": count, "failed": why} for side_name, why in failed.items()
+                    for count in tokens]
     for order, count in enumerate(tokens):
         names = list(sides) if order % 2 == 0 else list(sides)[::-1]
         for side_name in names:
@@ -356,10 +365,22 @@ def measure(side, steps: list[list[dict]], args, device) -> dict:
         side.reset()
         release(device)
         return {"out_of_memory": str(error).splitlines()[0][:160]}
+    except Exception as error:  # a lever that breaks on this device: reported, and the other sides still run
+        side.reset()
+        release(device)
+        return {"failed": failure(type(side).__name__, error)}
     finally:
         side.stop()
     return {"ms_per_step": round(1000 * seconds, 2), "first_loss": round(first, 5), "last_loss": round(float(last), 5),
             "peak_gpu_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None}
+
+
+def failure(what: str, error: Exception) -> str:
+    import traceback
+
+    traceback.print_exception(error, file=sys.stderr)
+    print(f"[gpu bench] {what} failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
 
 
 def throughput(measured: dict, steps: list[list[dict]], shape: dict, peak_tflops: float | None) -> dict:
@@ -369,7 +390,7 @@ def throughput(measured: dict, steps: list[list[dict]], shape: dict, peak_tflops
     real = sum(documents)
     trainable = sum(sum(label != IGNORE_INDEX for label in row["labels"][1:]) for row in rows)
     flops = sum(6 * shape["matmul_params"] * n + 12 * shape["layers"] * shape["attention_width"] * n * n for n in documents)
-    if "ms_per_step" not in measured:
+    if "ms_per_step" not in measured:  # out of memory, or failed
         return {"tokens": real, "trainable_tokens": trainable}
     seconds = measured["ms_per_step"] / 1000
     return {"tokens": real, "trainable_tokens": trainable, "tokens_per_s": round(real / seconds, 1),
@@ -429,8 +450,9 @@ def release(device) -> None:
 
 
 def describe(model: str, m: dict) -> str:
-    if "out_of_memory" in m:
-        return f"[gpu bench] {model} {m['side']} {m['tokens_per_step']} tokens/step: out of memory"
+    if "ms_per_step" not in m:
+        what = "out of memory" if "out_of_memory" in m else f"failed ({m['failed']})"
+        return f"[gpu bench] {model} {m['side']} {m['tokens_per_step']} tokens/step: {what}"
     mfu = f", MFU {m['mfu']:.1%}" if m.get("mfu") is not None else ""
     memory = f", peak {m['peak_gpu_gb']} GB" if m.get("peak_gpu_gb") is not None else ""
     return (f"[gpu bench] {model} {m['side']} {m['tokens_per_step']} tokens/step: {m['ms_per_step']} ms/step, "
@@ -445,9 +467,10 @@ def print_table(result: dict) -> None:
         summary = model["summary"]
         for m in model["measurements"]:
             ratio = summary.get(m["side"], {}).get("ratio_at_equal_batch", {}).get(m["tokens_per_step"], {}).get("speed")
-            fixed = summary[m["side"]]["fixed_overhead_ms"]
-            if "out_of_memory" in m:
-                lines.append((model["model"], m["side"], str(m["tokens_per_step"]), "OOM") + ("",) * 7)
+            fixed = summary.get(m["side"], {}).get("fixed_overhead_ms")
+            if "ms_per_step" not in m:
+                lines.append((model["model"], m["side"], str(m["tokens_per_step"]),
+                              "OOM" if "out_of_memory" in m else "failed") + ("",) * 7)
                 continue
             lines.append((model["model"], m["side"], str(m["tokens_per_step"]), f"{m['ms_per_step']:.1f}",
                           f"{m['tokens_per_s']:.0f}", f"{m['trainable_tokens_per_s']:.0f}",

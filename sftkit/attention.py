@@ -43,13 +43,6 @@ class Documents:
         return tuple((begin // self.width, begin % self.width, end - begin // self.width * self.width)
                      for begin, end in zip(edges, edges[1:]) if end > begin)
 
-    def cumulative_lengths(self, device) -> torch.Tensor:
-        return self.boundaries.to(device)
-
-    @property
-    def longest(self) -> int:
-        return max(end - start for _, start, end in self.spans)
-
 
 def find_documents(position_ids: torch.Tensor) -> Documents:
     """A document starts wherever the position does not follow the previous one (transformers' own rule)."""

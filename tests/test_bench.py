@@ -66,6 +66,33 @@ def test_gpu_quick(tmp_path):
         assert figures["ratio_best_vs_reference_best"] > 0
 
 
+def test_gpu_bench_reports_a_failing_side_and_goes_on():
+    """An untested lever that breaks on the device costs its own row, not the run."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu
+
+    class Broken:
+        def start(self, steps):
+            pass
+
+        def step(self):
+            raise RuntimeError("no kernel image is available")
+
+        def stop(self):
+            pass
+
+        reset = stop
+
+    args = gpu.parse_args(["--quick"])
+    measured = gpu.measure(Broken(), [[]] * 3, args, torch.device("cpu"))
+    assert measured["failed"].startswith("RuntimeError: no kernel image")
+    measured.update(side="sftkit:compiled", tokens_per_step=128, tokens=100, trainable_tokens=60)
+    summary = gpu.summarise([measured])
+    assert summary["sftkit:compiled"]["fixed_overhead_ms"] is None and "failed" in gpu.describe("tiny", measured)
+
+
 @pytest.mark.slow
 def test_preprocess_quick(tmp_path):
     out = tmp_path / "preprocess.json"
