@@ -20,7 +20,7 @@ bench/train_throughput.py, on real tokens), peak GPU memory of the timed steps, 
 sides (equal weights then: a check that both compute the same thing), and per side the fixed per-step overhead
 (ms/step extrapolated to zero tokens by a least-squares line over the token counts).
 
-    python bench/gpu.py                          # one H100: about 5 minutes (--budget-s guards 6)
+    python bench/gpu.py                          # one H100: at most about 6 minutes (--budget-s)
     python bench/gpu.py --variants eager,fused,compiled --models 1.5b     # which levers pay
     python bench/gpu.py --quick                  # tiny model on CPU, seconds (the tests run it)
 """
@@ -67,7 +67,7 @@ DEFAULT_TOKENS = {"0.5b": "2048,8192,16384", "1.5b": "2048,8192,16384", "7b": "2
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=None, help="comma-separated of 0.5b, 1.5b, 7b, 8b, 7b-qlora, tiny "
-                                                      "(default: 1.5b,0.5b,7b,7b-qlora; tiny with --quick)")
+                                                      "(default: 1.5b,7b,0.5b,7b-qlora; tiny with --quick)")
     parser.add_argument("--tokens", default=None, help="tokens per step, comma-separated, multiples of --row-tokens "
                                                       "(default per model: 2048,8192,16384; 2048,8192 for 7B/8B)")
     parser.add_argument("--row-tokens", type=int, default=None, help="packed row width (default 1024; 64 with --quick)")
@@ -75,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                         "(default: compiled on CUDA, eager,fused with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 4; 2 with --quick)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first ones compile)")
-    parser.add_argument("--budget-s", type=float, default=330.0, help="start no new model after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=270.0, help="start no new model after this many seconds, and no "
+                                                                      "new measurement 60 s later (the run then prints its table)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s for MFU (default on CUDA: 989, "
                                                                         "H100/H200 SXM bf16)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -83,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny random model on CPU: a smoke run of seconds")
     parser.add_argument("--out", default="bench/results/gpu.json")
     args = parser.parse_args(argv)
-    args.models = [m.strip() for m in (args.models or ("tiny" if args.quick else "1.5b,0.5b,7b,7b-qlora")).split(",") if m.strip()]
+    args.models = [m.strip() for m in (args.models or ("tiny" if args.quick else "1.5b,7b,0.5b,7b-qlora")).split(",") if m.strip()]
     unknown = [m for m in args.models if m.removesuffix("-qlora") not in MODELS]
     if unknown:
         parser.error(f"unknown model {', '.join(unknown)}: choose from {', '.join(MODELS)} (and 7b-qlora)")
@@ -112,7 +113,7 @@ def main(argv=None) -> dict:
             skipped[name] = f"time budget of {args.budget_s:.0f} s spent"
             continue
         try:
-            results.append(bench_model(name, args, device, variants, peak_tflops))
+            results.append(bench_model(name, args, device, variants, peak_tflops, deadline=started + args.budget_s + 60))
         except Unavailable as why:
             skipped[name] = str(why)
         except Exception as error:  # e.g. the base does not fit: the next model still runs
@@ -137,8 +138,8 @@ class Unavailable(Exception):
     """A model the device cannot run here (QLoRA without bitsandbytes' CUDA kernels)."""
 
 
-def bench_model(name: str, args, device, variants: list[str], peak_tflops: float | None) -> dict:
-    """Both sides on one model: every tokens-per-step count, sides alternating."""
+def bench_model(name: str, args, device, variants: list[str], peak_tflops: float | None, deadline: float) -> dict:
+    """Both sides on one model: every tokens-per-step count (none started after `deadline`), sides alternating."""
     qlora = name.endswith("-qlora")
     arch, sizes = MODELS[name.removesuffix("-qlora")]
     tokens = [int(t) for t in (args.tokens or DEFAULT_TOKENS[name]).split(",")]
@@ -155,6 +156,9 @@ def bench_model(name: str, args, device, variants: list[str], peak_tflops: float
     measurements = [{"side": side_name, "tokens_per_step": count, "failed": why} for side_name, why in failed.items()
                     for count in tokens]
     for order, count in enumerate(tokens):
+        if time.perf_counter() > deadline:
+            print(f"[gpu bench] {name}: {count} tokens/step and after skipped (time budget)", flush=True)
+            break
         names = list(sides) if order % 2 == 0 else list(sides)[::-1]
         for side_name in names:
             measured = measure(sides[side_name], rows[count], args, device)
