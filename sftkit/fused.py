@@ -1,8 +1,9 @@
 """Autograd functions that do in a few large kernels what eager autograd does in many small ones.
 
 lora_linear: the base matmul and the low-rank update of a LoRA layer as one function: three matmuls forward
-(the update accumulated into the base output in place), five backward, no casts of the activations and no
-separate add, and the input saved once however many adapters share it.
+(the update accumulated into the base output in place), five backward (the input gradients of base and
+adapter accumulated in one), no casts of the activations and no separate adds, and the input saved once
+however many adapters share it.
 
 linear_cross_entropy: the output head and the cross-entropy of the trainable positions, chunk by chunk, with
 the gradient computed in forward (the loss is the last thing before backward), so no chunk of logits is
@@ -68,7 +69,8 @@ class _LoRALinear(torch.autograd.Function):
             through_adapter = grad_low @ lora_A
             if keep is not None:
                 through_adapter = through_adapter * keep.reshape(through_adapter.shape) * (1.0 / (1.0 - ctx.dropout))
-            grad_x = (grad @ weight).add_(through_adapter.to(grad.dtype)).reshape(ctx.x_shape)
+            # The base's input gradient accumulated onto the adapter's in the same matmul (no separate add).
+            grad_x = torch.addmm(through_adapter.to(grad.dtype), grad, weight).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             raise NotImplementedError("lora_linear trains the adapters only: the base weight must be frozen")
         if ctx.needs_input_grad[2]:
