@@ -11,17 +11,23 @@ import click
 from sftkit.config import PreviewConfig, TrainConfig
 
 from .deploy import deploy
-from .options import config_command
+from .options import DEBUG_ENV, ConfigCommand, config_command
 from .registry import list_command
 from .use import chat, evaluate, infer, merge
+from .webui import web_ui
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-def main():
-    """sftkit: supervised fine-tuning of LLMs and tool-calling agents."""
+@click.version_option(package_name="sftkit", prog_name="sftkit")
+@click.option("--debug", is_flag=True, help=f"show the full traceback of an error (also: {DEBUG_ENV}=1)")
+def main(debug: bool):
+    """sftkit: supervised fine-tuning of LLMs and tool-calling agents.
+
+    Exit codes: 0 done, 1 error, 2 usage error, 130/143 training stopped by SIGINT/SIGTERM (checkpoint saved).
+    """
 
 
-@main.command()
+@main.command(cls=ConfigCommand)
 @config_command(PreviewConfig)
 def preview(config: PreviewConfig):
     """Print encoded examples with trainable tokens marked, and token length statistics."""
@@ -32,7 +38,7 @@ def preview(config: PreviewConfig):
     run_preview(config, echo=click.echo)
 
 
-@main.command()
+@main.command(cls=ConfigCommand)
 @config_command(TrainConfig)
 def train(config: TrainConfig):
     """Fine-tune a causal LM with LoRA or full parameters (default: the embedded SmolLM2 on the bundled data)."""
@@ -46,7 +52,7 @@ def train(config: TrainConfig):
     run_train(config)
 
 
-for command in (list_command, chat, infer, evaluate, merge, deploy):
+for command in (list_command, chat, infer, evaluate, merge, deploy, web_ui):
     main.add_command(command)
 
 if __name__ == "__main__":

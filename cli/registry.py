@@ -84,10 +84,15 @@ def _cell(value) -> str:
 
 
 @click.command("list")
-@click.argument("what", type=click.Choice(sorted(ROWS)))
+@click.argument("what", type=click.Choice(sorted(ROWS)), required=False)
 @click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="aligned columns, or JSON with every field in full")
-def list_command(what: str, output_format: str):
-    """List the registered models, chat templates or datasets."""
-    rows = ROWS[what]()
-    click.echo(json.dumps(rows, ensure_ascii=False, indent=1) if output_format == "json" else table(rows))
+def list_command(what: str | None, output_format: str):
+    """List the registered models, chat templates or datasets (all three without an argument)."""
+    if what is not None:
+        rows = ROWS[what]()
+        click.echo(json.dumps(rows, ensure_ascii=False, indent=1) if output_format == "json" else table(rows))
+    elif output_format == "json":
+        click.echo(json.dumps({name: rows() for name, rows in ROWS.items()}, ensure_ascii=False, indent=1))
+    else:
+        click.echo("\n\n".join(f"{name}:\n{table(rows())}" for name, rows in ROWS.items()))

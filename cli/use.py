@@ -5,10 +5,10 @@ import click
 
 from sftkit.config import ChatConfig, EvalConfig, InferConfig, MergeConfig
 
-from .options import config_command
+from .options import ConfigCommand, config_command
 
 
-@click.command("chat")
+@click.command("chat", cls=ConfigCommand)
 @config_command(ChatConfig)
 def chat(config: ChatConfig):
     """Chat with a checkpoint (or the embedded default model). 'clear' resets the history, 'exit' or EOF ends.
@@ -20,12 +20,13 @@ def chat(config: ChatConfig):
     from sftkit.inference import load_for_inference
 
     model, tokenizer, settings = load_for_inference(config.ckpt_dir, config.model, template=config.template,
-                                                    system=config.system, dtype=config.dtype)
+                                                    system=config.system, dtype=config.dtype,
+                                                    trust_remote_code=config.trust_remote_code)
     chat_repl(model, tokenizer, settings.template, settings.system, generation_config(config), agent=config.agent,
               stream=config.stream, constrained=config.constrained_tool_calls)
 
 
-@click.command("infer")
+@click.command("infer", cls=ConfigCommand)
 @config_command(InferConfig)
 def infer(config: InferConfig):
     """Answer every row of a dataset (default: the run's validation split) and write JSONL."""
@@ -34,7 +35,7 @@ def infer(config: InferConfig):
     run_infer(config, echo=click.echo)
 
 
-@click.command("eval")
+@click.command("eval", cls=ConfigCommand)
 @config_command(EvalConfig)
 def evaluate(config: EvalConfig):
     """Generate answers and score them against the references; writes a JSON report."""
@@ -51,7 +52,7 @@ def evaluate(config: EvalConfig):
     click.echo(f"report: {report['output']}")
 
 
-@click.command("merge")
+@click.command("merge", cls=ConfigCommand)
 @config_command(MergeConfig)
 def merge(config: MergeConfig):
     """Merge a LoRA checkpoint into its base model, loadable by plain transformers."""

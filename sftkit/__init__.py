@@ -22,7 +22,7 @@ from .lora import (
     unload_lora,
     unmerge_lora,
 )
-from .errors import CheckpointError, ModelLoadError, SftkitError, TrainingError
+from .errors import CheckpointError, ModelLoadError, OptionError, SftkitError, TrainingError, TrainingStopped
 from .evaluate import evaluate_checkpoint, evaluate_generation
 from .generation import GenerationConfig, generate_batch, generate_stream
 from .inference import load_for_inference
@@ -33,7 +33,7 @@ from .tools import Tool, conversation_tools, offered_tools
 from .train import train
 
 __all__ = [
-    "CheckpointError", "ModelLoadError", "SftkitError", "evaluate_checkpoint",
+    "CheckpointError", "ModelLoadError", "OptionError", "SftkitError", "TrainingStopped", "evaluate_checkpoint",
     "ChatConfig", "DeployConfig", "EvalConfig", "GenerationConfig", "InferConfig", "MODELS", "MergeConfig", "ModelInfo",
     "agent_metrics", "bleu4", "evaluate_generation", "generate_batch", "generate_stream", "get_model_tokenizer",
     "infer", "infer_model_type", "load_for_inference", "merge", "parse_tool_calls", "register_model", "rouge_l",

@@ -13,13 +13,12 @@ import os
 import torch
 
 from . import deepspeed, distributed
-from .checkpoint import load_schedule, load_tensors, load_weights, save_schedule
+from .checkpoint import DEEPSPEED_FOLDER, OPTIMIZER_FILE, load_schedule, load_tensors, load_weights, save_schedule
 from .errors import CheckpointError
 from .loss import loss_sum
 from .quant import make_optimizer
 
 SCHEDULES = ("cosine", "linear", "constant")
-OPTIMIZER_FILE = "optimizer.pt"
 
 
 def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
@@ -131,7 +130,7 @@ class TorchBackend:
 
     def load(self, folder: str) -> None:
         """Weights, optimizer, schedule and scaler of a checkpoint this backend saved."""
-        if not os.path.isfile(os.path.join(folder, OPTIMIZER_FILE)) and os.path.isdir(os.path.join(folder, deepspeed.STATE_FOLDER)):
+        if not os.path.isfile(os.path.join(folder, OPTIMIZER_FILE)) and os.path.isdir(os.path.join(folder, DEEPSPEED_FOLDER)):
             raise CheckpointError(f"{folder} was saved by a DeepSpeed run: resume it with the same --deepspeed config")
         load_weights(self.model, folder)
         self.optimizer.load_state_dict(load_tensors(os.path.join(folder, OPTIMIZER_FILE)))

@@ -13,13 +13,14 @@ import sys
 from .constrained import tool_call_guide
 from .data.formats import Message
 from .data.templates import get_template
-from .evaluate import generate_all
+from .evaluate import Throughput, generate_all
 from .generation import GenerationConfig, generate_stream, generation_config, stop_criteria
 from .errors import CheckpointError
+from .checkpoint import check_files
 from .inference import (base_model_dir, checkpoint_folder, dataset_conversations, is_adapter, load_for_inference,
-                        output_path, saved_dtype)
+                        output_path, require_full_weights, stored_dtype)
 from .lora import load_adapter, unload_lora
-from .model import load_model, load_tokenizer
+from .model import DTYPES, load_model, load_tokenizer
 from .prompts import prompt_ids, prompt_text, reply_messages, response_text, split_last_turn, tool_call_end
 from .run import read_run_args
 from .tools import conversation_tools
@@ -105,15 +106,18 @@ def _show(pieces, output, stream: bool) -> str:
 def infer(config, echo=print) -> list[dict]:
     """Generate an answer for every row of an InferConfig's dataset; writes {prompt, reference, prediction} JSONL."""
     model, tokenizer, settings = load_for_inference(config.ckpt_dir, config.model, template=config.template,
-                                                    system=config.system, dtype=config.dtype)
+                                                    system=config.system, dtype=config.dtype,
+                                                    trust_remote_code=config.trust_remote_code)
     conversations, _ = dataset_conversations(config, settings)
     cases = [split_last_turn(conversation) for conversation in conversations]
     prompts = [prompt_ids(prompt, tokenizer, settings.template, settings.system) for prompt, _ in cases]
     guide = tool_call_guide(tokenizer, settings.template) if config.constrained_tool_calls else None
     tools = [conversation_tools(prompt, settings.system) for prompt, _ in cases]
+    progress = Throughput(len(prompts), desc="infer")
     predictions = generate_all(model, tokenizer, prompts, generation_config(config),
                                stop_criteria(tokenizer, get_template(settings.template)), config.batch_size,
-                               guide=guide, tools=tools)
+                               guide=guide, tools=tools, progress=progress)
+    progress.close()
     rows = [{"prompt": prompt_text(prompt, tokenizer, settings.template, settings.system),
              "reference": response_text(reference, settings.template), "prediction": prediction}
             for (prompt, reference), prediction in zip(cases, predictions)]
@@ -130,12 +134,14 @@ def infer(config, echo=print) -> list[dict]:
 def merge(config) -> str:
     """Fold a MergeConfig's LoRA checkpoint into its base and save a plain transformers model; returns its folder.
 
-    Merging happens in float32 on the CPU and rounds once to the run's dtype. The folder is written under a
+    Merging happens in float32 on the CPU and rounds once to --dtype (auto: the base's dtype). The folder is written under a
     temporary name and renamed, so a crash never leaves a half model.
     """
     checkpoint = checkpoint_folder(config.ckpt_dir)
+    check_files(checkpoint, resume=False)
     args = read_run_args(checkpoint)
     if not is_adapter(checkpoint):
+        require_full_weights(checkpoint)
         raise CheckpointError(f"{checkpoint} holds full weights (sft_type {args.get('sft_type')}): nothing to merge")
     bits = args.get("quantization_bit")
     if bits in (4, 8) and not config.dequantize:
@@ -149,13 +155,13 @@ def merge(config) -> str:
     if os.path.exists(output_dir):
         raise CheckpointError(f"{output_dir} already exists: remove it or pass --output_dir")
     model_dir = base_model_dir(args)
-    model = load_model(model_dir, dtype="fp32", device="cpu")
+    model = load_model(model_dir, dtype="fp32", device="cpu", trust_remote_code=config.trust_remote_code)
     load_adapter(model, checkpoint)
     unload_lora(model)
-    model.to(saved_dtype(args, model_dir))
+    model.to(stored_dtype(model_dir) if config.dtype == "auto" else DTYPES[config.dtype])
     staging = f"{output_dir}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
-    load_tokenizer(model_dir).save_pretrained(staging)
+    load_tokenizer(model_dir, trust_remote_code=config.trust_remote_code).save_pretrained(staging)
     os.replace(staging, output_dir)
     return output_dir

@@ -2,19 +2,23 @@
 
 A checkpoint-<step> folder holds the weights (peft adapter, or safetensors for full fine-tuning), the
 tokenizer, trainer_state.json and, to resume, the backend's optimizer state plus training_state.json
-(schedule, scaler) and the RNG states of every rank (rng.json + rng.safetensors). Everything is read
-as data: JSON, safetensors, or torch.load with weights_only=True.
+(schedule, scaler) and the RNG states of every rank (rng.json + rng.safetensors); last, manifest.json lists
+every file with its size and sha256, signed with this user's key (manifest.py). sftkit reads everything as
+data: JSON, safetensors, or torch.load with weights_only=True; only DeepSpeed's own state is unpickled, by
+DeepSpeed, and only from a checkpoint this user's runs signed (or with --trust_checkpoint).
 
 Saving writes `checkpoint-<step>.tmp/`, renames it, then moves the `latest` pointer (run.py): until the
-rename, resume sees the previous checkpoint.
+rename, resume sees the previous checkpoint. A save that fails (a full disk) removes its .tmp folder.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -22,15 +26,19 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import distributed
+from . import distributed, manifest
 from .errors import CheckpointError
-from .lora import WEIGHTS_NAME, load_lora_weights, save_adapter
+from .lora import CONFIG_NAME, WEIGHTS_NAME, load_lora_weights, save_adapter
 from .run import BEST, LATEST, pointer, set_pointer
 
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 STATE_FILE = "trainer_state.json"
 TRAINING_STATE_FILE = "training_state.json"
 RNG_FILE, RNG_TENSORS = "rng.json", "rng.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+DEEPSPEED_FOLDER = "deepspeed"
+# What only resume reads: chat, infer, eval and merge neither check nor need them (they may be deleted to save space).
+RESUME_ONLY = (OPTIMIZER_FILE, TRAINING_STATE_FILE, RNG_FILE, RNG_TENSORS, DEEPSPEED_FOLDER + "/")
 
 
 class NoCheckpoint(CheckpointError, FileNotFoundError):
@@ -128,18 +136,53 @@ def save(run_dir: str, step: int, *, world: distributed.World, backend, write_we
     """One checkpoint from every rank: each joins (RNG gather, the backend's partitioned state, ZeRO-3 gather);
     rank 0 writes weights and files, then renames. Returns the checkpoint folder."""
     rngs = distributed.gather(rng_states(), world)
-    folder = distributed.broadcast(begin_checkpoint(run_dir, step) if world.is_main else None, world)
-    if resumable:
-        backend.save(folder)
-    with backend.full_weights():
+    folder = os.path.join(run_dir, f"checkpoint-{step}.tmp")
+    try:
+        distributed.broadcast(begin_checkpoint(run_dir, step) if world.is_main else None, world)
+        if resumable:
+            backend.save(folder)
+        with backend.full_weights():
+            if world.is_main:
+                write_weights(folder)
+                if resumable:
+                    save_rng_states(folder, rngs)
+        distributed.barrier(world)
+        checkpoint = os.path.join(run_dir, f"checkpoint-{step}")
         if world.is_main:
-            write_weights(folder)
-            if resumable:
-                save_rng_states(folder, rngs)
-    distributed.barrier(world)
-    checkpoint = finish_checkpoint(run_dir, step) if world.is_main else os.path.join(run_dir, f"checkpoint-{step}")
+            manifest.write(folder)
+            checkpoint = finish_checkpoint(run_dir, step)
+    except OSError as error:
+        shutil.rmtree(folder, ignore_errors=True)  # frees what the failed save took
+        raise CheckpointError(f"could not save checkpoint-{step}: {_why(error)}. The latest checkpoint is still "
+                              f"{pointer(run_dir, LATEST) or 'none (nothing was saved yet)'}") from error
     distributed.barrier(world)
     return checkpoint
+
+
+def _why(error: OSError) -> str:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full ({error.strerror}{', ' + error.filename if error.filename else ''})"
+    return f"{error.strerror or error} ({error.filename or 'while writing'})"
+
+
+def check_files(checkpoint: str, *, resume: bool, trust: bool = False, say=None) -> manifest.Verified:
+    """Check a checkpoint against its manifest before anything is loaded from it: every file that this use
+    reads (all for resume) must match. DeepSpeed state, which DeepSpeed unpickles, is read only from a
+    checkpoint this user's sftkit signed, with every one of its files listed, unless `trust`."""
+    say = say or (lambda text: print(text, file=sys.stderr))
+    verified = manifest.verify(checkpoint, skip=() if resume else RESUME_ONLY)
+    if not verified.listed:
+        say(f"[sftkit] note: {checkpoint} has no {manifest.MANIFEST} (saved by another program or an older sftkit): "
+            "its files cannot be checked for truncation or edits")
+    deepspeed_files = os.path.isdir(os.path.join(checkpoint, DEEPSPEED_FOLDER))
+    unlisted = [name for name in verified.unlisted if name.startswith(DEEPSPEED_FOLDER + "/")]
+    if resume and deepspeed_files and not trust and (not verified.signed or unlisted):
+        why = f"{unlisted[0]} is not in its signed manifest" if verified.signed else \
+            f"it was not signed by this user's sftkit (key {manifest.key_path()})"
+        raise CheckpointError(
+            f"{checkpoint} holds DeepSpeed state, which DeepSpeed loads with pickle (a file can run code when read), "
+            f"and {why}. Resume it only if you trust where it came from: --trust_checkpoint true")
+    return verified
 
 
 def write_weights(folder: str, model, tokenizer, lora_config, model_dir: str, state: TrainState) -> None:
@@ -164,12 +207,15 @@ def read_train_state(checkpoint: str) -> TrainState:
 
 def load_weights(model, checkpoint: str) -> None:
     """Copy a checkpoint's weights into an already built model: its LoRA adapter, else its full weights."""
-    if os.path.isfile(os.path.join(checkpoint, WEIGHTS_NAME)):
+    if any(os.path.isfile(os.path.join(checkpoint, name)) for name in (WEIGHTS_NAME, CONFIG_NAME)):
         load_lora_weights(model, checkpoint)
         return
     from transformers import AutoModelForCausalLM
 
-    saved = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    try:  # safetensors only: a planted pytorch_model.bin is never unpickled
+        saved = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{checkpoint} holds neither a LoRA adapter nor loadable full weights ({error})") from None
     model.load_state_dict(saved.state_dict())
 
 

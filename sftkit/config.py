@@ -76,7 +76,7 @@ class PreviewConfig(DataOptions):
 
     def problems(self) -> list[str]:
         return [p for p in [_positive("num_examples", self.num_examples, zero_ok=True),
-                            _positive("max_length", self.max_length)] if p]
+                            _positive("max_length", self.max_length), _template_problem(self.template)] if p]
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,10 @@ class TrainConfig(DataOptions):
     output_dir: str = option("output", "where runs are written")
     add_output_dir_suffix: bool = option(True, "write into <output_dir>/<model_type>/v<N>-<timestamp>/")
     resume_from_checkpoint: str | None = option(None, "a checkpoint-<step> folder (or run folder) to continue from")
+    ignore_args_mismatch: bool = option(False, "resume even though options that define the run (data, seed, batch size, "
+                                               "learning rate, ...) differ from the checkpoint's (recorded in the run folder)")
+    trust_checkpoint: bool = option(False, "resume DeepSpeed state that this user's sftkit did not sign: DeepSpeed "
+                                           "unpickles it, which can run code, so only for checkpoints you trust")
     logging_dir: str | None = option(None, "TensorBoard folder (default: <run dir>/runs)")
     push_to_hub: bool = option(False, "upload checkpoints / the final model to the ModelScope hub")
     hub_model_id: str | None = option(None, "ModelScope repository to push to, e.g. me/my-model")
@@ -188,7 +192,8 @@ class TrainConfig(DataOptions):
         checks = [_positive(name, getattr(self, name)) for name in
                   ("lora_rank", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "eval_steps",
                    "logging_steps", "max_length", "save_steps")]
-        checks += [_positive("num_train_epochs", self.num_train_epochs),
+        checks += [_positive("num_train_epochs", self.num_train_epochs), _positive("lora_alpha", self.lora_alpha),
+                   _template_problem(self.template), _device_problem(self.device),
                    _positive("save_total_limit", self.save_total_limit, zero_ok=True),
                    _positive("dataloader_num_workers", self.dataloader_num_workers, zero_ok=True)]
         if not 0 <= self.dataset_test_ratio < 1:
@@ -268,6 +273,25 @@ def _positive(name: str, value, zero_ok: bool = False) -> str | None:
     if value is None or value > 0 or (zero_ok and value == 0):
         return None
     return f"{name} must be {'>= 0' if zero_ok else '> 0'}, got {value}"
+
+
+def _template_problem(name: str | None) -> str | None:
+    from .data.templates import TEMPLATES
+
+    if name in (None, "auto") or name in TEMPLATES:
+        return None
+    close = difflib.get_close_matches(name, TEMPLATES, n=3)
+    return f"template '{name}' is unknown" + (f"; did you mean {', '.join(close)}?" if close else " (sftkit list templates)")
+
+
+def _device_problem(device: str | None) -> str | None:
+    import torch
+
+    try:
+        torch.device(device or "cpu")
+    except RuntimeError:
+        return f"device must be cpu, cuda or cuda:N, got '{device}'"
+    return None
 
 
 def config_fields(cls) -> list[dataclasses.Field]:
@@ -406,11 +430,12 @@ class GenerateOptions:
     repetition_penalty: float = option(1.0, "scale down tokens already in the prompt or reply (1: off)")
     seed: int | None = option(None, "seed for sampling, so a sampled run can be repeated")
     constrained_tool_calls: bool = option(True, CONSTRAINED_HELP)
+    trust_remote_code: bool = option(False, "allow a base model whose repository ships Python code")
 
     def problems(self) -> list[str]:
         from .generation import generation_problems
 
-        return generation_problems(self)
+        return generation_problems(self) + [p for p in [_template_problem(self.template)] if p]
 
 
 @dataclass(frozen=True)
@@ -427,6 +452,7 @@ class DatasetGenerateOptions(GenerateOptions):
 
     dataset: tuple[str, ...] = option((), "data to answer (default: the run's saved validation split)",
                                       aliases=("val_dataset", "custom_val_dataset_path"))
+    max_new_tokens: int = option(256, "most tokens generated per answer (a bound, so one runaway row cannot take minutes)")
     output: str | None = option(None, "where results go (default: <checkpoint>/infer_result.jsonl, or eval_report.json for eval)")
     batch_size: int = option(8, "prompts generated together", aliases=("eval_batch_size", "per_device_eval_batch_size"))
     check_dataset_strategy: str = option("error", "what a bad row does", choices=STRATEGIES)
@@ -464,6 +490,9 @@ class MergeConfig:
     ckpt_dir: str | None = option(None, "the checkpoint-<step> folder (or run folder: its best) whose adapter to merge")
     output_dir: str | None = option(None, "where the merged model goes (default: <ckpt_dir>-merged)")
     dequantize: bool = option(False, "for a QLoRA run: reload the quantized base in full precision and merge")
+    dtype: str = option("auto", "dtype of the merged weights (auto: the base model's own dtype)", aliases=("torch_dtype",),
+                        choices=DTYPE_CHOICES)
+    trust_remote_code: bool = option(False, "allow a base model whose repository ships Python code")
 
     def problems(self) -> list[str]:
         return [] if self.ckpt_dir else ["ckpt_dir is required: the checkpoint whose LoRA adapter to merge"]
@@ -514,3 +543,41 @@ class DeployConfig(GenerateOptions):
     def adapter_dirs(self) -> dict[str, str]:
         """--adapters as {name: folder} (validated by problems())."""
         return {name.strip(): folder.strip() for name, _, folder in (item.partition("=") for item in self.adapters)}
+
+
+@dataclass(frozen=True)
+class WebUIConfig:
+    """sftkit web-ui: train, watch, chat, evaluate and preview data from a browser."""
+
+    host: str = option("127.0.0.1", "address to listen on; anything but loopback exposes training and your files to the network",
+                       aliases=("server_name",))
+    port: int = option(7860, "port to listen on", aliases=("server_port",))
+    auth: str | None = option(None, "user:password that the page asks for (needed before listening beyond this machine)")
+    output_dir: str = option("output", "where the Train tab writes runs and the Chat and Evaluate tabs look for them")
+
+    def problems(self) -> list[str]:
+        checks = []
+        if not 0 < self.port < 65536:
+            checks.append(f"port must be in 1..65535, got {self.port}")
+        if self.auth is not None and not all(self.auth.partition(":")[::2]):
+            checks.append("auth must be user:password, both non-empty")
+        return checks
+
+    @property
+    def credentials(self) -> tuple[str, str] | None:
+        if self.auth is None:
+            return None
+        user, _, password = self.auth.partition(":")
+        return user, password
+
+    @property
+    def loopback(self) -> bool:
+        """Whether only this machine can reach the server."""
+        import ipaddress
+
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False

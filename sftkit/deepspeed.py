@@ -12,12 +12,11 @@ import os
 
 import torch
 
-from .checkpoint import load_schedule, save_schedule
-from .errors import CheckpointError, SftkitError
+from .checkpoint import DEEPSPEED_FOLDER, load_schedule, save_schedule
+from .errors import CheckpointError, OptionError, SftkitError
 from .paths import packaged
 
 NAMED_CONFIGS = ("zero2", "zero3", "zero2_offload", "zero3_offload")
-STATE_FOLDER = "deepspeed"
 
 
 def config_path(name_or_path: str) -> str:
@@ -25,15 +24,28 @@ def config_path(name_or_path: str) -> str:
     if name_or_path in NAMED_CONFIGS:
         return packaged("sftkit.ds_config", f"{name_or_path}.json")
     if not os.path.isfile(name_or_path):
-        raise SftkitError(f"DeepSpeed config '{name_or_path}' not found (shipped: {', '.join(NAMED_CONFIGS)})")
+        raise OptionError("deepspeed", f"DeepSpeed config '{name_or_path}' not found (shipped: {', '.join(NAMED_CONFIGS)})")
     return name_or_path
+
+
+def check_config(config, world_size: int) -> None:
+    """--deepspeed before anything loads: DeepSpeed installed, its config readable and agreeing with the options."""
+    _deepspeed()
+    fill_config(config.deepspeed, micro_batch=config.batch_size, accumulation=config.gradient_accumulation_steps,
+                world_size=world_size, max_grad_norm=config.max_grad_norm, compute_dtype=torch.float32)
 
 
 def fill_config(name_or_path: str, *, micro_batch: int, accumulation: int, world_size: int, max_grad_norm: float,
                 compute_dtype: torch.dtype, hidden_size: int | None = None) -> dict:
     """The JSON config with every "auto" replaced from the training options, as HF's integration does."""
-    with open(config_path(name_or_path), encoding="utf-8") as handle:
-        config = json.load(handle)
+    path = config_path(name_or_path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise OptionError("deepspeed", f"{path} is not a valid JSON file ({error})") from None
+    if not isinstance(config, dict):
+        raise OptionError("deepspeed", f"{path} must hold a JSON object")
     values = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation,
@@ -44,7 +56,7 @@ def fill_config(name_or_path: str, *, micro_batch: int, accumulation: int, world
         if config.get(key, "auto") == "auto":
             config[key] = value
         elif config[key] != value:
-            raise ValueError(f"DeepSpeed config sets {key}={config[key]} but the training options give {value}")
+            raise OptionError("deepspeed", f"{path} sets {key}={config[key]} but the training options give {value}")
     for section, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         if config.get(section, {}).get("enabled") == "auto":
             config[section]["enabled"] = compute_dtype == dtype
@@ -94,15 +106,15 @@ class DeepSpeedBackend:
 
     def save(self, folder: str) -> None:
         """DeepSpeed's own state (partitioned optimizer, module) into <folder>/deepspeed on every rank; the schedule."""
-        self.engine.save_checkpoint(folder, tag=STATE_FOLDER)
+        self.engine.save_checkpoint(folder, tag=DEEPSPEED_FOLDER)
         if self.world.is_main:
             save_schedule(folder, self.scheduler, None)
 
     def load(self, folder: str) -> None:
-        path, _ = self.engine.load_checkpoint(folder, tag=STATE_FOLDER, load_optimizer_states=True,
+        path, _ = self.engine.load_checkpoint(folder, tag=DEEPSPEED_FOLDER, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:
-            raise CheckpointError(f"{folder} holds no DeepSpeed state ({STATE_FOLDER}/): it was not saved by a DeepSpeed run")
+            raise CheckpointError(f"{folder} holds no DeepSpeed state ({DEEPSPEED_FOLDER}/): it was not saved by a DeepSpeed run")
         load_schedule(folder, self.scheduler, None)
 
 

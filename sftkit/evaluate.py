@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -82,8 +83,29 @@ def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int, dev
     return {"eval_loss": round(loss, 6), "eval_ppl": round(math.exp(min(loss, 50.0)), 4)}
 
 
+class Throughput:
+    """A progress bar over answered rows with the generated tokens per second (infer and eval), so a slow or
+    runaway generation is seen, not waited on."""
+
+    def __init__(self, rows: int | None, desc: str = "generate"):
+        from tqdm.auto import tqdm
+
+        self.bar, self.tokens, self.started = tqdm(total=rows, desc=desc, unit="row", dynamic_ncols=True), 0, time.time()
+
+    def add_tokens(self, count: int) -> None:
+        self.tokens += count
+
+    def add_rows(self, count: int) -> None:
+        self.bar.update(count)
+        self.bar.set_postfix(tok_s=f"{self.tokens / max(time.time() - self.started, 1e-9):.1f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def generate_all(model, tokenizer, prompts: list[list[int]], gen_config: GenerationConfig, stops, batch_size: int = 8,
-                 stop_after=(), lockstep: Lockstep | None = None, guide=None, tools=None) -> list[str]:
+                 stop_after=(), lockstep: Lockstep | None = None, guide=None, tools=None,
+                 progress: Throughput | None = None) -> list[str]:
     """generate_batch over any number of prompts, batch_size at a time; with a guide, prompt i's calls use tools[i]."""
     stop_strings, stop_ids = stops
     count = -(-len(prompts) // batch_size)
@@ -95,13 +117,15 @@ def generate_all(model, tokenizer, prompts: list[list[int]], gen_config: Generat
         constraint = guide.constraint(tools[index * batch_size:(index + 1) * batch_size]) if guide and part else None
         outputs = generate_batch(model, tokenizer, part or [[tokenizer.pad_token_id]], gen_config, stop_strings, stop_ids,
                                  stop_after=stop_after, all_done=lockstep.all_done if lockstep else None,
-                                 constraint=constraint)
+                                 constraint=constraint, on_tokens=progress.add_tokens if progress else None)
         replies += outputs if part else []
+        if progress:
+            progress.add_rows(len(part))
     return replies
 
 
 def agent_replies(model, tokenizer, template, cases, gen_config: GenerationConfig, *, system=None, batch_size=8,
-                  lockstep: Lockstep | None = None, constrained: bool = True):
+                  lockstep: Lockstep | None = None, constrained: bool = True, progress: Throughput | None = None):
     """Answer each (prompt, reference turn) as a user of the agent would see it; returns (replies, results inserted).
 
     Generate until a tool call closes or the turn ends; after a call, insert the reference turn's next tool
@@ -120,7 +144,7 @@ def agent_replies(model, tokenizer, template, cases, gen_config: GenerationConfi
     while (lockstep.batches(len(active)) if lockstep else len(active)) > 0:
         prompts = [prompt_ids(cases[i][0] + turns[i], tokenizer, template, system) for i in active]
         outputs = generate_all(model, tokenizer, prompts, gen_config, stops, batch_size, stop_after=(call_end,),
-                               lockstep=lockstep, guide=guide, tools=[tools[i] for i in active])
+                               lockstep=lockstep, guide=guide, tools=[tools[i] for i in active], progress=progress)
         waiting = []
         for index, text in zip(active, outputs):
             replies[index] += text
@@ -138,13 +162,14 @@ def agent_replies(model, tokenizer, template, cases, gen_config: GenerationConfi
 def evaluate_generation(model, tokenizer, template, conversations: list[list[Message]], *, mode: str = "rouge",
                         gen_config: GenerationConfig, system: str | None = None, limit: int | None = None,
                         batch_size: int = 8, world: distributed.World = distributed.World(),
-                        lockstep: bool = False, constrained_tool_calls: bool = True) -> dict:
+                        lockstep: bool = False, constrained_tool_calls: bool = True, progress: bool = False) -> dict:
     """Generate an answer to each conversation's last user turn and score it against the reference answer.
 
     rouge: one generation, ROUGE-L and BLEU-4 over the whole answer. agent: calls (constrained to the offered
     tools unless constrained_tool_calls is false), inserted reference results and the final answer
     (agent_replies), scored with agent_metrics, plus each call error by kind with the worst examples of each.
-    The report holds the metrics, counts, unparsed calls and the worst examples by ROUGE-L.
+    The report holds the metrics, counts, unparsed calls, the worst examples by ROUGE-L and every example with
+    its ROUGE-L.
     """
     if mode not in GENERATION_MODES:
         raise ValueError(f"mode must be one of {GENERATION_MODES}, got {mode!r}")
@@ -153,37 +178,20 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
     if not cases:
         raise ValueError("no conversations to evaluate")
     references = [response_text(reference, template) for _, reference in cases]
-    mine = list(range(world.rank, len(cases), world.size))
-    sync = Lockstep(world) if lockstep else None
-    inserted = 0
-    if mode == "rouge":
-        prompts = [prompt_ids(cases[i][0], tokenizer, template, system) for i in mine]
-        outputs = generate_all(model, tokenizer, prompts, gen_config, stop_criteria(tokenizer, template), batch_size,
-                               lockstep=sync)
-    else:
-        outputs, inserted = agent_replies(model, tokenizer, template, [cases[i] for i in mine], gen_config,
-                                          system=system, batch_size=batch_size, lockstep=sync,
-                                          constrained=constrained_tool_calls)
-    predictions = [""] * len(cases)
-    for shard in distributed.gather(list(zip(mine, outputs)), world):
-        for index, text in shard:
-            predictions[index] = text
-    inserted = distributed.sum_int(inserted, world)
+    predictions, inserted = _predictions(model, tokenizer, template, cases, mode, gen_config, system, batch_size,
+                                         world, lockstep, constrained_tool_calls, progress)
     if mode == "rouge":
         metrics, unparsed = text_metrics(predictions, references), []
     else:
         metrics = agent_metrics([{"prediction": p, "reference": r} for p, r in zip(predictions, references)])
         unparsed = metrics.pop("unparsed")
     scores = [rouge_l(prediction, reference) for prediction, reference in zip(predictions, references)]
-    worst = sorted(range(len(cases)), key=lambda i: scores[i])[:WORST_SHOWN]
+    rows = [{"index": i, "rouge_l": scores[i], "prompt": prompt_text(cases[i][0], tokenizer, template, system),
+             "reference": references[i], "prediction": predictions[i]} for i in range(len(cases))]
     agent_part = {}
     if mode == "agent":
-        offered = [{tool.name for tool in conversation_tools(prompt, system)} or None for prompt, _ in cases]
-        errors = [call_errors(p, r, names) for p, r, names in zip(predictions, references, offered)]
         agent_part = {"constrained_tool_calls": constrained_tool_calls,
-                      "errors": {"counts": error_counts(errors),
-                                 "worst": _worst_by_kind(errors, scores, cases, predictions, references, tokenizer,
-                                                         template, system)}}
+                      "errors": _call_errors(cases, predictions, references, scores, tokenizer, template, system)}
     return {
         "mode": mode,
         **agent_part,
@@ -195,9 +203,42 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
             "empty_predictions": sum(not prediction.strip() for prediction in predictions),
         },
         "unparsed_calls": unparsed,
-        "worst": [{"index": i, "rouge_l": scores[i], "prompt": prompt_text(cases[i][0], tokenizer, template, system),
-                   "reference": references[i], "prediction": predictions[i]} for i in worst],
+        "worst": sorted(rows, key=lambda row: row["rouge_l"])[:WORST_SHOWN],
+        "examples": rows,
     }
+
+
+def _predictions(model, tokenizer, template, cases, mode, gen_config, system, batch_size, world, lockstep,
+                 constrained, progress) -> tuple[list[str], int]:
+    """Every case's generated answer (each rank generates its share; all ranks get all), and the tool results inserted."""
+    mine = list(range(world.rank, len(cases), world.size))
+    sync = Lockstep(world) if lockstep else None
+    inserted = 0
+    # An agent's rows may generate several times (after each tool result), so its bar counts generations.
+    bar = Throughput(len(mine) if mode == "rouge" else None) if progress else None
+    if mode == "rouge":
+        prompts = [prompt_ids(cases[i][0], tokenizer, template, system) for i in mine]
+        outputs = generate_all(model, tokenizer, prompts, gen_config, stop_criteria(tokenizer, template), batch_size,
+                               lockstep=sync, progress=bar)
+    else:
+        outputs, inserted = agent_replies(model, tokenizer, template, [cases[i] for i in mine], gen_config,
+                                          system=system, batch_size=batch_size, lockstep=sync, constrained=constrained,
+                                          progress=bar)
+    if bar:
+        bar.close()
+    predictions = [""] * len(cases)
+    for shard in distributed.gather(list(zip(mine, outputs)), world):
+        for index, text in shard:
+            predictions[index] = text
+    return predictions, distributed.sum_int(inserted, world)
+
+
+def _call_errors(cases, predictions, references, scores, tokenizer, template, system) -> dict:
+    """Each call error by kind against the tools each conversation offered, and the worst examples of each kind."""
+    offered = [{tool.name for tool in conversation_tools(prompt, system)} or None for prompt, _ in cases]
+    errors = [call_errors(p, r, names) for p, r, names in zip(predictions, references, offered)]
+    return {"counts": error_counts(errors),
+            "worst": _worst_by_kind(errors, scores, cases, predictions, references, tokenizer, template, system)}
 
 
 def _worst_by_kind(errors, scores, cases, predictions, references, tokenizer, template, system) -> dict:
@@ -215,11 +256,13 @@ def _worst_by_kind(errors, scores, cases, predictions, references, tokenizer, te
 def evaluate_checkpoint(config) -> dict:
     """`sftkit eval`: score an EvalConfig's model on its dataset; writes the JSON report and returns it."""
     model, tokenizer, settings = load_for_inference(config.ckpt_dir, config.model, template=config.template,
-                                                    system=config.system, dtype=config.dtype)
+                                                    system=config.system, dtype=config.dtype,
+                                                    trust_remote_code=config.trust_remote_code)
     conversations, specs = dataset_conversations(config, settings)
     report = evaluate_generation(model, tokenizer, settings.template, conversations, mode=config.metrics,
                                  gen_config=generation_config(config), system=settings.system, limit=config.limit,
-                                 batch_size=config.batch_size, constrained_tool_calls=config.constrained_tool_calls)
+                                 batch_size=config.batch_size, constrained_tool_calls=config.constrained_tool_calls,
+                                 progress=True)
     report = {"ckpt_dir": settings.ckpt_dir, "model_dir": settings.model_dir, "dataset": specs, **report}
     path = output_path(config, settings, "eval_report.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

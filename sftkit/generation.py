@@ -6,6 +6,7 @@ is stable: complete UTF-8 characters that cannot be the start of a stop string.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, fields
 from typing import Iterator
 
@@ -97,12 +98,12 @@ def generate_stream(model, tokenizer, input_ids, config: GenerationConfig, stop_
 
 
 def generate_batch(model, tokenizer, batch_input_ids, config: GenerationConfig, stop_strings=(), stop_token_ids=(),
-                   *, stop_after=(), all_done=None, constraint=None) -> list[str]:
+                   *, stop_after=(), all_done=None, constraint=None, on_tokens=None) -> list[str]:
     """The replies to several prompts at once (left-padded); each row stops on its own, as generate_stream would.
 
     all_done(finished here) -> finished everywhere: ranks that must run the same forwards (ZeRO-3) go on
     until every rank has finished. `constraint` (constrained.CallConstraint, one state per row) masks the
-    logits of tool calls.
+    logits of tool calls. on_tokens(n), if given, hears how many tokens each step generated.
     """
     if not batch_input_ids:
         return []
@@ -110,6 +111,8 @@ def generate_batch(model, tokenizer, batch_input_ids, config: GenerationConfig, 
     replies = [ReplyText(tokenizer, stop_strings, stop_after) for _ in batch_input_ids]
     padded = _left_pad([list(ids) for ids in batch_input_ids], pad_token_id(tokenizer), model.device)
     for tokens in _token_steps(model, *padded, config, constraint):
+        if on_tokens is not None:
+            on_tokens(sum(not reply.done for reply in replies))
         for row, (reply, token) in enumerate(zip(replies, tokens.tolist())):
             if reply.done:
                 continue
@@ -254,6 +257,7 @@ def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
+    cache_name = cache_argument(model)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     seen = None  # [batch, vocab] tokens already in each row, for the repetition penalty
     generator = None
@@ -269,8 +273,8 @@ def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
                 if seen is not None:
                     seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
             output = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
-                           past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = output.past_key_values
+                           use_cache=True, logits_to_keep=1, **{cache_name: cache})
+            cache = getattr(output, cache_name)
             logits = output.logits[:, -1, :].float()
             if constraint is not None:
                 logits = constraint.restrict(logits)
@@ -280,6 +284,12 @@ def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
             if constraint is not None:
                 constraint.advance(tokens.tolist())
             yield tokens
+
+
+def cache_argument(model) -> str:
+    """The name the model's forward takes the KV cache under: `cache` from transformers 5.24 on (which warns on
+    every call given the old name), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _seen_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import resolve_checkpoint
+from .checkpoint import check_files, resolve_checkpoint
 from .errors import CheckpointError
-from .lora import CONFIG_NAME, load_adapter
+from .lora import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from .model import DTYPES, load_model_and_tokenizer, resolve_model_dir
 from .quant import QuantizationOptions
 from .run import ARGS_FILE, BEST, read_run_args, val_file
@@ -31,12 +31,13 @@ class InferenceSettings:
 
 
 def load_for_inference(ckpt_dir: str | None = None, model: str | None = None, *, template: str | None = None,
-                       system: str | None = None, dtype: str | None = None, device=None):
+                       system: str | None = None, dtype: str | None = None, device=None, trust_remote_code: bool = False):
     """(model, tokenizer, InferenceSettings) for a training checkpoint, a plain model, or neither.
 
     A LoRA checkpoint is loaded onto its run's base model (`model` overrides that base); a full one is the
     model. With neither, the embedded default SmolLM2-135M-Instruct is loaded with its own chat template,
-    so `sftkit chat` works out of the box. Explicit template/system/dtype win over the run's.
+    so `sftkit chat` works out of the box. Explicit template/system/dtype win over the run's. A checkpoint's
+    files are checked against its manifest first, and only safetensors weights are read from it.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_dir, checkpoint, args = model_source(ckpt_dir, model)
@@ -47,7 +48,8 @@ def load_for_inference(ckpt_dir: str | None = None, model: str | None = None, *,
         bits=args.get("quantization_bit") or None, bnb_4bit_quant_type=args.get("bnb_4bit_quant_type", "nf4"),
         bnb_4bit_use_double_quant=args.get("bnb_4bit_use_double_quant", True),
         bnb_4bit_compute_dtype=args.get("bnb_4bit_comp_dtype", "auto")) if adapter else None
-    loaded = load_model_and_tokenizer(model_dir, dtype=settings_dtype, device=device, quantization=quantization)
+    loaded = load_model_and_tokenizer(model_dir, dtype=settings_dtype, device=device, quantization=quantization,
+                                      trust_remote_code=trust_remote_code, use_safetensors=model_dir == checkpoint)
     if adapter:
         load_adapter(loaded.model, checkpoint)
     loaded.model.eval().requires_grad_(False)
@@ -68,8 +70,10 @@ def model_source(ckpt_dir: str | None, model: str | None) -> tuple[str, str | No
     if ckpt_dir is None:
         return resolve_model_dir(model), None, {}
     checkpoint = checkpoint_folder(ckpt_dir)
+    check_files(checkpoint, resume=False)
     args = read_run_args(checkpoint)
     if not is_adapter(checkpoint):
+        require_full_weights(checkpoint)
         if model is not None:
             raise CheckpointError(f"{checkpoint} holds full weights; --model only names the base of a LoRA checkpoint")
         return checkpoint, checkpoint, args
@@ -110,8 +114,17 @@ def checkpoint_folder(ckpt_dir: str) -> str:
 
 
 def is_adapter(checkpoint: str) -> bool:
-    """Whether a checkpoint holds a LoRA adapter (else full weights): the files decide, so a merged copy loads too."""
-    return os.path.isfile(os.path.join(checkpoint, CONFIG_NAME))
+    """Whether a checkpoint holds a LoRA adapter (else full weights): the files decide, so a merged copy loads too.
+    Either adapter file counts, so a checkpoint missing the other is named as broken, not taken for full weights."""
+    return any(os.path.isfile(os.path.join(checkpoint, name)) for name in (CONFIG_NAME, WEIGHTS_NAME))
+
+
+def require_full_weights(checkpoint: str) -> None:
+    """A folder without an adapter must hold a whole model: config.json and safetensors weights."""
+    if not os.path.isfile(os.path.join(checkpoint, "config.json")) or \
+            not any(name.startswith("model") and name.endswith(".safetensors") for name in os.listdir(checkpoint)):
+        raise CheckpointError(f"{checkpoint} holds no weights: neither a LoRA adapter ({CONFIG_NAME} + {WEIGHTS_NAME}) "
+                              "nor a full model (config.json + model*.safetensors)")
 
 
 def base_model_dir(args: dict) -> str:
@@ -122,10 +135,8 @@ def base_model_dir(args: dict) -> str:
     return resolve_model_dir(args.get("model"))
 
 
-def saved_dtype(args: dict, model_dir: str) -> torch.dtype:
-    """The dtype the run trained in, else the one the base was stored in."""
-    if args.get("dtype") in DTYPES:
-        return DTYPES[args["dtype"]]
+def stored_dtype(model_dir: str) -> torch.dtype:
+    """The dtype a model folder's weights are stored in (its config.json), float32 when it does not say."""
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as handle:
         stored = json.load(handle)
     return DTYPES.get(stored.get("dtype") or stored.get("torch_dtype"), torch.float32)

@@ -45,31 +45,35 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def plot_losses(run_dir: str) -> str | None:
-    """Draw train and eval loss against steps into <run_dir>/loss.png; None without matplotlib or data."""
-    path = metrics_file(run_dir)
-    if not os.path.isfile(path):
-        return None
-    try:
-        import matplotlib
+def loss_figure(records: list[dict]):
+    """Train and eval loss against steps as a matplotlib Figure (built without pyplot, so any thread may draw it)."""
+    from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        warnings.warn("matplotlib is not installed: no loss.png (pip install matplotlib)")
-        return None
-    records = read_metrics(path)
-    figure, axes = plt.subplots(figsize=(7, 4))
+    figure = Figure(figsize=(7, 4))
+    axes = figure.subplots()
     for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
             axes.plot(*zip(*points), marker="." if key == "eval_loss" else None, label=label)
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("loss")
-    axes.legend()
+    if axes.lines:
+        axes.legend()
     axes.grid(alpha=0.3)
-    output = os.path.join(run_dir, "loss.png")
     figure.tight_layout()
-    figure.savefig(output, dpi=100)
-    plt.close(figure)
+    return figure
+
+
+def plot_losses(run_dir: str) -> str | None:
+    """Draw train and eval loss against steps into <run_dir>/loss.png; None without matplotlib or data."""
+    path = metrics_file(run_dir)
+    if not os.path.isfile(path):
+        return None
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        warnings.warn("matplotlib is not installed: no loss.png (pip install matplotlib)")
+        return None
+    output = os.path.join(run_dir, "loss.png")
+    loss_figure(read_metrics(path)).savefig(output, dpi=100)
     return output

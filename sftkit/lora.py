@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, OptionError
 from .fused import UPDATE_DTYPES, lora_linear
 from .quant import is_quantized_linear
 
@@ -267,7 +267,7 @@ def _init_lora(lora_A: torch.Tensor, lora_B: torch.Tensor, config: LoRAConfig) -
 def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Replace the targeted linears with LoRALinear (LoRAQuantLinear on a quantized one) and freeze everything else;
     returns their names."""
-    names = _target_names(model, config.target_modules)
+    names = target_names(model, config.target_modules)
     model.requires_grad_(False)
     for name in names:
         base = model.get_submodule(name)
@@ -276,7 +276,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     return names
 
 
-def _target_names(model: nn.Module, target_modules: str | tuple[str, ...]) -> list[str]:
+def target_names(model: nn.Module, target_modules: str | tuple[str, ...]) -> list[str]:
     """The sorted names of the layers a target spec selects, matched like peft; raises if that is no layer."""
     modules = dict(model.named_modules())
     injected = [name for name, module in modules.items() if isinstance(module, LoRALinear)]
@@ -289,14 +289,19 @@ def _target_names(model: nn.Module, target_modules: str | tuple[str, ...]) -> li
         names = [name for name in modules if _matches(target_modules, name)]
     if not names:
         linear = [name for name, module in modules.items() if _is_linear(module)]
-        raise ValueError(f"target_modules={target_modules!r} matches no module; Linear modules include {linear[:10]}")
+        short = ", ".join(dict.fromkeys(name.rsplit(".", 1)[-1] for name in linear))
+        raise OptionError("lora_target_modules", f"{_shown(target_modules)} matches no layer of this model. Linear "
+                          f"layers it can match by name: {short} (full names such as {linear[0] if linear else '-'}), "
+                          "or all-linear")
     unsupported = [f"{name} ({type(modules[name]).__name__})" for name in names if not is_adaptable(modules[name])]
     if unsupported:
-        raise ValueError(
-            f"LoRA supports only nn.Linear and bitsandbytes/GPTQ quantized linears; target_modules={target_modules!r} "
-            f"matches {unsupported[:10]}"
-        )
+        raise OptionError("lora_target_modules", f"LoRA supports only nn.Linear and bitsandbytes/GPTQ quantized "
+                          f"linears; {_shown(target_modules)} matches {unsupported[:10]}")
     return sorted(names)
+
+
+def _shown(target_modules) -> str:
+    return repr(target_modules) if isinstance(target_modules, str) else ",".join(target_modules)
 
 
 def _matches(target_modules: str | tuple[str, ...], name: str) -> bool:
@@ -441,11 +446,13 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> LoRAConfig:
 
     Keys are checked before the model is touched, so a bad adapter leaves the model as it was.
     """
-    with open(os.path.join(adapter_dir, CONFIG_NAME)) as f:
-        config = LoRAConfig.from_peft_dict(json.load(f))
-    tensors = load_file(os.path.join(adapter_dir, WEIGHTS_NAME))
-    names = _target_names(model, config.target_modules)
-    _check_adapter_tensors(_adapter_shapes(model, names, config.r), tensors)
+    config = read_adapter_config(adapter_dir)
+    tensors = _read_tensors(os.path.join(adapter_dir, WEIGHTS_NAME))
+    try:
+        names = target_names(model, config.target_modules)
+        _check_adapter_tensors(_adapter_shapes(model, names, config.r), tensors)
+    except ValueError as error:
+        raise CheckpointError(f"the adapter in {adapter_dir} does not fit the model: {error}") from None
     inject_lora(model, config)
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -454,15 +461,34 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> LoRAConfig:
     return config
 
 
-def load_lora_weights(model: nn.Module, adapter_dir: str) -> None:
-    """Copy a saved adapter into a model already injected with the same LoRA layers, strictly (names and shapes)."""
-    path = os.path.join(adapter_dir, WEIGHTS_NAME)
+def read_adapter_config(adapter_dir: str) -> LoRAConfig:
+    """The LoRAConfig of a saved adapter; CheckpointError naming adapter_config.json when it cannot be used."""
+    path = os.path.join(adapter_dir, CONFIG_NAME)
     try:
-        tensors = {key.removeprefix(PEFT_PREFIX): value for key, value in load_file(path).items()}
+        with open(path, encoding="utf-8") as f:
+            return LoRAConfig.from_peft_dict(json.load(f))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: without it the adapter cannot be loaded") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error})") from None
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a usable LoRA adapter config ({error})") from None
+
+
+def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+    """A safetensors file (never a pickle: adapter_model.bin is not read)."""
+    try:
+        return load_file(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
     except Exception as error:  # safetensors raises its own types for a truncated or damaged file
         raise CheckpointError(f"{path} cannot be read ({error})") from None
+
+
+def load_lora_weights(model: nn.Module, adapter_dir: str) -> None:
+    """Copy a saved adapter into a model already injected with the same LoRA layers, strictly (names and shapes)."""
+    tensors = {key.removeprefix(PEFT_PREFIX): value
+               for key, value in _read_tensors(os.path.join(adapter_dir, WEIGHTS_NAME)).items()}
     current = lora_state_dict(model)
     if tensors.keys() != current.keys():
         missing, unexpected = sorted(current.keys() - tensors.keys()), sorted(tensors.keys() - current.keys())

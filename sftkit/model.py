@@ -14,6 +14,7 @@ import shutil
 from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import ModelLoadError
 from .paths import cache_dir
@@ -172,8 +173,16 @@ def _check_remote_code(model_dir: str, trust_remote_code: bool) -> None:
     """Fail early and clearly where transformers would need the repo's own Python code."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as file:
-        config = json.load(file)
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):  # a tokenizer-only folder: AutoTokenizer needs no model code
+        return
+    try:
+        with open(path, encoding="utf-8") as file:
+            config = json.load(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
     # An auto_map next to a model_type transformers knows (Phi-3, ...) is ignored without trust_remote_code.
     if "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING and not trust_remote_code:
         raise ModelLoadError(
@@ -182,12 +191,25 @@ def _check_remote_code(model_dir: str, trust_remote_code: bool) -> None:
         )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def resolve_tokenizer_dir(name: str | None) -> str:
+    """A folder holding a tokenizer (no config.json needed), else what resolve_model_dir finds."""
+    if name and os.path.isdir(name) and any(os.path.isfile(os.path.join(name, file)) for file in TOKENIZER_FILES):
+        return name
+    return resolve_model_dir(name)
+
+
 def load_tokenizer(model_dir: str, *, trust_remote_code: bool = False):
     """AutoTokenizer with a pad token guaranteed, since batching needs one."""
     from transformers import AutoTokenizer
 
     _check_remote_code(model_dir, trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:  # transformers' words for a folder without a usable tokenizer
+        raise ModelLoadError(f"cannot load a tokenizer from {model_dir} ({error})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = _pad_fallback(tokenizer)
     return tokenizer
@@ -230,8 +252,10 @@ def load_model(
     gradient_checkpointing: bool = False,
     quantization: QuantizationOptions | None = None,
     automodel_class=None,
+    use_safetensors: bool = False,
 ):
     """AutoModelForCausalLM (or `automodel_class`) from a local folder, in the resolved dtype, on `device`.
+    use_safetensors refuses pickled weights (pytorch_model.bin), as for a checkpoint from someone else.
 
     With `quantization` bits (bitsandbytes) or a GPTQ checkpoint, the base comes back quantized, frozen and
     prepared for training adapters on it (QLoRA); `dtype` is then the dtype of the layers left unquantized.
@@ -241,13 +265,20 @@ def load_model(
     _check_remote_code(model_dir, trust_remote_code)
     torch_dtype = resolve_dtype(dtype, device)
     quantization_kwargs = _quantization_kwargs(model_dir, quantization, torch_dtype, device)
-    model = (automodel_class or AutoModelForCausalLM).from_pretrained(
-        model_dir,
-        dtype=torch_dtype,
-        attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
-        **quantization_kwargs,
-    )
+    if use_safetensors:
+        quantization_kwargs["use_safetensors"] = True
+    try:
+        model = (automodel_class or AutoModelForCausalLM).from_pretrained(
+            model_dir,
+            dtype=torch_dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            **quantization_kwargs,
+        )
+    except (OSError, SafetensorError) as error:  # a missing, truncated or damaged weights file
+        files = sorted(name for name in os.listdir(model_dir) if name.endswith((".safetensors", ".bin", ".pt")))
+        raise ModelLoadError(f"cannot load the weights in {model_dir} ({', '.join(files) or 'no weights file'}): "
+                             f"{error}") from None
     if quantization_kwargs:
         prepare_for_kbit_training(model, gradient_checkpointing=gradient_checkpointing)
     else:
@@ -312,11 +343,14 @@ def load_model_and_tokenizer(
     gradient_checkpointing: bool = False,
     quantization: QuantizationOptions | None = None,
     with_model: bool = True,
+    tokenizer=None,
+    use_safetensors: bool = False,
 ) -> Loaded:
     """(model, tokenizer, model_dir) for what the user named; None everywhere means the embedded default.
 
     With a registered `model_type`, what the entry needs (packages, consent to run its code, a dtype) is
-    checked before anything downloads, and `model`, if a local folder, is where its weights are.
+    checked before anything downloads, and `model`, if a local folder, is where its weights are. A `tokenizer`
+    loaded before (training checks its data before the weights load) is used instead of loading it again.
     """
     info = get_model_info(model_type) if model_type else None
     if info is not None:
@@ -328,16 +362,29 @@ def load_model_and_tokenizer(
         model_dir = _entry_dir(info, local, hub=hub, revision=revision, cache_dir=cache_dir)
     else:
         model_dir = resolve_model_dir(model, hub=hub, revision=revision, cache_dir=cache_dir)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    tokenizer = tokenizer or load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     loaded = None
     if with_model:
         loaded = load_model(
             model_dir, dtype=dtype or "auto", device=device, attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code, gradient_checkpointing=gradient_checkpointing, quantization=quantization,
-            automodel_class=info.automodel_class if info else None)
+            automodel_class=info.automodel_class if info else None, use_safetensors=use_safetensors)
     if info is not None and info.patch is not None:
         info.patch(loaded, tokenizer)
     return Loaded(loaded, tokenizer, model_dir)
+
+
+def empty_model(model_dir: str, *, trust_remote_code: bool = False, automodel_class=None):
+    """The model built from its config.json on the meta device: its module names and shapes, no weights read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _check_remote_code(model_dir, trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot read {os.path.join(model_dir, 'config.json')} ({error})") from None
+    with torch.device("meta"):
+        return (automodel_class or AutoModelForCausalLM).from_config(config, trust_remote_code=trust_remote_code)
 
 
 def get_model_tokenizer(model_type: str, torch_dtype: str | None = None, model_kwargs: dict | None = None,

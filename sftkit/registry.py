@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, OptionError
 from .lora import ALL_LINEAR
 
 EMBEDDED_TAG = "embedded-default"
@@ -176,7 +176,7 @@ def resolve_lora_targets(model_type: str | None, targets) -> "str | tuple[str, .
     if not any(item.upper() == "DEFAULT" for item in items):
         return targets if isinstance(targets, str) else items
     if model_type is None:
-        raise ValueError("lora_target_modules DEFAULT needs a model type (--model_type, or a --model sftkit recognises)")
+        raise OptionError("lora_target_modules", "DEFAULT needs a model type (--model_type, or a --model sftkit recognises)")
     default = get_model_info(model_type).lora_target_modules
     expanded = [name for item in items for name in (default if item.upper() == "DEFAULT" else (item,))]
     return tuple(dict.fromkeys(expanded))

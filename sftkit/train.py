@@ -20,15 +20,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import distributed, evaluate, memory, run, speed
+from . import distributed, evaluate, memory, preflight, run, speed
 from .attention import use_varlen_attention
 from .backend import build_backend
-from .checkpoint import (TrainState, mark_best, prune, read_train_state, require_resumable, resolve_checkpoint,
-                         restore_rng_states, save, write_weights)
+from .checkpoint import TrainState, mark_best, prune, read_train_state, restore_rng_states, save, write_weights
 from .config import TrainConfig
 from .data.pipeline import collate, collate_packed, pack
 from .data.prepare import prepare_data
-from .errors import TrainingError
+from .data.templates import get_template
+from .errors import Aborted, OptionError, TrainingError, TrainingStopped
 from .hub import HubError, maybe_push, push_to_hub
 from .logs import RunLog, plot_losses
 from .lora import LoRAConfig, count_parameters, inject_lora, lora_state_dict
@@ -54,13 +54,15 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
     devices = rank_devices(config, world)
     device = torch.device(devices[0])
     compute_dtype = resolve_dtype(config.dtype, device)
-    resume = resolve_checkpoint(config.resume_from_checkpoint) if config.resume_from_checkpoint else None
     say = print if world.is_main else (lambda *args, **kwargs: None)
-    seed_everything(config.seed)
-    model, tokenizer, model_dir, config, lora_config = setup_model(config, devices, say)
-
-    # Data, tokenized once up front (every rank tokenizes the same data and takes its own slices).
+    # Everything that can be wrong is checked before the weights load (preflight.py), the data included: it is
+    # tokenized once up front (every rank tokenizes the same data and takes its own slices).
+    resume = preflight.check_setup(config, world, say)
+    tokenizer, model_dir, config = locate_model(config)
     train_examples, val_examples = prepare_data(config, tokenizer, say)
+    differences = preflight.check_model(config, model_dir, resume)
+    seed_everything(config.seed)
+    model, lora_config = setup_model(config, model_dir, tokenizer, devices, say)
     train_examples, collate_train = training_rows(config, train_examples, say)
     levers, peak = prepare_step(model, config, device, train_examples, world, say)
     global_batch = config.batch_size * world.size
@@ -70,7 +72,7 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
 
     # Run folder (a resumed run writes on into the folder of its checkpoint; rank 0 writes shared files), the
     # backend that runs each step, and the state a resume restores.
-    run_dir = open_run_dir(config, model_dir, resume, val_examples, world)
+    run_dir = open_run_dir(config, model_dir, resume, val_examples, world, differences)
     log = RunLog(run_dir, config.logging_dir, enabled=world.is_main)
     backend = build_backend(config, model, world=world, devices=devices, compute_dtype=compute_dtype, total_steps=total_steps,
                             loss_fn=speed.training_loss(loss_fn, levers), fused_optimizer=levers.asynchronous)
@@ -99,10 +101,7 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
             window_loss = accumulate(backend, shards, collated, device, autocast, counts["trainable_tokens"], world,
                                      non_blocking=levers.asynchronous)
             mean_loss, grad_norm = settle(window_loss, backend.clip_gradients(), counts["trainable_tokens"], world)
-            if not math.isfinite(mean_loss):
-                last = run.pointer(run_dir, run.LATEST)
-                raise TrainingError(f"loss is {mean_loss} at step {state.step + 1}; stopped without updating the weights. "
-                                    f"Last good checkpoint: {last or 'none yet'}. Try a lower learning rate or fp32.")
+            check_finite(mean_loss, state.step + 1, run_dir)
             learning_rate = backend.learning_rate
             backend.step()
 
@@ -112,7 +111,9 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
             elapsed = time.time() - window_started
             record = {"step": state.step, "loss": round(mean_loss, 6), "lr": learning_rate, "grad_norm": round(grad_norm, 6),
                       "trainable_tokens_per_s": round(counts["trainable_tokens"] / max(elapsed, 1e-9), 2),
-                      "epoch": round(state.epoch + state.batches_in_epoch / batches_per_epoch, 4), **counts}
+                      "epoch": round(state.epoch + state.batches_in_epoch / batches_per_epoch, 4), **counts,
+                      # What a watcher needs for progress and ETA (this process's wall time: it restarts on resume).
+                      "total_steps": total_steps, "elapsed_s": round(time.time() - started, 3)}
             progress.update(1)
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{learning_rate:.2e}", tok_s=f"{record['trainable_tokens_per_s']:.0f}")
             if state.step % config.logging_steps == 0 or state.step == total_steps:
@@ -121,7 +122,7 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
             on_record(record)
 
             finished = state.step == total_steps
-            stopping = distributed.sum_int(int(stop.requested), world) > 0
+            stopping = distributed.max_int(stop.signal_number, world)  # the signal one rank got, else 0
             evaluated = None
             if val_examples and (state.step % config.eval_steps == 0 or finished):
                 evaluated = {"step": state.step, **evaluate.validation_metrics(model, tokenizer, config, val_examples, device=device,
@@ -137,19 +138,12 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
                 checkpoint = save(run_dir, state.step, world=world, backend=backend, write_weights=write_checkpoint_weights,
                                   resumable=not config.only_save_model)
                 if world.is_main:
-                    if improved or not val_examples:
-                        mark_best(run_dir, checkpoint)
-                    prune(run_dir, config.save_total_limit, protect=(run.pointer(run_dir, run.BEST), checkpoint))
-                    if config.push_to_hub:
-                        maybe_push(config.push_hub_strategy, "save", checkpoint, improved, partial(upload, config, say))
-            if stopping:
+                    after_save(config, run_dir, checkpoint, improved, bool(val_examples), say)
+            if stopping:  # saved above; a stopped run is not a finished one, so it ends in an error (exit 130/143)
                 progress.close()
-                say(f"[sftkit] stopped by signal after step {state.step}; checkpoint saved.\n"
-                    f"  resume with: sftkit train --resume_from_checkpoint {os.path.join(run_dir, f'checkpoint-{state.step}')} "
-                    "(and the same options)")
                 log.close()
                 distributed.shutdown(world)
-                return os.path.join(run_dir, f"checkpoint-{state.step}")
+                raise TrainingStopped(stopping, checkpoint)
 
     # --- The end: curves, the best checkpoint, what to do next.
     progress.close()
@@ -173,13 +167,41 @@ def prepare_step(model, config: TrainConfig, device: torch.device, examples: lis
     return levers, peak
 
 
+def check_finite(mean_loss: float, step: int, run_dir: str) -> None:
+    """A NaN or inf loss stops the run before the weights change, naming the last good checkpoint."""
+    if not math.isfinite(mean_loss):
+        last = run.pointer(run_dir, run.LATEST)
+        raise TrainingError(f"loss is {mean_loss} at step {step}; stopped without updating the weights. "
+                            f"Last good checkpoint: {last or 'none yet'}. Try a lower learning rate or fp32.")
+
+
+def after_save(config: TrainConfig, run_dir: str, checkpoint: str, improved: bool, evaluates: bool, say=print) -> None:
+    """Rank 0, once a checkpoint is in place: move `best` (to the newest when nothing is evaluated), prune old
+    checkpoints, push to the hub."""
+    if improved or not evaluates:
+        mark_best(run_dir, checkpoint)
+    prune(run_dir, config.save_total_limit, protect=(run.pointer(run_dir, run.BEST), checkpoint))
+    if config.push_to_hub:
+        maybe_push(config.push_hub_strategy, "save", checkpoint, improved, partial(upload, config, say))
+
+
 def open_run_dir(config: TrainConfig, model_dir: str, resume: str | None, val_examples: list[dict],
-                 world: distributed.World) -> str:
+                 world: distributed.World, differences: list[str]) -> str:
     """The run folder: a new one (rank 0 makes it and writes sft_args.json and the validation split), or the
-    folder of the checkpoint a resumed run continues."""
-    if resume:
-        return run.run_dir_of(resume)
+    folder of the checkpoint a resumed run continues: there rank 0 removes what a killed save left, drops the
+    metrics logged after the checkpoint (they are logged again) and records this resume's options."""
     run_dir = None
+    if resume:
+        run_dir = run.run_dir_of(resume)
+        if world.is_main:
+            step = read_train_state(resume).step
+            leftovers, dropped = run.remove_leftovers(run_dir), run.trim_metrics(run_dir, step)
+            run.record_resume(run_dir, resume, step, config.run_arguments(model_dir), differences)
+            if leftovers or dropped:
+                print(f"[sftkit] removed {', '.join(leftovers) or 'nothing'} left by an interrupted save; dropped "
+                      f"{dropped} metrics records after step {step}")
+        distributed.barrier(world)
+        return run_dir
     if world.is_main:
         name = config.model_type or os.path.basename(os.path.normpath(model_dir)).lower()
         run_dir = run.new_run_dir(config.output_dir, name, config.add_output_dir_suffix)
@@ -218,31 +240,44 @@ def report_end(config: TrainConfig, state: TrainState, run_dir: str, best: str |
         maybe_push(config.push_hub_strategy, "end", best, False, partial(upload, config, say))
 
 
-def setup_model(config: TrainConfig, devices: list[str], say=print):
-    """(model ready to train, tokenizer, model_dir, config with model type and template resolved, LoRA config).
+def locate_model(config: TrainConfig):
+    """(tokenizer, model folder, config with model type and template resolved): all but the weights, which
+    load only once the data and options have been checked. An unknown template fails here."""
+    model_type = config.model_type or infer_model_type(config.model) or (None if config.model else EMBEDDED_MODEL_TYPE)
+    _, tokenizer, model_dir = load_model_and_tokenizer(
+        config.model, model_type=model_type, hub=config.hub, revision=config.model_revision,
+        cache_dir=config.model_cache_dir, dtype=model_dtype(config), trust_remote_code=config.trust_remote_code,
+        with_model=False)
+    template = config.template or (MODELS[model_type].template if model_type else "auto")
+    get_template(template)
+    return tokenizer, model_dir, replace(config, model_type=model_type, template=template)
+
+
+def model_dtype(config: TrainConfig) -> str:
+    return config.dtype if config.sft_type == "lora" else "fp32"
+
+
+def setup_model(config: TrainConfig, model_dir: str, tokenizer, devices: list[str], say=print):
+    """(model ready to train, LoRA config), loaded from the folder locate_model found.
 
     LoRA keeps the frozen base in the compute dtype and its adapters in float32; full fine-tuning keeps
     float32 master weights. Half precision comes from autocast in both.
     """
     attention, why = attn_implementation(config.use_flash_attn)
     say(f"[sftkit] {why}")
-    model_type = config.model_type or infer_model_type(config.model) or (None if config.model else EMBEDDED_MODEL_TYPE)
     quantization = QuantizationOptions(bits=config.quantization_bit or None, bnb_4bit_quant_type=config.bnb_4bit_quant_type,
                                        bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
                                        bnb_4bit_compute_dtype=config.bnb_4bit_comp_dtype)
-    model, tokenizer, model_dir = load_model_and_tokenizer(
-        config.model, model_type=model_type, hub=config.hub, revision=config.model_revision, cache_dir=config.model_cache_dir,
-        dtype=config.dtype if config.sft_type == "lora" else "fp32", device="cpu" if len(devices) > 1 else devices[0],
-        attn_implementation=attention, trust_remote_code=config.trust_remote_code,
-        gradient_checkpointing=config.gradient_checkpointing, quantization=quantization)
+    model = load_model_and_tokenizer(
+        model_dir, model_type=config.model_type, dtype=model_dtype(config), device="cpu" if len(devices) > 1 else devices[0],
+        attn_implementation=attention, trust_remote_code=config.trust_remote_code, tokenizer=tokenizer,
+        gradient_checkpointing=config.gradient_checkpointing, quantization=quantization).model
     if config.sft_type == "full" and is_quantized(model):
         raise TrainingError(f"{model_dir} is quantized: its weights cannot be trained, only LoRA adapters on them (--sft_type lora)")
-    template = config.template or (MODELS[model_type].template if model_type else "auto")
-    config = replace(config, model_type=model_type, template=template)
     lora_config = None
     if config.sft_type == "lora":
         lora_config = LoRAConfig(r=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                                 target_modules=resolve_lora_targets(model_type, config.lora_target_modules),
+                                 target_modules=resolve_lora_targets(config.model_type, config.lora_target_modules),
                                  use_rslora=config.use_rslora)
         inject_lora(model, lora_config)
         for parameter in lora_state_dict(model).values():
@@ -253,12 +288,11 @@ def setup_model(config: TrainConfig, devices: list[str], say=print):
     say(f"[sftkit] model {model_dir}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
     if config.varlen_attention:  # no T x T attention mask in training (before the memory plan, which counts on it)
         say(f"[sftkit] {use_varlen_attention(model)}")
-    return model, tokenizer, model_dir, config, lora_config
+    return model, lora_config
 
 
 def restore(checkpoint: str, backend, rank: int) -> TrainState:
-    """Weights, optimizer, schedule and this rank's RNG from a checkpoint; returns its TrainState."""
-    require_resumable(checkpoint)
+    """Weights, optimizer, schedule and this rank's RNG from a checkpoint (checked by preflight); its TrainState."""
     backend.load(checkpoint)
     restore_rng_states(checkpoint, rank)
     return read_train_state(checkpoint)
@@ -266,15 +300,18 @@ def restore(checkpoint: str, backend, rank: int) -> TrainState:
 
 def rank_devices(config: TrainConfig, world: distributed.World) -> list[str]:
     """This rank's devices: --devices as given (one process), else its share of the visible GPUs, else CPU."""
+    asked = list(config.devices) or ([config.device] if config.device else [])
+    missing = [name for name in asked if name.startswith("cuda") and not torch.cuda.is_available()]
+    if missing:
+        raise OptionError("devices" if config.devices else "device",
+                          f"{missing[0]} asked for, but CUDA is not available on this machine (use cpu)")
     if config.devices:
         if world.distributed:
-            raise ValueError("--devices places one process's model; with several ranks each takes its share of the GPUs")
+            raise OptionError("devices", "places one process's model; with several ranks each takes its share of the GPUs")
         return list(config.devices)
     if config.device and (not config.device.startswith("cuda") or ":" in config.device):
         return [config.device]
     if not torch.cuda.is_available():
-        if config.device:
-            raise TrainingError(f"device {config.device} asked for, but CUDA is not available")
         return ["cpu"]
     per_rank = torch.cuda.device_count() // world.size
     if per_rank < 1:
@@ -304,13 +341,13 @@ class StopOnSignal:
     """Turn the first SIGINT/SIGTERM into a request to stop after the current step; a second one aborts."""
 
     def __init__(self):
-        self.requested = False
+        self.signal_number = 0  # the first signal received, 0 while none
         self._previous = {}
 
     def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.signal_number:
+            raise Aborted(signum)
+        self.signal_number = signum
         print(f"\n[sftkit] {signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
               "(send it again to abort without saving)")
 

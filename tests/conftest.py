@@ -28,3 +28,55 @@ def _private_dataset_cache(tmp_path_factory):
     sftkit.data.cache.cache_dir = lambda: folder
     yield
     sftkit.data.cache.cache_dir = original
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_checkpoint_key(tmp_path_factory):
+    """Checkpoints of the tests are signed with a key of their own (the environment reaches torchrun children too)."""
+    from sftkit.manifest import KEY_ENV
+
+    original = os.environ.get(KEY_ENV)
+    os.environ[KEY_ENV] = str(tmp_path_factory.mktemp("sftkit-key") / "checkpoint.key")
+    yield
+    if original is None:
+        os.environ.pop(KEY_ENV, None)
+    else:
+        os.environ[KEY_ENV] = original
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory):
+    """16 query/response rows in a .jsonl file."""
+    import json
+
+    path = tmp_path_factory.mktemp("chat-data") / "train.jsonl"
+    rows = [{"query": f"What is {a} times {b}?", "response": f"{a} times {b} is {a * b}."} for a in range(4) for b in range(4)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def run_options(model_dir, data_file, output_dir, **overrides) -> dict:
+    """A tiny LoRA run: 4 steps, a checkpoint every 2, no output-dir suffix."""
+    values = dict(model=model_dir, dataset=(data_file,), dataset_test_ratio=0.125, max_steps=4, eval_steps=2, save_steps=2,
+                  logging_steps=1, learning_rate=5e-3, output_dir=str(output_dir), add_output_dir_suffix=False,
+                  template="chatml", lora_dropout=0.0, save_total_limit=10)
+    values.update(overrides)
+    return values
+
+
+@pytest.fixture(scope="session")
+def run_config(tiny_model_dir, chat_data):
+    """run_config(output_dir, **overrides) -> the TrainConfig of a tiny LoRA run on the tiny model and chat_data."""
+    from sftkit.config import TrainConfig
+
+    return lambda output_dir, **overrides: TrainConfig(**run_options(tiny_model_dir, chat_data, output_dir, **overrides))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, run_config):
+    """A finished tiny LoRA run folder (checkpoint-2 and checkpoint-4); copy it before changing anything."""
+    from sftkit.train import train
+
+    folder = tmp_path_factory.mktemp("trained-run")
+    train(run_config(folder))
+    return str(folder)

@@ -166,7 +166,7 @@ def test_infer_constrains_rows_that_offer_tools(run_dir, tmp_path, monkeypatch):
     seen = []
 
     def scripted(model, tokenizer, batch, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), all_done=None,
-                 constraint=None):
+                 constraint=None, on_tokens=None):
         seen.append(constraint)
         return ["ok"] * len(batch)
 
@@ -226,7 +226,7 @@ def test_agent_procedure_inserts_reference_results_and_continues(monkeypatch, to
     }
     prompts = []
 
-    def scripted(model, tokenizer, batch, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), all_done=None, constraint=None):
+    def scripted(model, tokenizer, batch, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), all_done=None, constraint=None, on_tokens=None):
         texts = [tokenizer.decode(ids) for ids in batch]
         prompts.extend(texts)
         return [script[(text.split("user\n")[1].split("<|im_end|>")[0], text.count("<|startofexec|>"))] for text in texts]
@@ -280,3 +280,53 @@ def test_quantized_run_merge_is_refused_unless_dequantized(tmp_path, tiny_model_
 def test_prompt_text_matches_prompt_ids(tokenizer):
     messages = [Message("user", "hello")]
     assert tokenizer.decode(prompt_ids(messages, tokenizer, "chatml")) == prompt_text(messages, tokenizer, "chatml")
+
+
+# --- merge dtype, progress, remote code -----------------------------------------------------------------------------
+
+
+def test_merge_keeps_the_base_dtype_unless_told(run_dir, tmp_path, tiny_model_dir):
+    """A bf16 base merges into bf16 (not a float32 copy twice its size); --dtype chooses another."""
+    from safetensors.torch import load_file
+
+    base = tmp_path / "bf16-base"
+    load_model(tiny_model_dir, dtype="fp32").to(torch.bfloat16).save_pretrained(base)
+    load_tokenizer(tiny_model_dir).save_pretrained(base)
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    args = json.load(open(run / "sft_args.json"))
+    json.dump({**args, "model_dir": str(base), "dtype": "auto"}, open(run / "sft_args.json", "w"))
+    for dtype, expected in (("auto", torch.bfloat16), ("fp32", torch.float32), ("fp16", torch.float16)):
+        merged = merge(MergeConfig(ckpt_dir=str(run), output_dir=str(tmp_path / f"merged-{dtype}"), dtype=dtype))
+        assert {t.dtype for t in load_file(os.path.join(merged, "model.safetensors")).values()} == {expected}
+
+
+def test_infer_shows_progress_with_tokens_per_second_within_a_bounded_default(run_dir, tmp_path):
+    from sftkit.config import ChatConfig, EvalConfig
+    from sftkit_cli.main import main
+
+    assert InferConfig().max_new_tokens == EvalConfig().max_new_tokens == 256 and ChatConfig().max_new_tokens == 512
+    result = CliRunner().invoke(main, ["infer", "--ckpt_dir", run_dir, "--output", str(tmp_path / "out.jsonl"),
+                                       "--max_new_tokens", "3", "--show_dataset_sample", "0"])
+    assert result.exit_code == 0 and "infer: 100%" in result.output and "tok_s=" in result.output, result.output
+
+
+@pytest.mark.parametrize("command", ["chat", "infer", "eval", "merge"])
+def test_commands_pass_trust_remote_code_to_the_loader(command, run_dir, tmp_path, tiny_model_dir):
+    """A base that ships its own code is refused with the flag to pass; the flag is then taken (the refusal goes)."""
+    from sftkit_cli.main import main
+
+    base = tmp_path / "remote-base"
+    shutil.copytree(tiny_model_dir, base)
+    config = json.load(open(base / "config.json"))
+    json.dump({**config, "model_type": "my-own-model", "auto_map": {"AutoConfig": "my_code.MyConfig"}},
+              open(base / "config.json", "w"))
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    json.dump({**json.load(open(run / "sft_args.json")), "model_dir": str(base)}, open(run / "sft_args.json", "w"))
+    args = [command, "--ckpt_dir", str(run)] + (["--output", str(tmp_path / "out")] if command in ("infer", "eval") else
+                                                 ["--output_dir", str(tmp_path / "merged")] if command == "merge" else [])
+    refused = CliRunner().invoke(main, args, input="")
+    assert refused.exit_code == 1 and "--trust_remote_code true" in refused.output, refused.output
+    trusted = CliRunner().invoke(main, args + ["--trust_remote_code", "true"], input="")
+    assert "--trust_remote_code true" not in trusted.output

@@ -187,3 +187,19 @@ def test_generation_config_from_any_options_and_validation():
     assert generation_config(options) == GenerationConfig(5, True, 0.7, 3, 0.9, 1.1, 1)
     with pytest.raises(ValueError, match="temperature.*top_p"):
         GenerationConfig(temperature=0, top_p=1.5)
+
+
+def test_generation_passes_the_cache_as_the_model_takes_it_without_warnings(model, tokenizer):
+    """transformers 5.24 renamed past_key_values to cache and warns on the old name at every step; 5.17 has only
+    the old one. Whichever the model's forward takes is used, so no FutureWarning is printed."""
+    import inspect
+    import warnings
+
+    from sftkit.generation import cache_argument
+
+    assert cache_argument(model) == ("cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values")
+    assert cache_argument(ScriptedModel([1], 10)) == "past_key_values"
+    ids = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in PROMPTS]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate_batch(model, tokenizer, ids, GenerationConfig(max_new_tokens=3))

@@ -122,3 +122,19 @@ def test_local_datasets_folder(tmp_path):
     datasets.Dataset.from_list([{"query": "q", "response": "r"}]).save_to_disk(str(tmp_path / "ds"))
     assert len(load_conversations([str(tmp_path / "ds")])[0]) == 1
     assert loading.FILE_SUFFIXES == (".jsonl", ".json", ".csv")
+
+
+@pytest.mark.parametrize("rows,ratio,expected", [(400, 0.01, 20), (100, 0.01, 10), (16, 0.125, 2), (5, 0.01, 1),
+                                                 (1000, 0.05, 50), (400, 0.0, 0), (1, 0.5, 0)])
+def test_validation_split_has_a_sensible_minimum(rows, ratio, expected):
+    """min(max(ratio, 20 rows), 10%): the default 1% of 400 rows would be 4 examples to choose the best checkpoint on."""
+    from sftkit.data.loading import validation_size
+
+    assert validation_size(rows, ratio) == expected
+    assert len(split_and_sample(list(range(rows)), test_ratio=ratio)[1]) == expected
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbfquery,response\nhi,there\n")
+    assert next(read_file(str(path))).data == {"query": "hi", "response": "there"}

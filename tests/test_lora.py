@@ -307,7 +307,7 @@ def test_merge_refuses_a_tied_weight(tokenizer):
 # A list entry matches whole dotted components only, and a string must match the whole name.
 @pytest.mark.parametrize("target_modules", [["qkv_proj"], ["proj"], "q_proj"])
 def test_no_match_names_existing_modules(tokenizer, target_modules):
-    with pytest.raises(ValueError, match="matches no module.*model.layers.0.self_attn.q_proj"):
+    with pytest.raises(ValueError, match="matches no layer.*q_proj, k_proj, v_proj.*model.layers.0.self_attn.q_proj"):
         inject_lora(tiny.make_model(tokenizer), LoRAConfig(target_modules=target_modules))
 
 

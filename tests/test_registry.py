@@ -388,3 +388,14 @@ def test_custom_dataset_example(tiny_model_dir, scratch_registries, tmp_path, ca
     example("custom_dataset").main(str(data), tiny_model_dir, "chatml")
     out = capsys.readouterr().out
     assert "[[A fine-tuning toolkit.<|im_end|>]]" in out and "1 of 1 rows kept" in out
+
+
+def test_no_flash_attn_install_hint_on_a_machine_without_cuda(monkeypatch):
+    """Without CUDA, installing flash-attn would not help: the reason given is the missing GPU, not the package."""
+    import importlib.util
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)  # flash-attn not installed either
+    for asked in (None, True):
+        implementation, message = attn_implementation(asked)
+        assert implementation == "sdpa" and "needs a CUDA GPU" in message and "pip install" not in message

@@ -15,7 +15,7 @@ from sftkit.config import TrainConfig
 from sftkit.data import prepare
 from sftkit.data.pipeline import build_example, collate
 from sftkit.data.sampler import batch_positions
-from sftkit.errors import TrainingError
+from sftkit.errors import TrainingError, TrainingStopped
 from sftkit.loss import loss_sum
 from sftkit.run import pointer
 from sftkit.train import train
@@ -104,14 +104,17 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path):
     assert resolve_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1") == pointer(str(tmp_path), "latest")
 
 
-def test_sigterm_finishes_the_step_and_saves(tiny_model_dir, data_file, tmp_path, capsys):
+@pytest.mark.parametrize("sent,exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_finishes_the_step_saves_and_ends_in_an_error(sent, exit_code, tiny_model_dir, data_file, tmp_path):
     def signal_at_step_2(record):
         if record.get("step") == 2 and "loss" in record:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sent)
 
-    saved = train(config(tiny_model_dir, data_file, tmp_path, max_steps=50, eval_steps=100), on_record=signal_at_step_2)
+    with pytest.raises(TrainingStopped, match=f"stopped by {sent.name}.*resume with --resume_from_checkpoint") as stopped:
+        train(config(tiny_model_dir, data_file, tmp_path, max_steps=50, eval_steps=100), on_record=signal_at_step_2)
+    saved = stopped.value.checkpoint
     assert saved.endswith("checkpoint-2") and os.path.isfile(os.path.join(saved, "optimizer.pt"))
-    assert "resume with: sftkit train --resume_from_checkpoint" in capsys.readouterr().out
+    assert stopped.value.exit_code == exit_code and pointer(str(tmp_path), "latest") == saved
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(tiny_model_dir, data_file, tmp_path):

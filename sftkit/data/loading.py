@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import io
 import json
 import os
 import random
@@ -139,19 +140,39 @@ def read_file(path: str) -> Iterator[Row]:
         raise DataError(f"unsupported file type '{suffix}', expected one of {', '.join(FILE_SUFFIXES)}", source=path)
     if not os.path.isfile(path):
         raise DataError("no such file", source=path)
-    with open(path, encoding="utf-8", newline="" if suffix == ".csv" else None) as handle:
-        if suffix == ".jsonl":
-            for number, text in enumerate(handle, start=1):
+    if suffix == ".jsonl":
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as error:
+                    yield Row(path, number, None, _not_utf8(error, path, number))
+                    continue
                 if text.strip():
                     yield _json_row(text, path, number)
-        elif suffix == ".csv":
-            reader = csv.DictReader(handle)
-            start = 2
-            for row in reader:
-                yield Row(path, start, {key: value for key, value in row.items() if key is not None})
-                start = reader.line_num + 1
-        else:
-            yield from _json_rows(handle.read(), path)
+        return
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line_start = raw.rfind(b"\n", 0, error.start) + 1
+        raise _not_utf8(error, path, raw.count(b"\n", 0, error.start) + 1, line_start) from None
+    if suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        start = 2
+        for row in reader:
+            yield Row(path, start, {key: value for key, value in row.items() if key is not None})
+            start = reader.line_num + 1
+    else:
+        yield from _json_rows(text, path)
+
+
+def _not_utf8(error: UnicodeDecodeError, path: str, line: int, line_start: int = 0) -> DataError:
+    """Where a byte that is not UTF-8 sits (line and column), so the user can find and re-save it."""
+    column = error.start - line_start + 1
+    return DataError(f"not UTF-8 text: byte 0x{error.object[error.start]:02x} at column {column} "
+                     "(save the file as UTF-8)", source=path, line=line)
 
 
 def _json_row(text: str, path: str, line: int) -> Row:
@@ -346,6 +367,7 @@ def load_conversations(specs: list[str], *, strategy: str = "error", schema: str
     report = report or LoadReport()
     conversations = []
     for spec in specs:
+        rows_before = report.rows
         info, rows = open_dataset(spec, hub)
         if info is not None and info.sample is not None:
             rows = _sampled(rows, info, report)
@@ -368,6 +390,9 @@ def load_conversations(specs: list[str], *, strategy: str = "error", schema: str
             report.kept += 1
             report.conversations += len(converted)
             report.with_images += any(images)
+        if report.rows == rows_before:
+            header_only = spec.lower().endswith(".csv") and os.path.isfile(spec) and os.path.getsize(spec) > 0
+            raise DataError("has a header but no rows" if header_only else "holds no rows", source=spec)
     return conversations, report
 
 
@@ -399,15 +424,21 @@ def _handle(error: DataError, strategy: str, report: LoadReport) -> None:
     report.skip(error)
 
 
+def validation_size(rows: int, test_ratio: float) -> int:
+    """test_ratio of the rows, but at least min(20, 10% of them) (and 1) when test_ratio > 0: a 1% split of a few
+    hundred rows (4 examples) is too noisy to choose the best checkpoint on."""
+    if test_ratio <= 0 or rows < 2:
+        return 0
+    return max(int(round(rows * test_ratio)), min(20, rows // 10), 1)
+
+
 def split_and_sample(items: list, *, test_ratio: float = 0.0, sample: int | None = None, seed: int = 42) -> tuple[list, list]:
     """Seeded shuffle, hold out test_ratio of it for validation, then keep `sample` training items (-1/None: all)."""
     if not 0.0 <= test_ratio < 1.0:
         raise ValueError(f"dataset_test_ratio must be in [0, 1), got {test_ratio}")
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    held = int(round(len(items) * test_ratio))
-    if test_ratio > 0 and len(items) > 1:
-        held = max(held, 1)
+    held = validation_size(len(items), test_ratio)
     validation = [items[i] for i in order[:held]]
     train = [items[i] for i in order[held:]]
     if sample is not None and sample >= 0:

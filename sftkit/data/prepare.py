@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from ..config import loss_scale_weights
-from ..errors import SftkitError
 from . import cache as dataset_cache
+from .errors import DataError
 from .loading import load_conversations, split_and_sample
 from .pipeline import build_examples
 
@@ -17,7 +17,7 @@ def prepare_data(config, tokenizer, say=print) -> tuple[list[dict], list[dict]]:
     key = dataset_cache.dataset_key(list(config.datasets()) + list(config.val_dataset), config.template, tokenizer,
                                     {name: getattr(config, name) for name in KEY_FIELDS} | {"val": list(config.val_dataset)}) \
         if config.dataset_cache else None
-    cached = dataset_cache.load(key) if key else None
+    cached = dataset_cache.load(key, say) if key else None
     if cached is not None:
         say(f"[sftkit] tokenized data from the cache: {dataset_cache.cache_path(key)}")
         return cached
@@ -37,15 +37,35 @@ def tokenize_data(config, tokenizer, say=print) -> tuple[list[dict], list[dict]]
     else:
         train_rows, validation = split_and_sample(conversations, test_ratio=config.dataset_test_ratio,
                                                   sample=config.train_dataset_sample, seed=config.seed)
+        if validation and len(validation) != round(len(conversations) * config.dataset_test_ratio):
+            say(f"[sftkit] validation split: {len(validation)} of {len(conversations)} rows (dataset_test_ratio "
+                f"{config.dataset_test_ratio} raised to at least min(20 rows, 10%) to choose the best checkpoint on)")
+        elif validation:
+            say(f"[sftkit] validation split: {len(validation)} of {len(conversations)} rows")
     say(f"[sftkit] training data: {report.summary()}")
     options = dict(tokenizer=tokenizer, template=config.template, max_length=config.max_length,
                    truncation_side=config.truncation_side, train_on=config.train_on, system=config.system,
                    loss_scale=loss_scale_weights(config.loss_scale))
     train_examples, dropped = build_examples(train_rows, **options)
     val_examples, val_dropped = build_examples(validation, **options)
+    if not train_examples:
+        raise no_examples(config, train_rows, options)
     if dropped or val_dropped:
         say(f"[sftkit] dropped {dropped} training and {val_dropped} validation examples: "
             f"nothing trainable left after truncation to {config.max_length} tokens")
-    if not train_examples:
-        raise SftkitError("no training examples left: check the dataset, max_length and check_dataset_strategy")
     return train_examples, val_examples
+
+
+def no_examples(config, rows: list, options: dict) -> DataError:
+    """Why no training example is left: no rows at all, rows without a trainable token, or truncation."""
+    source = ", ".join(config.datasets())
+    if not rows:
+        return DataError("no training rows left (check --check_dataset_strategy and --train_dataset_sample)", source=source)
+    untruncated, _ = build_examples(rows[:100], **{**options, "max_length": None})
+    if untruncated:
+        return DataError(f"all {len(rows)} training rows were dropped: truncation to max_length {config.max_length} "
+                         f"({config.truncation_side} side) cut off every trainable token; raise --max_length or use "
+                         "--truncation_side left", source=source)
+    return DataError(f"all {len(rows)} training rows were dropped: none has a token to learn (every label is masked: "
+                     f"with --train_on {config.train_on} only assistant answers and tool calls train, never tool "
+                     "results)", source=source)

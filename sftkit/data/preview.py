@@ -2,25 +2,31 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from .pipeline import IGNORE_INDEX, trainable_tokens, truncate
 
 GREEN, RESET = "\033[32m", "\033[0m"
 
 
-def mark_trainable(tokenizer, example: dict, color: bool = False) -> str:
-    """The example's text with each run of trainable tokens shown green, or wrapped in [[ ]] without color."""
-    pieces, run, trainable = [], [], None
+def trainable_runs(tokenizer, example: dict) -> list[tuple[str, bool]]:
+    """The example's text as (text, trainable) runs of consecutive tokens that do or do not train."""
+    runs, run, trainable = [], [], None
     for token, label in zip(example["input_ids"], example["labels"]):
         is_trainable = label != IGNORE_INDEX
         if run and is_trainable != trainable:
-            pieces.append(_wrap(tokenizer.decode(run), trainable, color))
+            runs.append((tokenizer.decode(run), trainable))
             run = []
         run.append(token)
         trainable = is_trainable
     if run:
-        pieces.append(_wrap(tokenizer.decode(run), trainable, color))
-    return "".join(pieces)
+        runs.append((tokenizer.decode(run), trainable))
+    return runs
+
+
+def mark_trainable(tokenizer, example: dict, color: bool = False) -> str:
+    """The example's text with each run of trainable tokens shown green, or wrapped in [[ ]] without color."""
+    return "".join(_wrap(text, trainable, color) for text, trainable in trainable_runs(tokenizer, example))
 
 
 def _cut(example: dict | None, max_length: int | None, side: str) -> dict | None:
@@ -46,26 +52,32 @@ def length_stats(lengths: list[int]) -> dict:
     return {"count": len(ordered), "min": ordered[0], "median": rank(0.5), "p95": rank(0.95), "max": ordered[-1]}
 
 
-def preview(config, tokenizer=None, echo=print) -> dict:
-    """Load, encode and show `config.num_examples` examples of a PreviewConfig; returns the statistics."""
+@dataclass(frozen=True)
+class Preview:
+    """What preview shows: the first examples as training sees them, every length, and the statistics."""
+
+    examples: list[dict]
+    lengths: list[int]
+    stats: dict
+    summary: str
+
+
+def build_preview(config, tokenizer) -> Preview:
+    """Load and encode a PreviewConfig's data: `config.num_examples` truncated examples, all full lengths, statistics."""
     from .loading import load_conversations
     from .pipeline import build_example
 
     if tokenizer is None:
-        from ..model import load_tokenizer, resolve_model_dir
+        from ..model import load_tokenizer, resolve_tokenizer_dir
 
-        tokenizer = load_tokenizer(resolve_model_dir(config.tokenizer))
+        tokenizer = load_tokenizer(resolve_tokenizer_dir(config.tokenizer))
     conversations, report = load_conversations(list(config.datasets()), strategy=config.check_dataset_strategy)
-    options = dict(tokenizer=tokenizer, template=config.template, train_on=config.train_on, system=config.system)
+    options = dict(tokenizer=tokenizer, template=config.template or default_template(config.tokenizer),
+                   train_on=config.train_on, system=config.system)
     # Encode once at full length (for the statistics), then truncate as training would.
     full = [build_example(conversation, **options) for conversation in conversations]
     lengths = [len(example["input_ids"]) for example in full if example is not None]
     kept = [_cut(example, config.max_length, config.truncation_side) for example in full]
-    shown = [example for example in kept if example is not None][: config.num_examples]
-    for index, example in enumerate(shown):
-        trainable = trainable_tokens(example)
-        echo(f"--- example {index}: {len(example['input_ids'])} tokens, {trainable} trainable ---")
-        echo(mark_trainable(tokenizer, example, bool(config.color)))
     stats = {
         "tokens": length_stats(lengths),
         "truncated": sum(config.max_length is not None and n > config.max_length for n in lengths),
@@ -73,8 +85,32 @@ def preview(config, tokenizer=None, echo=print) -> dict:
         "rows": report.rows,
         "skipped_rows": sum(report.skipped.values()),
     }
+    shown = [example for example in kept if example is not None][: config.num_examples]
+    return Preview(shown, lengths, stats, report.summary())
+
+
+def preview(config, tokenizer=None, echo=print) -> dict:
+    """Load, encode and show `config.num_examples` examples of a PreviewConfig; returns the statistics."""
+    if tokenizer is None:
+        from ..model import load_tokenizer, resolve_tokenizer_dir
+
+        tokenizer = load_tokenizer(resolve_tokenizer_dir(config.tokenizer))
+    result = build_preview(config, tokenizer)
+    for index, example in enumerate(result.examples):
+        trainable = trainable_tokens(example)
+        echo(f"--- example {index}: {len(example['input_ids'])} tokens, {trainable} trainable ---")
+        echo(mark_trainable(tokenizer, example, bool(config.color)))
+    stats = result.stats
     echo("--- statistics ---")
-    echo(report.summary())
+    echo(result.summary)
     echo("tokens per example: " + ", ".join(f"{key} {value}" for key, value in stats["tokens"].items()))
     echo(f"truncated to {config.max_length}: {stats['truncated']}; dropped with no trainable token left: {stats['dropped_no_trainable_token']}")
     return stats
+
+
+def default_template(tokenizer: str | None) -> str:
+    """What training would use without --template: the model type's template, else the tokenizer's own (auto)."""
+    from ..registry import EMBEDDED_MODEL_TYPE, MODELS, infer_model_type
+
+    model_type = infer_model_type(tokenizer) if tokenizer else EMBEDDED_MODEL_TYPE
+    return MODELS[model_type].template if model_type else "auto"

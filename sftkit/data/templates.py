@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, replace
 
+from ..errors import OptionError
 from .errors import DataError
 from .formats import Message
 
@@ -60,7 +61,7 @@ def get_template(name_or_template: "str | Template") -> Template:
     if name_or_template not in TEMPLATES:
         close = difflib.get_close_matches(str(name_or_template), TEMPLATES, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(TEMPLATES))}"
-        raise ValueError(f"unknown template '{name_or_template}'{hint}")
+        raise OptionError("template", f"unknown template '{name_or_template}'{hint} (sftkit list templates)")
     return TEMPLATES[name_or_template]
 
 

@@ -111,43 +111,11 @@ def create_app(service: Service) -> Starlette:
         return JSONResponse({"object": "list", "data": [
             {"id": name, "object": "model", "created": service.created, "owned_by": "sftkit"} for name in service.models]})
 
-    async def chat_completions(request: Request) -> Response:
-        _authorize(service, request)
-        body, data = parse_request(ChatRequest, await request.body())
-        served = _served(service, body.model)
-        engine_request = _chat_request(service, served, body, data)
-        [listener] = _listen(service, [engine_request])
-        reply = ChatReply(service, served, body, len(engine_request.prompt_ids))
-        if body.stream:
-            return StreamingResponse(reply.stream(listener), media_type="text/event-stream")
-        results = await _collect([listener], request)
-        if results is None:
-            return Response(status_code=CLIENT_GONE)
-        [(text, final)] = results
-        return JSONResponse(reply.whole(text, final))
+    async def chat(request: Request) -> Response:
+        return await chat_completions(service, request)
 
-    async def completions(request: Request) -> Response:
-        _authorize(service, request)
-        body, _ = parse_request(CompletionRequest, await request.body())
-        served = _served(service, body.model)
-        prompts = _completion_prompts(service, body.prompt)
-        if body.stream and len(prompts) != 1:
-            raise RequestError(400, "a streamed completion takes one prompt", param="prompt")
-        stops = stop_list(body.stop)
-        engine_requests = [EngineRequest(tuple(prompt), generation_options(body, service.defaults, len(prompt),
-                                                                           service.context, body.max_tokens),
-                                         stops, adapter=served.adapter) for prompt in prompts]
-        listeners = _listen(service, engine_requests)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        prompt_tokens = sum(map(len, prompts))
-        if body.stream:
-            return StreamingResponse(_completion_stream(listeners[0], request_id, body, prompt_tokens),
-                                     media_type="text/event-stream")
-        results = await _collect(listeners, request)
-        if results is None:
-            return Response(status_code=CLIENT_GONE)
-        return JSONResponse(completion(request_id, body.model, [(text, final.finish_reason) for text, final in results],
-                                       usage(prompt_tokens, sum(final.completion_tokens for _, final in results))))
+    async def complete(request: Request) -> Response:
+        return await completions(service, request)
 
     async def refused(_request: Request, error: RequestError) -> Response:
         return JSONResponse(error_body(error.status, error.message, error.param, error.code), status_code=error.status)
@@ -163,11 +131,52 @@ def create_app(service: Service) -> Starlette:
 
     return Starlette(
         routes=[Route("/health", health, methods=["GET"]), Route("/v1/models", models, methods=["GET"]),
-                Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-                Route("/v1/completions", completions, methods=["POST"])],
+                Route("/v1/chat/completions", chat, methods=["POST"]),
+                Route("/v1/completions", complete, methods=["POST"])],
         exception_handlers={RequestError: refused, HTTPException: http_error, Exception: failed},
         lifespan=lifespan,
     )
+
+
+async def chat_completions(service: Service, request: Request) -> Response:
+    """POST /v1/chat/completions: one conversation, its reply whole or streamed."""
+    _authorize(service, request)
+    body, data = parse_request(ChatRequest, await request.body())
+    served = _served(service, body.model)
+    engine_request = _chat_request(service, served, body, data)
+    [listener] = _listen(service, [engine_request])
+    reply = ChatReply(service, served, body, len(engine_request.prompt_ids))
+    if body.stream:
+        return StreamingResponse(reply.stream(listener), media_type="text/event-stream")
+    results = await _collect([listener], request)
+    if results is None:
+        return Response(status_code=CLIENT_GONE)
+    [(text, final)] = results
+    return JSONResponse(reply.whole(text, final))
+
+async def completions(service: Service, request: Request) -> Response:
+    """POST /v1/completions: one or more prompts (text or token ids) continued."""
+    _authorize(service, request)
+    body, _ = parse_request(CompletionRequest, await request.body())
+    served = _served(service, body.model)
+    prompts = _completion_prompts(service, body.prompt)
+    if body.stream and len(prompts) != 1:
+        raise RequestError(400, "a streamed completion takes one prompt", param="prompt")
+    stops = stop_list(body.stop)
+    engine_requests = [EngineRequest(tuple(prompt), generation_options(body, service.defaults, len(prompt),
+                                                                       service.context, body.max_tokens),
+                                     stops, adapter=served.adapter) for prompt in prompts]
+    listeners = _listen(service, engine_requests)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    prompt_tokens = sum(map(len, prompts))
+    if body.stream:
+        return StreamingResponse(_completion_stream(listeners[0], request_id, body, prompt_tokens),
+                                 media_type="text/event-stream")
+    results = await _collect(listeners, request)
+    if results is None:
+        return Response(status_code=CLIENT_GONE)
+    return JSONResponse(completion(request_id, body.model, [(text, final.finish_reason) for text, final in results],
+                                   usage(prompt_tokens, sum(final.completion_tokens for _, final in results))))
 
 
 class ChatReply:
