@@ -430,7 +430,7 @@ def run_sftkit(spec: dict) -> dict:
     cuda = spec["device"].startswith("cuda")
 
     def observe(record: dict) -> None:
-        if "total_steps" in record:  # the loop starts
+        if "run_dir" in record:  # the loop starts
             clock.mark()
             estimated["peak_mb"] = record["estimated_peak_mb"]
         if "loss" not in record:  # the start, or an evaluation
