@@ -220,7 +220,11 @@ def save_random_qwen2(sizes: dict, tokenizer_dir: str, folder: str) -> None:
 def model_shape(model_dir: str) -> dict:
     """Layer count, attention width and matmul parameters of a llama/qwen2-style config (see FLOPS_FORMULA)."""
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as handle:
-        config = json.load(handle)
+        return shape_of(json.load(handle))
+
+
+def shape_of(config: dict) -> dict:
+    """model_shape from a config's fields."""
     hidden, layers, heads = config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or hidden // heads
     kv_heads = config.get("num_key_value_heads") or heads

@@ -52,11 +52,12 @@ class LossModule(torch.nn.Module):
 
 
 def build_backend(config, model, *, world: distributed.World, devices: list[str], compute_dtype: torch.dtype,
-                  total_steps: int, loss_fn=loss_sum):
+                  total_steps: int, loss_fn=loss_sum, fused_optimizer: bool = False):
     """The one setup branch: optimizer and schedule for the trainable parameters, then the backend that runs them."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(config.optim, parameters, config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                               weight_decay=config.weight_decay)
+                               weight_decay=config.weight_decay,
+                               fused=fused_optimizer and not config.deepspeed and len(devices) == 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(config.lr_scheduler_type, round(config.warmup_ratio * total_steps), total_steps))
     module = LossModule(model, loss_fn)
@@ -100,11 +101,14 @@ class TorchBackend:
             return contextlib.nullcontext()
         return self.module.no_sync()
 
-    def step(self) -> float:
-        """Clip, step, schedule, clear; returns the gradient norm before clipping."""
+    def clip_gradients(self) -> torch.Tensor:
+        """Clip the window's gradients; returns their norm before clipping, on the device (nothing waits for it)."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm or float("inf"))
+        return torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm or float("inf"))
+
+    def step(self) -> None:
+        """Step (after clip_gradients), schedule, clear."""
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -112,7 +116,6 @@ class TorchBackend:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
 
     @property
     def learning_rate(self) -> float:

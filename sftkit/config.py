@@ -18,6 +18,7 @@ from .deepspeed import QUANTIZED_ZERO3, deepspeed_stage
 from .data.loading import STRATEGIES
 from .data.pipeline import TRAIN_ON, TRUNCATION_SIDES
 from .errors import SftkitError
+from .fused import UPDATE_DTYPES
 from .hub import STRATEGIES as HUB_STRATEGIES
 from .metrics import AGENT_METRICS, GENERATION_METRICS, GENERATION_MODES, TEXT_METRICS
 from .model import DTYPE_CHOICES, HUBS
@@ -153,6 +154,17 @@ class TrainConfig(DataOptions):
                                             "it fit (auto: the device's memory; none: never)")
     varlen_attention: bool = option(True, "attention without a T x T mask: padded batches run the causal kernel, packed "
                                           "rows attend within each document (false: transformers' masked SDPA)")
+    fused_lora: bool | None = option(None, "run each LoRA layer as one fused autograd function: fewer kernels, its input "
+                                           "saved once (default: on CUDA; LoRA on quantized bases stays eager)")
+    lora_update_dtype: str = option("compute", "dtype of the fused LoRA update: compute (bf16 under autocast; the float32 "
+                                               "adapters are the master copies) or fp32 (float32 accumulation)",
+                                    choices=UPDATE_DTYPES)
+    fused_loss: bool | None = option(None, "head and cross-entropy with the gradient computed chunk by chunk in forward, "
+                                           "so no logits are kept for backward (default: on CUDA)")
+    torch_compile: bool = option(False, "compile one decoder layer and reuse it for every layer (dynamic shapes, widths "
+                                        "padded to a multiple of 64); the first steps pay the compile")
+    cuda_graphs: bool = option(False, "with torch_compile: static shapes (every batch max_length wide, documents padded "
+                                      "to a fixed count) replayed as CUDA graphs")
     seed: int = option(42, "seed for data order, splits and initialisation")
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)")
     devices: tuple[str, ...] = option((), "spread the model's layers over these devices, e.g. cpu,cuda:0 "
@@ -222,6 +234,11 @@ class TrainConfig(DataOptions):
             checks.append(str(error))
         if self.sft_type == "full" and self.quantization_bit:
             checks.append("quantization_bit needs sft_type lora: 4/8-bit weights cannot be trained, only adapters on them")
+        if self.deepspeed and (self.fused_lora or self.fused_loss):
+            checks.append("fused_lora and fused_loss do not combine with deepspeed: ZeRO-3 gathers a weight only around "
+                          "its module's own forward, and the fused paths read weights outside it")
+        if self.cuda_graphs and not self.torch_compile:
+            checks.append("cuda_graphs needs torch_compile true: the graphs are captured by the compiled layers")
         if self.deepspeed and self.devices:
             checks.append("deepspeed and model parallel (--devices) do not combine: DeepSpeed shards the model itself")
         if self.deepspeed and self.quantization_bit and deepspeed_stage(self.deepspeed) >= 3:

@@ -103,9 +103,12 @@ class DeepSpeedBackend:
     def no_sync(self, last_micro_batch: bool):
         return contextlib.nullcontext()  # DeepSpeed reduces at its own accumulation boundary
 
-    def step(self) -> float:
-        self.scheduler.step()
+    def clip_gradients(self) -> float:
+        """The engine clipped and stepped at the end of the window's last backward; its gradient norm."""
         return float(self.engine.get_global_grad_norm() or 0.0)
+
+    def step(self) -> None:
+        self.scheduler.step()
 
     @property
     def learning_rate(self) -> float:

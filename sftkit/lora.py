@@ -18,6 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .architecture import output_head
 from .errors import CheckpointError, OptionError
+from .fused import UPDATE_DTYPES, lora_linear
 from .quant import is_quantized_linear
 
 ALL_LINEAR = "all-linear"
@@ -189,11 +190,15 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.r, self.scaling, self.merged = config.r, config.scaling, False
         self.dropout = nn.Dropout(config.dropout)
+        self.fused = None  # None: eager autograd; "compute" or "fp32": fused.lora_linear with that update dtype
         self.lora_A = nn.Linear(self.in_features, config.r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(config.r, self.out_features, bias=False, device=device, dtype=dtype)
         _init_lora(self.lora_A.weight, self.lora_B.weight, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and not self.merged:
+            return lora_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                               self.dropout.p, self.training, self.fused)
         result = F.linear(x, self.weight, self.bias)
         return result if self.merged else self._add_update(result, x)
 
@@ -275,6 +280,17 @@ class LoRAConv1D(LoRALinear):
             conv = Conv1D(self.out_features, self.in_features)
         conv.weight, conv.bias = self.weight, self.bias
         return conv
+
+
+def use_fused_lora(model: nn.Module, update_dtype: str | None = "compute") -> int:
+    """Run every LoRALinear through fused.lora_linear (update_dtype None: back to eager autograd); returns how many.
+    LoRA on a quantized base keeps the eager path: only the base layer's own forward can read its weight."""
+    if update_dtype is not None and update_dtype not in UPDATE_DTYPES:
+        raise ValueError(f"update_dtype must be one of {', '.join(UPDATE_DTYPES)}, got {update_dtype!r}")
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear) and not isinstance(m, LoRAQuantLinear)]
+    for layer in layers:
+        layer.fused = update_dtype
+    return len(layers)
 
 
 def _init_lora(lora_A: torch.Tensor, lora_B: torch.Tensor, config: LoRAConfig) -> None:

@@ -14,6 +14,7 @@ from .architecture import batch_first, call, decoder_stack, output_head
 from .attention import decoder_inputs
 from .data.pipeline import IGNORE_INDEX
 from .errors import TrainingError
+from .fused import chunk_loss_and_grad, linear_cross_entropy
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -21,18 +22,21 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def loss_sum(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
-    """(sum of per-token cross-entropy (times loss_weights when given), number of trainable tokens)."""
-    targets = shifted_targets(batch["labels"])
-    selected = targets != IGNORE_INDEX
+def loss_sum(model, batch: dict, chunk_size: int = 1024, fused: bool = False,
+             chunk_kernel=chunk_loss_and_grad) -> tuple[torch.Tensor, int]:
+    """(sum of per-token cross-entropy (times loss_weights when given), number of trainable tokens).
+
+    fused: the head and the loss as fused.linear_cross_entropy when gradients are wanted (no logits kept for
+    backward), each chunk's loss and logit gradient by chunk_kernel; heads that transform their logits
+    (soft-capping, scaling), models whose head cannot be split off and plain forwards take the eager path.
+    """
     head = output_head(model)
     hidden = backbone_hidden(model, batch) if head is not None else None
     if hidden is None or hidden.shape[-1] != getattr(head, "in_features", None):
         hidden, head = _model_logits(model, batch), None
-    # With model parallel the hidden states end on the last device, the labels start on the first.
-    selected, targets = selected.to(hidden.device), targets.to(hidden.device)
-    hidden, targets = hidden[selected], targets[selected]
-    weights = shifted_weights(batch).to(hidden.device)[selected] if "loss_weights" in batch else None
+    hidden, targets, weights = trainable_rows(hidden, batch)
+    if fused and head is not None and torch.is_grad_enabled() and hidden.requires_grad and _plain_head(model, head):
+        return linear_cross_entropy(hidden, head.weight, targets, weights, chunk_size, chunk_kernel), targets.shape[0]
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_size):
         part = hidden[start:start + chunk_size]
@@ -41,7 +45,37 @@ def loss_sum(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, 
         if weights is not None:
             losses = losses * weights[start:start + chunk_size]
         total = total + losses.sum()
-    return total, int(selected.sum())
+    return total, targets.shape[0]
+
+
+def trainable_rows(hidden: torch.Tensor, batch: dict):
+    """(hidden states, targets, weights or None) of the positions whose next token trains.
+
+    With the batch's trainable_positions (counted on the host when collated) they are gathered by index; else
+    a boolean mask selects them, whose size only the device knows (a wait for it).
+    """
+    # With model parallel the hidden states end on the last device, the labels start on the first.
+    targets = shifted_targets(batch["labels"]).to(hidden.device)
+    weights = shifted_weights(batch).to(hidden.device) if "loss_weights" in batch else None
+    positions = batch["trainable_positions"].to(hidden.device) if "trainable_positions" in batch else None
+    selected = targets != IGNORE_INDEX if positions is None else None
+
+    def pick(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[selected] if positions is None else tensor.flatten(0, 1).index_select(0, positions)
+
+    return pick(hidden), pick(targets), None if weights is None else pick(weights)
+
+
+def trainable_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the positions whose next token trains: the host-side twin of trainable_rows' mask."""
+    return (shifted_targets(labels).flatten() != IGNORE_INDEX).nonzero().flatten()
+
+
+def _plain_head(model, head) -> bool:
+    """A bias-free linear head with nothing applied after it (what linear_cross_entropy computes)."""
+    config = model.config
+    return (isinstance(head, torch.nn.Linear) and head.bias is None and not getattr(config, "final_logit_softcapping", None)
+            and not getattr(config, "logit_scale", None))
 
 
 def shifted_weights(batch: dict) -> torch.Tensor:

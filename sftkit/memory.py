@@ -123,13 +123,14 @@ class CheckpointPlan:
 
 def estimate_activations(shape: ModelShape, tokens: int, trainable_tokens: int, *, element_bytes: int = 4,
                          lora_rank: int = 0, lora_dropout: bool = False, full: bool = False, attention: str = "sdpa",
-                         sequence: int | None = None, loss_chunk: int = 1024) -> Estimate:
+                         sequence: int | None = None, loss_chunk: int = 1024, fused_loss: bool = False) -> Estimate:
     """Bytes kept for backward by a micro-batch of `tokens` (padding included), `trainable_tokens` of them in the loss.
 
     Every linear layer is assumed trained or adapted (all-linear LoRA, or `full` fine-tuning, which also trains the
     norms and the head), so fewer LoRA targets make this an upper bound. `attention` is the implementation: 'sdpa'
     (with a mask it repeats the key/value heads), 'varlen' (no mask, no repeat) or 'eager' (the B x H x T x T
-    probabilities). Norms run in float32 under autocast; the loss's logits are float32.
+    probabilities). Norms run in float32 under autocast; the loss's logits are float32, and with `fused_loss` none
+    are kept: only the gradient of the trainable hidden states is.
     """
     h, i, heads, kv, d, r = shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim, lora_rank
     sequence = sequence or tokens
@@ -150,7 +151,8 @@ def estimate_activations(shape: ModelShape, tokens: int, trainable_tokens: int, 
     flops_attention = 2 * tokens * (2 * h * heads * d + 2 * h * kv * d) + 2 * tokens * sequence * heads * d
     return Estimate(norms=tokens * norm_bytes, attention=tokens * attention_bytes, mlp=tokens * mlp_bytes,
                     layer_input=tokens * h * element_bytes,
-                    logits=trainable_tokens * (shape.vocab * 4 + (h * element_bytes if full else 0)),
+                    logits=trainable_tokens * (h * element_bytes if fused_loss else
+                                               shape.vocab * 4 + (h * element_bytes if full else 0)),
                     logits_chunk=chunk * shape.vocab * 4, layers=shape.layers, flops_attention=float(flops_attention),
                     flops_mlp=float(2 * tokens * 3 * h * i))
 
@@ -271,7 +273,8 @@ def limit_heap_fragmentation(threshold: int = 2**20) -> bool:
     return bool(libc.mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
 
 
-def prepare_memory(model, config, device: torch.device, examples: list[dict], say=print, processes: int = 1) -> int:
+def prepare_memory(model, config, device: torch.device, examples: list[dict], say=print, processes: int = 1,
+                   fused_loss: bool = False) -> int:
     """Before the first step: on CPU tune the allocator, print the estimated peak of a micro-batch and, when it
     exceeds --max_memory, checkpoint what makes it fit. Returns the estimated peak in bytes."""
     from .attention import VARLEN
@@ -291,7 +294,7 @@ def prepare_memory(model, config, device: torch.device, examples: list[dict], sa
         lora_rank=config.lora_rank if config.sft_type == "lora" else 0,
         lora_dropout=config.sft_type == "lora" and config.lora_dropout > 0, full=config.sft_type == "full",
         attention="varlen" if implementation in (VARLEN, "flash_attention_2", "flash_attention_3") else implementation,
-        sequence=longest)
+        sequence=longest, fused_loss=fused_loss)
     fixed = fixed_bytes(model)
     if device.type == "cpu" and limit_heap_fragmentation():
         say("[sftkit] CPU allocator: tensors of 1 MB or more get their own memory mapping (less heap fragmentation)")

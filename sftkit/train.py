@@ -7,6 +7,7 @@ sum of per-token losses divided by the trainable tokens of the whole window on e
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -19,14 +20,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import distributed, evaluate, memory, preflight, run
+from . import distributed, evaluate, memory, preflight, run, speed
 from .attention import use_varlen_attention
 from .backend import build_backend
 from .checkpoint import TrainState, mark_best, prune, read_train_state, restore_rng_states, save, write_weights
 from .config import TrainConfig
-from .data.pipeline import collate, collate_packed, pack, trainable_tokens
+from .data.pipeline import collate, collate_packed, pack
 from .data.prepare import prepare_data
-from .data.sampler import batch_positions, rank_shard
 from .data.templates import get_template
 from .errors import Aborted, OptionError, TrainingError, TrainingStopped
 from .hub import HubError, maybe_push, push_to_hub
@@ -37,6 +37,7 @@ from .model import attn_implementation, load_model_and_tokenizer, resolve_dtype
 from .placement import place
 from .quant import QuantizationOptions, is_quantized
 from .registry import EMBEDDED_MODEL_TYPE, get_model_info, infer_model_type, resolve_lora_targets
+from .window import accumulate, settle, window_counts, window_source
 
 
 @memory.explain_out_of_memory  # an out-of-memory error names the options that lower the need
@@ -64,7 +65,7 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
     seed_everything(config.seed)
     model, lora_config = setup_model(config, model_dir, tokenizer, devices, say)
     train_examples, collate_train = training_rows(config, train_examples, say)
-    peak = memory.prepare_memory(model, config, device, train_examples, say, processes=world.size if device.type == "cpu" else 1)
+    levers, peak = prepare_step(model, config, device, train_examples, world, say)
     global_batch = config.batch_size * world.size
     batches_per_epoch = math.ceil(len(train_examples) / global_batch)
     total_steps = config.max_steps if config.max_steps > 0 else \
@@ -74,15 +75,15 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
     # backend that runs each step, and the state a resume restores.
     run_dir = open_run_dir(config, model_dir, resume, val_examples, world, differences)
     log = RunLog(run_dir, config.logging_dir, enabled=world.is_main)
-    backend = build_backend(config, model, world=world, devices=devices, compute_dtype=compute_dtype,
-                            total_steps=total_steps, loss_fn=loss_fn)
+    backend = build_backend(config, model, world=world, devices=devices, compute_dtype=compute_dtype, total_steps=total_steps,
+                            loss_fn=speed.training_loss(loss_fn, levers), fused_optimizer=levers.asynchronous)
     state = TrainState()
     if resume:
         state = restore(resume, backend, world.rank)
         say(f"[sftkit] resumed from {resume} at step {state.step}")
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
-    lengths = [len(example["input_ids"]) for example in train_examples] if config.group_by_length else None
-    batches = batch_positions(len(train_examples), global_batch, config.seed, state.epoch, state.batches_in_epoch, lengths)
+    next_window = window_source(train_examples, speed.training_collate(collate_train, levers, model), tokenizer.pad_token_id,
+                                config, state, world, prefetch=levers.asynchronous)
 
     write_checkpoint_weights = partial(write_weights, model=model, tokenizer=tokenizer, lora_config=lora_config,
                                        model_dir=model_dir, state=state)
@@ -91,20 +92,19 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
     started = time.time()
     progress = _progress(total_steps, state.step, enabled=world.is_main)
     on_record({"step": state.step, "total_steps": total_steps, "run_dir": run_dir, "estimated_peak_mb": round(peak / 2**20, 1)})
-    with StopOnSignal() as stop:
+    with StopOnSignal() as stop, contextlib.closing(next_window):
         # --- The loop: one optimizer step per iteration.
         while state.step < total_steps:
             window_started = time.time()
-            window = [next(batches) for _ in range(config.gradient_accumulation_steps)]
-            shards = [rank_shard([train_examples[i] for i in indices], world.rank, config.batch_size) for _, _, indices in window]
+            window, shards, collated = next_window()
             counts = window_counts(shards, world)
             model.train()
-            window_loss = accumulate(backend, shards, collate_train, tokenizer.pad_token_id, device, autocast,
-                                     counts["trainable_tokens"], world)
-            mean_loss = distributed.sum_floats([window_loss], world)[0] / max(counts["trainable_tokens"], 1)
+            window_loss = accumulate(backend, shards, collated, device, autocast, counts["trainable_tokens"], world,
+                                     non_blocking=levers.asynchronous)
+            mean_loss, grad_norm = settle(window_loss, backend.clip_gradients(), counts["trainable_tokens"], world)
             check_finite(mean_loss, state.step + 1, run_dir)
             learning_rate = backend.learning_rate
-            grad_norm = backend.step()
+            backend.step()
 
             state.step += 1
             state.epoch, state.batches_in_epoch = window[-1][0], window[-1][1] + 1
@@ -155,6 +155,17 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
         report_end(config, state, run_dir, best, time.time() - started, say)
     distributed.shutdown(world)
     return best
+
+
+def prepare_step(model, config: TrainConfig, device: torch.device, examples: list[dict], world: distributed.World, say=print):
+    """Before the first step: the speed levers for this device, the memory plan, then the levers applied (compiled
+    layers include the plan's checkpoints). Returns (levers, estimated peak bytes)."""
+    levers = speed.resolve_levers(config, device, examples if config.packing else None)
+    peak = memory.prepare_memory(model, config, device, examples, say, processes=world.size if device.type == "cpu" else 1,
+                                 fused_loss=levers.fused_loss)
+    speed.apply_levers(model, levers)
+    say(f"[sftkit] {levers.describe()}")
+    return levers, peak
 
 
 def check_finite(mean_loss: float, step: int, run_dir: str) -> None:
@@ -228,40 +239,6 @@ def report_end(config: TrainConfig, state: TrainState, run_dir: str, best: str |
     say(f"[sftkit] chat with it: sftkit chat --ckpt_dir {best}")
     if config.push_to_hub:
         maybe_push(config.push_hub_strategy, "end", best, False, partial(upload, config, say))
-
-
-def accumulate(backend, shards, collate_fn, pad_id: int, device, autocast, window_tokens: int,
-               world: distributed.World) -> float:
-    """Forward and backward every micro-batch of one window; gradients sum to those of the window's token mean.
-
-    DDP averages gradients over ranks, hence the world-size factor; only the last micro-batch all-reduces.
-    """
-    window_loss = 0.0
-    for index, (shard, weight) in enumerate(shards):
-        batch = {key: value.to(device) for key, value in collate_fn(shard, pad_id).items()}
-        with backend.no_sync(index == len(shards) - 1), autocast:
-            summed, _ = backend.forward(batch)
-            summed = summed * weight
-        backend.backward(summed * world.size / max(window_tokens, 1))
-        window_loss += summed.item()
-    return window_loss
-
-
-def window_counts(shards, world: distributed.World) -> dict:
-    """What one window holds on all ranks, counted on the host: trainable tokens (the loss's denominator),
-    tokens, padded batch positions, rows and examples (packed rows hold several)."""
-    counts = [0, 0, 0, 0, 0]
-    for shard, weight in shards:
-        if not weight:
-            continue
-        width = max(len(e["input_ids"]) for e in shard)
-        counts[0] += sum(trainable_tokens(e) for e in shard)
-        counts[1] += sum(len(e["input_ids"]) for e in shard)
-        counts[2] += width * len(shard)
-        counts[3] += len(shard)
-        counts[4] += sum(e["position_ids"].count(0) if "position_ids" in e else 1 for e in shard)
-    totals = distributed.sum_floats(counts, world)
-    return dict(zip(("trainable_tokens", "tokens", "batch_positions", "rows", "examples"), map(int, totals)))
 
 
 def locate_model(config: TrainConfig):

@@ -46,6 +46,54 @@ def test_train_throughput_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_quick(tmp_path):
+    """bench/gpu.py on CPU: both sides, two token counts, the same first loss (equal weights, same work)."""
+    out = tmp_path / "gpu.json"
+    run_script("gpu.py", "--quick", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert {"benchmark", "machine", "device", "settings", "flops_formula", "models", "skipped"} <= result.keys()
+    (model,) = result["models"]
+    measurements = model["measurements"]
+    assert {m["side"] for m in measurements} == {"sftkit:eager", "sftkit:fused", "reference"}
+    assert {m["tokens_per_step"] for m in measurements} == {128, 256}
+    for m in measurements:
+        assert m["ms_per_step"] > 0 and m["tokens_per_s"] > 0 and 0 < m["trainable_tokens"] < m["tokens"] <= m["tokens_per_step"]
+        same_batch = [other["first_loss"] for other in measurements if other["tokens_per_step"] == m["tokens_per_step"]]
+        assert max(same_batch) - min(same_batch) < 1e-3
+    for side in ("sftkit:eager", "sftkit:fused"):
+        figures = model["summary"][side]
+        assert figures["fixed_overhead_ms"] is not None and set(figures["ratio_at_equal_batch"]) == {"128", "256"}
+        assert figures["ratio_best_vs_reference_best"] > 0
+
+
+def test_gpu_bench_reports_a_failing_side_and_goes_on():
+    """An untested lever that breaks on the device costs its own row, not the run."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu
+
+    class Broken:
+        def start(self, steps):
+            pass
+
+        def step(self):
+            raise RuntimeError("no kernel image is available")
+
+        def stop(self):
+            pass
+
+        reset = stop
+
+    args = gpu.parse_args(["--quick"])
+    measured = gpu.measure(Broken(), [[]] * 3, args, torch.device("cpu"))
+    assert measured["failed"].startswith("RuntimeError: no kernel image")
+    measured.update(side="sftkit:compiled", tokens_per_step=128, tokens=100, trainable_tokens=60)
+    summary = gpu.summarise([measured])
+    assert summary["sftkit:compiled"]["fixed_overhead_ms"] is None and "failed" in gpu.describe("tiny", measured)
+
+
+@pytest.mark.slow
 def test_preprocess_quick(tmp_path):
     out = tmp_path / "preprocess.json"
     run_script("preprocess.py", "--rows", "200", "--quick", "--out", str(out))

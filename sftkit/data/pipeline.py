@@ -132,13 +132,16 @@ def example_weights(example: dict) -> list[float]:
     return [float(label != IGNORE_INDEX) for label in example["labels"]]
 
 
-def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
-    """Right-pad a batch to its longest example (optionally up to a multiple of N) into tensors."""
+def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None,
+            attention_mask: bool = True) -> dict:
+    """Right-pad a batch to its longest example (optionally up to a multiple of N) into tensors.
+
+    attention_mask=False leaves the mask out: right padding needs none under causal attention (a real token never
+    sees the pads after it), and a mask the attention would have to inspect costs a device-to-host wait.
+    """
     import torch
 
-    longest = max(len(example["input_ids"]) for example in examples)
-    if pad_to_multiple_of:
-        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    longest = pad_width(max(len(example["input_ids"]) for example in examples), pad_to_multiple_of)
     batch = {"input_ids": [], "labels": [], "attention_mask": []}
     has_weights = any("loss_weights" in example for example in examples)
     if has_weights:
@@ -150,7 +153,14 @@ def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | N
         batch["attention_mask"].append([1] * len(example["input_ids"]) + [0] * padding)
         if has_weights:
             batch["loss_weights"].append(example_weights(example) + [0.0] * padding)
+    if not attention_mask:
+        del batch["attention_mask"]
     return {key: torch.tensor(value, dtype=torch.float32 if key == "loss_weights" else torch.long) for key, value in batch.items()}
+
+
+def pad_width(longest: int, multiple: int | None) -> int:
+    """The batch width: the longest row, rounded up to a multiple (few distinct shapes for compiled code)."""
+    return -(-longest // multiple) * multiple if multiple else longest
 
 
 def build_example(
@@ -247,23 +257,32 @@ def _packed_row(parts: list[dict]) -> dict:
     return row
 
 
-def collate_packed(rows: list[dict], pad_token_id: int) -> dict:
-    """Packed rows -> tensors; the padding is one more sequence (positions restart) that nothing attends to or learns."""
+def collate_packed(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """Packed rows -> tensors; the padding is one more sequence (positions restart) that nothing attends to or learns.
+
+    document_boundaries are where each document (and each row's padding) starts and ends over the flattened batch
+    (varlen kernels' cu_seqlens), counted here on the host so the device never has to be asked.
+    """
     import torch
 
-    longest = max(len(row["input_ids"]) for row in rows)
+    longest = pad_width(max(len(row["input_ids"]) for row in rows), pad_to_multiple_of)
     batch = {"input_ids": [], "labels": [], "position_ids": []}
     weighted = any("loss_weights" in row for row in rows)
     if weighted:
         batch["loss_weights"] = []
-    for row in rows:
+    boundaries = [0]
+    for index, row in enumerate(rows):
         padding = longest - len(row["input_ids"])
         batch["input_ids"].append(row["input_ids"] + [pad_token_id] * padding)
         batch["labels"].append(row["labels"] + [IGNORE_INDEX] * padding)
         batch["position_ids"].append(row["position_ids"] + list(range(padding)))
+        boundaries += [index * longest + start for start, position in enumerate(row["position_ids"]) if position == 0 and start]
+        boundaries += [index * longest + len(row["input_ids"])] + ([(index + 1) * longest] if padding else [])
         if weighted:
             batch["loss_weights"].append(example_weights(row) + [0.0] * padding)
-    return {key: torch.tensor(value, dtype=torch.float32 if key == "loss_weights" else torch.long) for key, value in batch.items()}
+    tensors = {key: torch.tensor(value, dtype=torch.float32 if key == "loss_weights" else torch.long) for key, value in batch.items()}
+    tensors["document_boundaries"] = torch.tensor(boundaries, dtype=torch.int32)
+    return tensors
 
 
 def length_grouped_order(lengths: list[int], batch_size: int, seed: int) -> list[int]:
