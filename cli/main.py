@@ -16,7 +16,9 @@ from .use import chat, evaluate, infer, merge
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-def main():
+@click.option("--local_rank", "--local-rank", type=int, hidden=True,
+              help="passed by the deepspeed launcher; the same as its LOCAL_RANK variable, which is what is read")
+def main(local_rank):
     """sftkit: supervised fine-tuning of LLMs and tool-calling agents."""
 
 
@@ -35,13 +37,14 @@ def preview(config: PreviewConfig):
 @config_command(TrainConfig)
 def train(config: TrainConfig):
     """Fine-tune a causal LM with LoRA or full parameters (default: the embedded SmolLM2 on the bundled data)."""
-    from sftkit.distributed import relaunch_command
+    from sftkit.distributed import launch_command
     from sftkit.train import train as run_train
 
-    nproc = int(os.environ.get("NPROC_PER_NODE", "1"))
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        # As ms-swift does: NPROC_PER_NODE=N sftkit train ... reruns itself under torchrun.
-        sys.exit(subprocess.call(relaunch_command(nproc, sys.argv[1:])))
+    command = launch_command(os.environ, sys.argv[1:])
+    if command:
+        # As ms-swift does: NPROC_PER_NODE=N [NNODES=M NODE_RANK=i MASTER_ADDR=...] sftkit train ... reruns itself
+        # under torchrun; a process that torchrun, deepspeed or srun started runs here.
+        sys.exit(subprocess.call(command))
     run_train(config)
 
 

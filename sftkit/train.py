@@ -21,8 +21,8 @@ import torch
 
 from . import distributed, evaluate, run
 from .backend import build_backend
-from .checkpoint import (TrainState, mark_best, prune, read_train_state, require_resumable, resolve_checkpoint,
-                         restore_rng_states, save, write_weights)
+from .checkpoint import (TrainState, mark_best, prune, read_train_state, require_resumable, require_shared,
+                         resolve_shared_checkpoint, restore_rng_states, save, write_weights)
 from .config import TrainConfig
 from .data.pipeline import collate, collate_packed, pack, trainable_tokens
 from .data.prepare import prepare_data
@@ -49,14 +49,16 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
     world = distributed.init("cuda" if (config.device or "cuda").startswith("cuda") and torch.cuda.is_available() else "cpu")
     devices = rank_devices(config, world)
     device = torch.device(devices[0])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's collectives run on the current device: this rank's own
     compute_dtype = resolve_dtype(config.dtype, device)
-    resume = resolve_checkpoint(config.resume_from_checkpoint) if config.resume_from_checkpoint else None
+    resume = resolve_shared_checkpoint(config.resume_from_checkpoint, world) if config.resume_from_checkpoint else None
     say = print if world.is_main else (lambda *args, **kwargs: None)
     seed_everything(config.seed)
     model, tokenizer, model_dir, config, lora_config = setup_model(config, devices, say)
 
-    # Data, tokenized once up front (every rank tokenizes the same data and takes its own slices).
-    train_examples, val_examples = prepare_data(config, tokenizer, say)
+    # Data, tokenized once up front (once per node; every rank has the same data and takes its own slices).
+    train_examples, val_examples = prepare_data(config, tokenizer, say, world)
     train_examples, collate_train = training_rows(config, train_examples, say)
     global_batch = config.batch_size * world.size
     batches_per_epoch = math.ceil(len(train_examples) / global_batch)
@@ -161,7 +163,7 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
 def open_run_dir(config: TrainConfig, model_dir: str, resume: str | None, val_examples: list[dict],
                  world: distributed.World) -> str:
     """The run folder: a new one (rank 0 makes it and writes sft_args.json and the validation split), or the
-    folder of the checkpoint a resumed run continues."""
+    folder of the checkpoint a resumed run continues; every rank, on every node, must see it."""
     if resume:
         return run.run_dir_of(resume)
     run_dir = None
@@ -169,7 +171,9 @@ def open_run_dir(config: TrainConfig, model_dir: str, resume: str | None, val_ex
         name = config.model_type or os.path.basename(os.path.normpath(model_dir)).lower()
         run_dir = run.new_run_dir(config.output_dir, name, config.add_output_dir_suffix)
         run.write_run_files(run_dir, config.run_arguments(model_dir), [e["conversation"] for e in val_examples])
-    return distributed.broadcast(run_dir, world)
+    run_dir = distributed.broadcast(run_dir, world)
+    require_shared(run_dir, world)
+    return run_dir
 
 
 def training_rows(config: TrainConfig, examples: list[dict], say=print):
@@ -251,7 +255,7 @@ def setup_model(config: TrainConfig, devices: list[str], say=print):
                                        bnb_4bit_compute_dtype=config.bnb_4bit_comp_dtype)
     model, tokenizer, model_dir = load_model_and_tokenizer(
         config.model, model_type=model_type, hub=config.hub, revision=config.model_revision, cache_dir=config.model_cache_dir,
-        dtype=config.dtype if config.sft_type == "lora" else "fp32", device="cpu" if len(devices) > 1 else devices[0],
+        dtype=config.dtype if config.sft_type == "lora" else "fp32", device="cpu" if len(devices) > 1 or config.fsdp else devices[0],
         attn_implementation=attention, trust_remote_code=config.trust_remote_code,
         gradient_checkpointing=config.gradient_checkpointing, quantization=quantization)
     if config.sft_type == "full" and is_quantized(model):
@@ -282,7 +286,8 @@ def restore(checkpoint: str, backend, rank: int) -> TrainState:
 
 
 def rank_devices(config: TrainConfig, world: distributed.World) -> list[str]:
-    """This rank's devices: --devices as given (one process), else its share of the visible GPUs, else CPU."""
+    """This rank's devices: --devices as given (one process), else its share of this node's visible GPUs (the
+    only one visible when a launcher gives each rank its own), else CPU."""
     if config.devices:
         if world.distributed:
             raise ValueError("--devices places one process's model; with several ranks each takes its share of the GPUs")
@@ -293,10 +298,13 @@ def rank_devices(config: TrainConfig, world: distributed.World) -> list[str]:
         if config.device:
             raise TrainingError(f"device {config.device} asked for, but CUDA is not available")
         return ["cpu"]
-    per_rank = torch.cuda.device_count() // world.size
+    visible = torch.cuda.device_count()
+    per_rank = visible // world.local_size
+    if per_rank < 1 and visible == 1:
+        return ["cuda:0"]
     if per_rank < 1:
-        raise TrainingError(f"{world.size} ranks but only {torch.cuda.device_count()} GPUs")
-    return [f"cuda:{world.rank * per_rank + i}" for i in range(per_rank)]
+        raise TrainingError(f"{world.local_size} ranks on this node but only {visible} GPUs")
+    return [f"cuda:{world.local_rank * per_rank + i}" for i in range(per_rank)]
 
 
 def seed_everything(seed: int) -> None:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import pickle
+import socket
 
 from ..paths import cache_dir
 from .templates import get_template
@@ -53,10 +54,11 @@ def load(key: str):
 
 
 def store(key: str, value) -> str:
-    """Write atomically: a crash leaves the old entry or none, never half of one."""
+    """Write atomically: a crash leaves the old entry or none, never half of one. The temporary name is this
+    process's own (host and pid), so writers on several nodes sharing the folder never write into one file."""
     path = cache_path(key)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"
+    temporary = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
     with open(temporary, "wb") as handle:
         pickle.dump(value, handle, protocol=pickle.HIGHEST_PROTOCOL)
     os.replace(temporary, path)

@@ -1,0 +1,387 @@
+"""Past one machine: ms-swift's launch variables, two simulated nodes of this machine (gloo on 127.0.0.1) that
+equal one process, FSDP2 that equals one process and resumes exactly, and what stays per node or global."""
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import tiny
+from launch import nodes, options, records, torchrun
+from sftkit import distributed
+from sftkit.checkpoint import require_shared
+from sftkit.config import ConfigError, TrainConfig, build_config
+from sftkit.distributed import LaunchError, World, launch_command, process_world
+from sftkit.errors import CheckpointError, TrainingError
+from sftkit.fsdp import Strategy, parse_strategy
+from sftkit.train import rank_devices, train
+
+TWO_NODES = {"NNODES": "2", "NODE_RANK": "1", "NPROC_PER_NODE": "4", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29501"}
+SRUN_RANK = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
+             "MASTER_ADDR": "10.0.0.1"}
+
+
+# -- launching ---------------------------------------------------------------------------------------------------
+
+
+def test_each_node_reruns_itself_under_torchrun_with_static_rendezvous():
+    command = launch_command(TWO_NODES, ["train", "--max_steps", "2"])
+    assert command[1:3] == ["-m", "torch.distributed.run"]
+    assert set(command[3:8]) == {"--nproc_per_node=4", "--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1",
+                                 "--master_port=29501"}
+    assert command[8:] == ["-m", "sftkit_cli.main", "train", "--max_steps", "2"]
+
+
+def test_c10d_rendezvous_when_asked():
+    command = launch_command({**TWO_NODES, "RDZV_BACKEND": "c10d", "RDZV_ID": "job7"}, ["train"])
+    assert {"--rdzv_backend=c10d", "--rdzv_endpoint=10.0.0.1:29501", "--rdzv_id=job7"} <= set(command)
+    assert not any(part.startswith("--node_rank") for part in command)
+
+
+def test_one_node_without_a_port_picks_a_free_one():
+    command = launch_command({"NPROC_PER_NODE": "2"}, ["train"])
+    assert "--standalone" in command and "--nproc_per_node=2" in command
+
+
+def test_the_node_rank_of_an_srun_task_per_node():
+    command = launch_command({**TWO_NODES, "NODE_RANK": "", "SLURM_NODEID": "1"}, ["train"])
+    assert "--node_rank=1" in command
+
+
+@pytest.mark.parametrize("env", [
+    {},
+    {"NPROC_PER_NODE": "1"},
+    {**TWO_NODES, "LOCAL_RANK": "0", "RANK": "4", "WORLD_SIZE": "8"},  # torchrun or deepspeed started this process
+    SRUN_RANK,  # srun started every rank
+], ids=["nothing-asked", "one-process", "under-torchrun-or-deepspeed", "under-srun"])
+def test_no_relaunch(env):
+    assert launch_command(env, ["train"]) is None
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"NNODES": "2", "NODE_RANK": "0"}, "NNODES=2 needs MASTER_ADDR"),
+    ({"NNODES": "2", "MASTER_ADDR": "10.0.0.1"}, "NNODES=2 needs NODE_RANK"),
+    ({"NPROC_PER_NODE": "two"}, "NPROC_PER_NODE must be an integer, got 'two'"),
+    ({**TWO_NODES, "RDZV_BACKEND": "etcd"}, "RDZV_BACKEND must be static or c10d, got 'etcd'"),
+])
+def test_launch_variables_that_describe_no_run(env, message):
+    with pytest.raises(LaunchError, match=message):
+        launch_command(env, ["train"])
+
+
+@pytest.mark.parametrize("env,world,init_method", [
+    ({"LOCAL_RANK": "1", "RANK": "5", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}, World(5, 8, 1, 4), "env://"),
+    ({"LOCAL_RANK": "1", "RANK": "5", "WORLD_SIZE": "8", "LOCAL_SIZE": "4"}, World(5, 8, 1, 4), "env://"),  # deepspeed
+    (SRUN_RANK, World(5, 8, 1, 4), "tcp://10.0.0.1:29500"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}, World(), None),  # an sbatch script itself, not an srun task
+], ids=["torchrun", "deepspeed", "srun", "sbatch-script"])
+def test_the_place_of_this_process_from_its_launcher(env, world, init_method):
+    assert process_world(env) == (world, init_method)
+
+
+def test_srun_ranks_need_the_address_of_the_first_node():
+    with pytest.raises(LaunchError, match="MASTER_ADDR is not set"):
+        process_world({key: value for key, value in SRUN_RANK.items() if key != "MASTER_ADDR"})
+
+
+def test_the_cli_runs_in_place_under_a_launcher_and_takes_deepspeeds_local_rank(monkeypatch):
+    from click.testing import CliRunner
+
+    from sftkit_cli import main as cli_main
+
+    ran, relaunched = [], []
+    for key, value in {**TWO_NODES, "LOCAL_RANK": "0", "RANK": "4", "WORLD_SIZE": "8"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(cli_main.subprocess, "call", lambda command: relaunched.append(command) or 0)
+    monkeypatch.setattr(sys.modules["sftkit.train"], "train", lambda config: ran.append(config.max_steps))
+    result = CliRunner().invoke(cli_main.main, ["--local_rank=0", "train", "--max_steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert ran == [2] and relaunched == []
+
+
+def test_a_bad_launch_variable_is_a_one_line_error(monkeypatch):
+    from click.testing import CliRunner
+
+    from sftkit_cli import main as cli_main
+
+    monkeypatch.setenv("NNODES", "2")
+    for key in ("MASTER_ADDR", "LOCAL_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    result = CliRunner().invoke(cli_main.main, ["train", "--max_steps", "2"])
+    assert result.exit_code == 1 and "NNODES=2 needs MASTER_ADDR" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("visible,world,expected", [
+    (4, World(5, 8, 1, 4), ["cuda:1"]),  # node 1 of 2, four GPUs: its local rank picks the GPU
+    (8, World(5, 8, 1, 4), ["cuda:2", "cuda:3"]),
+    (1, World(5, 8, 1, 4), ["cuda:0"]),  # the launcher shows each rank only its own GPU
+])
+def test_each_rank_takes_its_share_of_its_own_nodes_gpus(monkeypatch, visible, world, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    assert rank_devices(TrainConfig(), world) == expected
+
+
+def test_more_ranks_on_a_node_than_gpus_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(TrainingError, match="4 ranks on this node but only 2 GPUs"):
+        rank_devices(TrainConfig(), World(5, 8, 1, 4))
+
+
+# -- per node and global -----------------------------------------------------------------------------------------
+
+
+def test_a_folder_another_rank_cannot_see_stops_every_rank(monkeypatch, tmp_path):
+    monkeypatch.setattr(distributed, "gather", lambda value, world: [value, False, value])
+    with pytest.raises(CheckpointError, match="not visible from rank 1 of 3: .* filesystem every node shares"):
+        require_shared(str(tmp_path), World(0, 3))
+
+
+def _prepare_on_one_node(rank: int, folder: str, data_files: list[str], port: int) -> None:
+    """One rank of a two-rank node: prepare each dataset, record whether this rank tokenized and what it got."""
+    import torch.distributed as dist
+
+    import sftkit.data.prepare as prepare
+
+    os.environ["SFTKIT_CACHE"] = os.path.join(folder, "cache")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    original = prepare.tokenize_data
+    outcomes = []
+    for data_file in data_files:
+        tokenized = []
+        prepare.tokenize_data = lambda *args, **kwargs: tokenized.append(rank) or original(*args, **kwargs)
+        config = TrainConfig(dataset=(data_file,), template="chatml", dataset_test_ratio=0.2)
+        try:
+            examples, _ = prepare.prepare_data(config, tiny.make_tokenizer(), lambda *a: None, World(rank, 2, rank, 2))
+            outcomes.append({"tokenized": len(tokenized), "examples": [e["input_ids"] for e in examples]})
+        except Exception as error:  # reported to the test: a rank that raises must not leave the other waiting
+            outcomes.append({"tokenized": len(tokenized), "error": f"{type(error).__name__}: {error}"})
+    with open(os.path.join(folder, f"rank{rank}.json"), "w") as handle:
+        json.dump(outcomes, handle)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def one_node(tmp_path_factory, data_file):
+    """What each of a node's two ranks did with good data, then with a bad row."""
+    from launch import _free_port
+
+    folder = tmp_path_factory.mktemp("node")
+    bad = folder / "bad.jsonl"
+    bad.write_text('{"query": "no response"}\n')
+    processes = mp.spawn(_prepare_on_one_node, args=(str(folder), [data_file, str(bad)], _free_port()), nprocs=2,
+                         join=False)
+    for _ in range(24):  # a rank left waiting would hang here, so give up after two minutes
+        if processes.join(timeout=5):
+            break
+    else:
+        for process in processes.processes:
+            process.kill()
+        pytest.fail("a rank never finished preparing the data")
+    return folder, [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+@pytest.mark.slow
+def test_the_tokenized_cache_is_built_once_per_node(one_node):
+    folder, ((first, _), (second, _)) = one_node
+    assert (first["tokenized"], second["tokenized"]) == (1, 0)  # the node's first rank built it, the other waited
+    assert first["examples"] == second["examples"] and first["examples"]
+    assert not [name for name in os.listdir(folder / "cache" / "datasets") if name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_bad_data_stops_every_rank_of_the_node(one_node):
+    _, ((_, first), (_, second)) = one_node
+    assert "error" in first and "bad.jsonl" in first["error"]
+    assert second["error"].startswith("SftkitError: rank 0 could not prepare the data")
+
+
+# -- two simulated nodes and FSDP2 against one process ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The tokenized-data cache of the launched runs (all of them, on every simulated node): a temporary folder."""
+    return {"SFTKIT_CACHE": str(tmp_path_factory.mktemp("cache"))}
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("nodes") / "train.jsonl"
+    rows = [{"query": f"What is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."} for a in range(5) for b in range(4)]
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return str(path)
+
+
+def run_options(model_dir, data_file, output_dir, **extra):
+    """The runs compared here. Adam turns rounding noise in a gradient coordinate near zero into a step of up to
+    the learning rate (seen: one adapter weight of thousands off by 2e-5 at 5e-3), so the rate is small."""
+    return options(model_dir, data_file, output_dir, **{"learning_rate": 1e-3, **extra})
+
+
+@pytest.fixture(scope="module")
+def single(tiny_model_dir, data_file, tmp_path_factory):
+    """One process with the global batch (2) of two ranks with batch 1 each."""
+    folder = tmp_path_factory.mktemp("single")
+    train(TrainConfig(**{**run_options(tiny_model_dir, data_file, folder), "dataset": (data_file,), "batch_size": 2}))
+    return folder
+
+
+def assert_same_run(run, reference, tolerance=1e-5):
+    mine, theirs = records(run), records(reference)
+    assert [r["step"] for r in mine] == [r["step"] for r in theirs]
+    for a, b in zip(mine, theirs):
+        for key in ("loss", "eval_loss"):
+            if key in b:
+                assert abs(a[key] - b[key]) < tolerance, (a, b)
+    for step in (2, 4):
+        exported = load_file(str(run / f"checkpoint-{step}" / "adapter_model.safetensors"))
+        expected = load_file(str(reference / f"checkpoint-{step}" / "adapter_model.safetensors"))
+        assert exported.keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(exported[key], expected[key], rtol=0, atol=tolerance)
+
+
+def resume_copy(run, tmp_path):
+    """The run folder as it was after checkpoint-2 (its checkpoint-4 removed), to resume from."""
+    copy = tmp_path / "resumed"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "checkpoint-4")
+    return copy
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tiny_model_dir, data_file, cache, tmp_path_factory):
+    """A run on two simulated nodes of one process each; both publish into one cache folder, atomically."""
+    run = tmp_path_factory.mktemp("two-nodes") / "run"
+    return run, nodes(run_options(tiny_model_dir, data_file, run, batch_size=1), **cache)
+
+
+@pytest.mark.slow
+def test_two_nodes_equal_one_process(two_nodes, single):
+    run, launched = two_nodes
+    assert "world size 2" in launched[0].stdout and "world size" not in launched[1].stdout
+    assert_same_run(run, single)
+    # Global rank 0 alone wrote the run's files: one line per step and evaluation, one of each file.
+    assert len(records(run)) == 6 and sorted(os.listdir(run)).count("checkpoint-2") == 1
+
+
+@pytest.mark.slow
+def test_two_nodes_resume_from_their_checkpoint(two_nodes, tiny_model_dir, data_file, cache, tmp_path):
+    run, _ = two_nodes
+    copy = resume_copy(run, tmp_path)
+    nodes(run_options(tiny_model_dir, data_file, tmp_path / "unused", batch_size=1, resume_from_checkpoint=copy / "checkpoint-2"),
+          **cache)
+    resumed = load_file(str(copy / "checkpoint-4" / "adapter_model.safetensors"))
+    for key, value in load_file(str(run / "checkpoint-4" / "adapter_model.safetensors")).items():
+        assert torch.equal(resumed[key], value), key
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tiny_model_dir, data_file, cache, tmp_path_factory):
+    run = tmp_path_factory.mktemp("fsdp") / "run"
+    torchrun(run_options(tiny_model_dir, data_file, run, batch_size=1, fsdp="full_shard auto_wrap"), **cache)
+    return run
+
+
+@pytest.mark.slow
+def test_fsdp_equals_one_process_and_exports_a_peft_adapter(fsdp_run, single, tiny_model_dir, tokenizer):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sftkit.lora import load_adapter
+
+    assert_same_run(fsdp_run, single)
+    assert sorted(os.listdir(fsdp_run / "checkpoint-4" / "fsdp")) == [
+        "param_groups.json", "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
+    input_ids = torch.randint(0, len(tokenizer), (2, 10), generator=torch.Generator().manual_seed(0))
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), fsdp_run / "checkpoint-4")
+    ours = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    load_adapter(ours, str(fsdp_run / "checkpoint-4"))
+    torch.testing.assert_close(tiny.logits(theirs, input_ids), tiny.logits(ours, input_ids))
+    assert not torch.equal(tiny.logits(ours, input_ids), tiny.logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                                                      input_ids))
+
+
+@pytest.mark.slow
+def test_fsdp_resumes_exactly_from_its_sharded_checkpoint(fsdp_run, tiny_model_dir, data_file, cache, tmp_path):
+    copy = resume_copy(fsdp_run, tmp_path)
+    torchrun(run_options(tiny_model_dir, data_file, tmp_path / "unused", batch_size=1, fsdp="full_shard auto_wrap",
+                         resume_from_checkpoint=copy / "checkpoint-2"), **cache)
+    resumed = load_file(str(copy / "checkpoint-4" / "adapter_model.safetensors"))
+    for key, value in load_file(str(fsdp_run / "checkpoint-4" / "adapter_model.safetensors")).items():
+        assert torch.equal(resumed[key], value), key
+    original = records(fsdp_run)
+    continued = records(copy)[len(original):]  # the resumed run appended steps 3 and 4 to the copied log
+    assert [(r["step"], r.get("loss"), r.get("eval_loss")) for r in continued] == \
+        [(r["step"], r.get("loss"), r.get("eval_loss")) for r in original if r["step"] > 2]
+
+
+@pytest.mark.slow
+def test_fsdp_full_fine_tuning_of_a_tied_model_with_accumulation_and_checkpointing(data_file, cache, tmp_path):
+    """A head tied to the embeddings shares their unit; gradients reduce only at the window's end; the export is a
+    transformers model that loads as is, its head still tied."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny.save_tiny(tmp_path / "tied", tied=True)
+    values = options(model_dir, data_file, tmp_path / "fsdp", sft_type="full", max_steps=2, batch_size=1,
+                     gradient_accumulation_steps=2, learning_rate=1e-3)
+    torchrun({**values, "fsdp": "shard_grad_op offload", "gradient_checkpointing": True}, **cache)
+    train(TrainConfig(**{**values, "dataset": (data_file,), "batch_size": 2, "output_dir": str(tmp_path / "single")}))
+    for a, b in zip(records(tmp_path / "fsdp"), records(tmp_path / "single")):
+        for key in ("loss", "eval_loss"):
+            if key in b:
+                assert abs(a[key] - b[key]) < 1e-5, (a, b)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "checkpoint-2")
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "checkpoint-2")
+    assert exported.lm_head.weight is exported.model.embed_tokens.weight
+    for (name, value), (_, reference) in zip(exported.state_dict().items(), expected.state_dict().items()):
+        torch.testing.assert_close(value, reference, rtol=0, atol=1e-5, msg=name)
+    assert not torch.equal(exported.model.embed_tokens.weight,
+                           AutoModelForCausalLM.from_pretrained(model_dir).model.embed_tokens.weight)
+
+
+# -- FSDP options and the checkpoints of other backends ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,strategy", [
+    ("full_shard", Strategy()),
+    ("full_shard auto_wrap", Strategy()),
+    ("shard_grad_op", Strategy(reshard_after_forward=False)),
+    ("full_shard auto_wrap offload", Strategy(offload=True)),
+    ("offload", Strategy(offload=True)),
+])
+def test_fsdp_strategy_in_ms_swift_words(text, strategy):
+    assert parse_strategy(text) == strategy
+
+
+@pytest.mark.parametrize("flags,message", [
+    ({"fsdp": "hybrid_shard"}, "fsdp must be full_shard or shard_grad_op"),
+    ({"fsdp": "full_shard shard_grad_op"}, "fsdp must be full_shard or shard_grad_op"),
+    ({"fsdp": "full_shard", "deepspeed": "zero3"}, "fsdp and deepspeed do not combine"),
+    ({"fsdp": "full_shard", "quantization_bit": 4}, "fsdp and quantization_bit do not combine"),
+    ({"fsdp": "full_shard", "devices": "cpu,cpu"}, "fsdp and devices do not combine"),
+    ({"fsdp": "full_shard", "optim": "adamw_8bit"}, "use --optim adamw"),
+    ({"fsdp": "full_shard", "dtype": "fp16"}, "bf16 or fp32"),
+])
+def test_fsdp_options_that_do_not_combine(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(TrainConfig, None, flags)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_resumes_only_with_the_backend_that_wrote_it(fsdp_run, tiny_model_dir, data_file, tmp_path):
+    copy = resume_copy(fsdp_run, tmp_path)
+    with pytest.raises(CheckpointError, match="saved by an FSDP run: resume it with the same --fsdp"):
+        train(TrainConfig(**{**options(tiny_model_dir, data_file, tmp_path), "dataset": (data_file,),
+                             "resume_from_checkpoint": str(copy / "checkpoint-2")}))
+
+
+def test_fsdp_needs_several_processes(tiny_model_dir, data_file, tmp_path):
+    with pytest.raises(TrainingError, match="--fsdp shards over several processes"):
+        train(TrainConfig(**{**options(tiny_model_dir, data_file, tmp_path), "dataset": (data_file,), "fsdp": "full_shard"}))
