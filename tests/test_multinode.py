@@ -1,8 +1,10 @@
 """Past one machine: ms-swift's launch variables, two simulated nodes of this machine (gloo on 127.0.0.1) that
 equal one process, FSDP2 that equals one process and resumes exactly, and what stays per node or global."""
+import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -344,6 +346,134 @@ def test_fsdp_full_fine_tuning_of_a_tied_model_with_accumulation_and_checkpointi
         torch.testing.assert_close(value, reference, rtol=0, atol=1e-5, msg=name)
     assert not torch.equal(exported.model.embed_tokens.weight,
                            AutoModelForCausalLM.from_pretrained(model_dir).model.embed_tokens.weight)
+
+
+def _fsdp_steps_on_one_node(rank: int, folder: str, port: int) -> None:
+    """Two FSDP ranks and, beside them, one plain process with the same global batches: the loss of every window,
+    the trained weights, then evaluation loss and greedy generation straight through the model (no root)."""
+    import copy
+    from contextlib import nullcontext
+    from functools import partial
+
+    import torch.distributed as dist
+
+    from sftkit import fsdp
+    from sftkit.backend import LossModule, TorchBackend
+    from sftkit.data.pipeline import build_example, collate, trainable_tokens
+    from sftkit.evaluate import evaluate_loss
+    from sftkit.lora import LoRAConfig, inject_lora
+    from sftkit.loss import loss_sum
+    from sftkit.train import accumulate
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    world, single = World(rank, 2, rank, 2), World()
+    tokenizer = tiny.make_tokenizer()
+    rows = [{"query": f"What is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."} for a in range(4) for b in range(2)]
+    examples = [build_example(row, tokenizer=tokenizer, template="chatml") for row in rows]
+    loss_fn = partial(loss_sum, chunk_size=3)  # the head runs several times per forward
+    outcome = {}
+    for case in ("untied-lora", "tied-full"):
+        torch.manual_seed(0)
+        model = tiny.make_model(tokenizer, tied=case.startswith("tied"))
+        if case.endswith("lora"):
+            inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0))
+            tiny.randomize_lora_B(model)
+        reference = copy.deepcopy(model)
+        trained = [p for p in reference.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trained, lr=1e-3)
+        plain = TorchBackend(LossModule(reference, loss_fn), reference, optimizer,
+                             torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), None, max_grad_norm=1.0,
+                             world=single)
+        module = fsdp.shard(LossModule(model, loss_fn), strategy=Strategy(), world_size=2, device=torch.device("cpu"),
+                            compute_dtype=torch.float32)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        sharded = fsdp.FSDPBackend(module, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                                   max_grad_norm=1.0, world=world)
+        losses = []
+        for step in range(2):  # windows of two micro-batches, each a global batch of two examples
+            window = [examples[4 * step + 2 * i:4 * step + 2 * i + 2] for i in range(2)]
+            tokens = sum(trainable_tokens(e) for batch in window for e in batch)
+            mine = accumulate(sharded, [(batch[rank:rank + 1], 1.0) for batch in window], collate, tokenizer.pad_token_id,
+                              torch.device("cpu"), nullcontext(), tokens, world)
+            theirs = accumulate(plain, [(batch, 1.0) for batch in window], collate, tokenizer.pad_token_id,
+                                torch.device("cpu"), nullcontext(), tokens, single)
+            losses.append([distributed.sum_floats([mine], world)[0] / tokens, theirs / tokens])
+            losses[-1] += [sharded.step(), plain.step()]
+        whole = {name: value.full_tensor() for name, value in model.state_dict().items()}
+        weights = max((whole[name] - value).abs().max().item() for name, value in reference.state_dict().items())
+        evaluation = [evaluate_loss(m, examples[:3], 2, tokenizer.pad_token_id, "cpu", nullcontext(), w, lockstep=True)
+                      for m, w in ((model, world), (reference, single))]
+        prompt = torch.tensor([examples[rank]["input_ids"][:8]])
+        with torch.no_grad():
+            generated = [m.generate(prompt, max_new_tokens=4, do_sample=False).tolist() for m in (model, reference)]
+        saved = os.path.join(folder, case)
+        os.makedirs(saved, exist_ok=True)
+        sharded.save(saved)
+        torch.manual_seed(1)  # a fresh model that only the checkpoint can make equal again
+        fresh = tiny.make_model(tokenizer, tied=case.startswith("tied"))
+        if case.endswith("lora"):
+            inject_lora(fresh, LoRAConfig(r=4, alpha=8, dropout=0.0))
+            fresh.load_state_dict(reference.state_dict() | {k: v for k, v in fresh.state_dict().items() if "lora" in k})
+        fresh_module = fsdp.shard(LossModule(fresh, loss_fn), strategy=Strategy(), world_size=2,
+                                  device=torch.device("cpu"), compute_dtype=torch.float32)
+        fresh_optimizer = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-3)
+        restored = fsdp.FSDPBackend(fresh_module, fresh_optimizer,
+                                    torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, lambda step: 1.0), max_grad_norm=1.0,
+                                    world=world)
+        restored.load(saved)
+        for backend in (sharded, restored):  # one more step each: the same weights only if the optimizer came back too
+            batch = examples[rank:rank + 1]
+            accumulate(backend, [(batch, 1.0)], collate, tokenizer.pad_token_id, torch.device("cpu"), nullcontext(),
+                       sum(trainable_tokens(e) for e in examples[:2]), world)
+            backend.step()
+        resumed = all(torch.equal(a.full_tensor(), b.full_tensor())
+                      for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+        outcome[case] = {"losses": losses, "weights": weights, "eval": [e["eval_loss"] for e in evaluation],
+                         "same_generation": generated[0] == generated[1], "resumed": resumed}
+    with open(os.path.join(folder, f"fsdp{rank}.json"), "w") as handle:
+        json.dump(outcome, handle)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_steps_evaluates_and_generates_like_one_process_with_a_chunked_head(tmp_path):
+    """The loss runs the backbone, then the head in chunks, never the model's forward: each owns its parameters, so
+    training (through the root), evaluation and generation (straight through the model) all see whole weights;
+    a saved and reloaded backend, tied head or not, takes the very same next step."""
+    from launch import _free_port
+
+    mp.spawn(_fsdp_steps_on_one_node, args=(str(tmp_path), _free_port()), nprocs=2, join=True)
+    for case in ("untied-lora", "tied-full"):
+        outcome = json.loads((tmp_path / "fsdp0.json").read_text())[case]
+        for mine, theirs, my_norm, their_norm in outcome["losses"]:
+            assert abs(mine - theirs) < 1e-5 and abs(my_norm - their_norm) < 1e-5, (case, outcome)
+        assert outcome["weights"] < 1e-5 and abs(outcome["eval"][0] - outcome["eval"][1]) < 1e-5, (case, outcome)
+        assert outcome["same_generation"] and outcome["resumed"], case
+
+
+@pytest.mark.slow
+def test_fsdp_evaluation_with_uneven_shards_and_generation_finishes(tiny_model_dir, data_file, cache, tmp_path):
+    """Every forward needs every rank: 3 validation examples on 2 ranks, and generation, must not hang."""
+    torchrun(options(tiny_model_dir, data_file, tmp_path, batch_size=1, fsdp="full_shard", max_steps=2, eval_steps=1,
+                     dataset_test_ratio=0.15, predict_with_generate=True, eval_generation_limit=3, eval_max_new_tokens=4),
+             timeout=180, **cache)
+    evaluations = [r for r in records(tmp_path) if "eval_loss" in r]
+    assert [r["step"] for r in evaluations] == [1, 2] and all("eval_rouge_l" in r for r in evaluations)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_the_deepspeed_launcher_starts_the_ranks_itself(tiny_model_dir, data_file, cache, tmp_path):
+    """`deepspeed --module sftkit_cli.main train ...` passes --local_rank and its variables: sftkit runs in place."""
+    from launch import _env, _free_port
+
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()),
+               "--module", "sftkit_cli.main", "train"]
+    command += [item for key, value in options(tiny_model_dir, data_file, tmp_path, max_steps=1, eval_steps=1).items()
+                for item in (f"--{key}", str(value))]
+    result = subprocess.run(command, capture_output=True, text=True, env={**_env(), **cache}, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "world size 2" in result.stdout and os.path.isdir(tmp_path / "checkpoint-1")
 
 
 # -- FSDP options and the checkpoints of other backends ----------------------------------------------------------------
