@@ -154,7 +154,7 @@ class FSDPBackend:
             save_schedule(folder, self.scheduler, None)
 
     def load(self, folder: str) -> None:
-        """Read the shards back into this run's (possibly differently sharded) parameters and optimizer state."""
+        """Read the shards back into this run's parameters and optimizer state, and the schedule."""
         from torch.distributed import checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)

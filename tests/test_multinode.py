@@ -1,5 +1,6 @@
 """Past one machine: ms-swift's launch variables, two simulated nodes of this machine (gloo on 127.0.0.1) that
 equal one process, FSDP2 that equals one process and resumes exactly, and what stays per node or global."""
+import contextlib
 import importlib.util
 import json
 import os
@@ -348,6 +349,22 @@ def test_fsdp_full_fine_tuning_of_a_tied_model_with_accumulation_and_checkpointi
                            AutoModelForCausalLM.from_pretrained(model_dir).model.embed_tokens.weight)
 
 
+@contextlib.contextmanager
+def _no_unpickling():
+    """Reading a file with pickle or torch.load fails inside (the process group's own messages still flow)."""
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint file was unpickled")
+
+    saved = pickle.load, torch.load
+    pickle.load, torch.load = refuse, refuse
+    try:
+        yield
+    finally:
+        pickle.load, torch.load = saved
+
+
 def _fsdp_steps_on_one_node(rank: int, folder: str, port: int) -> None:
     """Two FSDP ranks and, beside them, one plain process with the same global batches: the loss of every window,
     the trained weights, then evaluation loss and greedy generation straight through the model (no root)."""
@@ -420,7 +437,8 @@ def _fsdp_steps_on_one_node(rank: int, folder: str, port: int) -> None:
         restored = fsdp.FSDPBackend(fresh_module, fresh_optimizer,
                                     torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, lambda step: 1.0), max_grad_norm=1.0,
                                     world=world)
-        restored.load(saved)
+        with _no_unpickling():
+            restored.load(saved)
         for backend in (sharded, restored):  # one more step each: the same weights only if the optimizer came back too
             batch = examples[rank:rank + 1]
             accumulate(backend, [(batch, 1.0)], collate, tokenizer.pad_token_id, torch.device("cpu"), nullcontext(),
@@ -439,7 +457,7 @@ def _fsdp_steps_on_one_node(rank: int, folder: str, port: int) -> None:
 def test_fsdp_steps_evaluates_and_generates_like_one_process_with_a_chunked_head(tmp_path):
     """The loss runs the backbone, then the head in chunks, never the model's forward: each owns its parameters, so
     training (through the root), evaluation and generation (straight through the model) all see whole weights;
-    a saved and reloaded backend, tied head or not, takes the very same next step."""
+    a saved backend, tied head or not, reloads without unpickling anything and takes the very same next step."""
     from launch import _free_port
 
     mp.spawn(_fsdp_steps_on_one_node, args=(str(tmp_path), _free_port()), nprocs=2, join=True)
