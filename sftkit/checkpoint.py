@@ -147,10 +147,13 @@ def prune(run_dir: str, keep: int, protect: tuple[str | None, ...] = ()) -> list
 # --- what a checkpoint holds ----------------------------------------------------------------------------------
 
 
-def save(run_dir: str, step: int, *, world: distributed.World, backend, write_weights: Callable[[str], None],
+def save(run_dir: str, step: int, *, world: distributed.World, backend, write_weights: Callable[..., None],
          resumable: bool) -> str:
     """One checkpoint from every rank: each joins (RNG gather, the backend's partitioned state, the gather of
-    whole weights); rank 0 writes weights and files, then renames. Returns the checkpoint folder."""
+    whole weights); rank 0 writes weights and files, then renames. Returns the checkpoint folder.
+
+    write_weights(folder, weights=...) gets what the backend's full_weights() yields: None when the model's own
+    parameters are whole, else the gathered trained tensors (see write_weights)."""
     rngs = distributed.gather(rng_states(), world)
     folder = distributed.broadcast(begin_checkpoint(run_dir, step) if world.is_main else None, world)
     require_shared(folder, world)

@@ -293,6 +293,7 @@ def fsdp_run(tiny_model_dir, data_file, cache, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft's, not ours
 def test_fsdp_equals_one_process_and_exports_a_peft_adapter(fsdp_run, single, tiny_model_dir, tokenizer):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

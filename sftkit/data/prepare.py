@@ -13,7 +13,8 @@ KEY_FIELDS = ("dataset_test_ratio", "train_dataset_sample", "system", "max_lengt
               "check_dataset_strategy", "train_on", "loss_scale", "seed")
 
 
-def prepare_data(config, tokenizer, say=print, world: distributed.World = distributed.World()) -> tuple[list[dict], list[dict]]:
+def prepare_data(config, tokenizer, say=print,
+                 world: distributed.World = distributed.World()) -> tuple[list[dict], list[dict]]:
     """(training examples, validation examples) of a TrainConfig; prints what was skipped or dropped, and why.
 
     With the cache and several ranks, the first rank of each node reads or builds the entry while the node's
