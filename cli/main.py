@@ -20,7 +20,9 @@ from .webui import web_ui
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="sftkit", prog_name="sftkit")
 @click.option("--debug", is_flag=True, help=f"show the full traceback of an error (also: {DEBUG_ENV}=1)")
-def main(debug: bool):
+@click.option("--local_rank", "--local-rank", type=int, hidden=True,
+              help="passed by the deepspeed launcher; the same as its LOCAL_RANK variable, which is what is read")
+def main(debug: bool, local_rank):
     """sftkit: supervised fine-tuning of LLMs and tool-calling agents.
 
     Exit codes: 0 done, 1 error, 2 usage error, 130/143 training stopped by SIGINT/SIGTERM (checkpoint saved).
@@ -42,13 +44,14 @@ def preview(config: PreviewConfig):
 @config_command(TrainConfig)
 def train(config: TrainConfig):
     """Fine-tune a causal LM with LoRA or full parameters (default: the embedded SmolLM2 on the bundled data)."""
-    from sftkit.distributed import relaunch_command
+    from sftkit.distributed import launch_command
     from sftkit.train import train as run_train
 
-    nproc = int(os.environ.get("NPROC_PER_NODE", "1"))
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        # As ms-swift does: NPROC_PER_NODE=N sftkit train ... reruns itself under torchrun.
-        sys.exit(subprocess.call(relaunch_command(nproc, sys.argv[1:])))
+    command = launch_command(os.environ, sys.argv[1:])
+    if command:
+        # As ms-swift does: NPROC_PER_NODE=N [NNODES=M NODE_RANK=i MASTER_ADDR=...] sftkit train ... reruns itself
+        # under torchrun; a process that torchrun, deepspeed or srun started runs here.
+        sys.exit(subprocess.call(command))
     run_train(config)
 
 

@@ -1,4 +1,4 @@
-"""How an optimizer step runs, as one value the loop calls: a single process, DDP, or DeepSpeed.
+"""How an optimizer step runs, as one value the loop calls: a single process, DDP, DeepSpeed or FSDP2.
 
 The loop only ever calls forward / backward / step (and no_sync, full_weights, save, load); which backend
 it is, is decided once in `build_backend`. Every backend shares sftkit's optimizer, schedule and
@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from . import deepspeed, distributed
+from . import deepspeed, distributed, fsdp
 from .checkpoint import DEEPSPEED_FOLDER, OPTIMIZER_FILE, load_schedule, load_tensors, load_weights, save_schedule
 from .errors import CheckpointError, TrainingError
 from .loss import loss_sum
@@ -53,14 +53,16 @@ class LossModule(torch.nn.Module):
 
 def build_backend(config, model, *, world: distributed.World, devices: list[str], compute_dtype: torch.dtype,
                   total_steps: int, loss_fn=loss_sum, fused_optimizer: bool = False):
-    """The one setup branch: optimizer and schedule for the trainable parameters, then the backend that runs them."""
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(config.optim, parameters, config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                               weight_decay=config.weight_decay,
-                               fused=fused_optimizer and not config.deepspeed and len(devices) == 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(config.lr_scheduler_type, round(config.warmup_ratio * total_steps), total_steps))
+    """The one setup branch: the backend that runs the steps, with the optimizer and schedule of the trainable
+    parameters (for FSDP made after sharding, on the shards)."""
     module = LossModule(model, loss_fn)
+    if config.fsdp:
+        module = fsdp.shard(module, strategy=fsdp.parse_strategy(config.fsdp), world_size=world.size,
+                            device=torch.device(devices[0]), compute_dtype=compute_dtype)
+        return fsdp.FSDPBackend(module, *optimizer_and_schedule(config, model, total_steps),
+                                max_grad_norm=config.max_grad_norm, world=world)
+    optimizer, scheduler = optimizer_and_schedule(config, model, total_steps,
+                                                  fused=fused_optimizer and not config.deepspeed and len(devices) == 1)
     if config.deepspeed:
         if is_quantized(model) and deepspeed.deepspeed_stage(config.deepspeed) >= 3:
             raise TrainingError(deepspeed.QUANTIZED_ZERO3)
@@ -76,6 +78,17 @@ def build_backend(config, model, *, world: distributed.World, devices: list[str]
     # fp16 needs loss scaling; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
     return TorchBackend(module, model, optimizer, scheduler, scaler, max_grad_norm=config.max_grad_norm, world=world)
+
+
+def optimizer_and_schedule(config, model, total_steps: int, fused: bool = False):
+    """sftkit's optimizer over the trainable parameters (fused: torch's one-kernel AdamW on CUDA), and its warmup +
+    decay schedule."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(config.optim, parameters, config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                               weight_decay=config.weight_decay, fused=fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(config.lr_scheduler_type, round(config.warmup_ratio * total_steps), total_steps))
+    return optimizer, scheduler
 
 
 class TorchBackend:
@@ -132,8 +145,11 @@ class TorchBackend:
 
     def load(self, folder: str) -> None:
         """Weights, optimizer, schedule and scaler of a checkpoint this backend saved."""
-        if not os.path.isfile(os.path.join(folder, OPTIMIZER_FILE)) and os.path.isdir(os.path.join(folder, DEEPSPEED_FOLDER)):
-            raise CheckpointError(f"{folder} was saved by a DeepSpeed run: resume it with the same --deepspeed config")
+        saved_by = {DEEPSPEED_FOLDER: "a DeepSpeed run: resume it with the same --deepspeed config",
+                    fsdp.STATE_FOLDER: "an FSDP run: resume it with the same --fsdp"}
+        for state_folder, run in saved_by.items():
+            if not os.path.isfile(os.path.join(folder, OPTIMIZER_FILE)) and os.path.isdir(os.path.join(folder, state_folder)):
+                raise CheckpointError(f"{folder} was saved by {run}")
         load_weights(self.model, folder)
         self.optimizer.load_state_dict(load_tensors(os.path.join(folder, OPTIMIZER_FILE)))
         load_schedule(folder, self.scheduler, self.scaler)

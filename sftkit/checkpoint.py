@@ -8,7 +8,9 @@ data: JSON, safetensors, or torch.load with weights_only=True; only DeepSpeed's 
 DeepSpeed, and only from a checkpoint this user's runs signed (or with --trust_checkpoint).
 
 Saving writes `checkpoint-<step>.tmp/`, renames it, then moves the `latest` pointer (run.py): until the
-rename, resume sees the previous checkpoint. A save that fails (a full disk) removes its .tmp folder.
+rename, resume sees the previous checkpoint. A save that fails (a full disk) removes its .tmp folder. With several
+nodes the run folder must be on a filesystem every node shares: rank 0 writes the shared files, every rank its own
+backend state, and any node can resume.
 """
 from __future__ import annotations
 
@@ -107,6 +109,29 @@ def checkpoints(run_dir: str) -> list[str]:
     return [path for _, path in sorted(found)]
 
 
+def require_shared(folder: str, world: distributed.World) -> None:
+    """Every rank must see the folder rank 0 made or named (one gather, so a rank that cannot see it stops
+    every rank with this error instead of leaving the others waiting)."""
+    blind = [rank for rank, seen in enumerate(distributed.gather(os.path.isdir(folder), world)) if not seen]
+    if blind:
+        raise CheckpointError(f"{folder} is not visible from rank {', '.join(map(str, blind))} of {world.size}: with "
+                              "several nodes, --output_dir and --resume_from_checkpoint must be on a filesystem every "
+                              "node shares")
+
+
+def resolve_shared_checkpoint(path: str, world: distributed.World) -> str:
+    """The checkpoint folder that `path` names as rank 0 resolves it, which every rank must see too."""
+    try:
+        found, error = resolve_checkpoint(path), None
+    except CheckpointError as problem:
+        found, error = None, problem
+    chosen = distributed.broadcast(found, world)
+    if chosen is None:
+        raise error or NoCheckpoint(f"rank 0 finds no checkpoint at '{path}'")
+    require_shared(chosen, world)
+    return chosen
+
+
 def resolve_checkpoint(path: str, which: str = LATEST) -> str:
     """A checkpoint folder from a checkpoint path or a run folder (its `which` pointer, else its newest)."""
     if _CHECKPOINT.fullmatch(os.path.basename(os.path.normpath(path))) and os.path.isdir(path):
@@ -131,19 +156,23 @@ def prune(run_dir: str, keep: int, protect: tuple[str | None, ...] = ()) -> list
 # --- what a checkpoint holds ----------------------------------------------------------------------------------
 
 
-def save(run_dir: str, step: int, *, world: distributed.World, backend, write_weights: Callable[[str], None],
+def save(run_dir: str, step: int, *, world: distributed.World, backend, write_weights: Callable[..., None],
          resumable: bool) -> str:
-    """One checkpoint from every rank: each joins (RNG gather, the backend's partitioned state, ZeRO-3 gather);
-    rank 0 writes weights and files, then renames. Returns the checkpoint folder."""
+    """One checkpoint from every rank: each joins (RNG gather, the backend's partitioned state, the gather of
+    whole weights); rank 0 writes weights and files, then renames. Returns the checkpoint folder.
+
+    write_weights(folder, weights=...) gets what the backend's full_weights() yields: None when the model's own
+    parameters are whole, else the gathered trained tensors (see write_weights)."""
     rngs = distributed.gather(rng_states(), world)
     folder = os.path.join(run_dir, f"checkpoint-{step}.tmp")
     try:
         distributed.broadcast(begin_checkpoint(run_dir, step) if world.is_main else None, world)
+        require_shared(folder, world)
         if resumable:
             backend.save(folder)
-        with backend.full_weights():
+        with backend.full_weights() as weights:
             if world.is_main:
-                write_weights(folder)
+                write_weights(folder, weights=weights)
                 if resumable:
                     save_rng_states(folder, rngs)
         distributed.barrier(world)
@@ -185,12 +214,16 @@ def check_files(checkpoint: str, *, resume: bool, trust: bool = False, say=None)
     return verified
 
 
-def write_weights(folder: str, model, tokenizer, lora_config, model_dir: str, state: TrainState) -> None:
-    """Weights (peft adapter or safetensors), tokenizer and trainer_state.json: what chat, merge and eval read."""
+def write_weights(folder: str, model, tokenizer, lora_config, model_dir: str, state: TrainState,
+                  weights: dict | None = None) -> None:
+    """Weights (peft adapter or safetensors), tokenizer and trainer_state.json: what chat, merge and eval read.
+
+    `weights`, when a sharding backend gathered them, are the trained tensors whole (the model's own are shards).
+    """
     if lora_config is not None:
-        save_adapter(model, lora_config, folder, base_model_name_or_path=os.path.abspath(model_dir))
+        save_adapter(model, lora_config, folder, base_model_name_or_path=os.path.abspath(model_dir), tensors=weights)
     else:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, state_dict=weights)
     tokenizer.save_pretrained(folder)
     with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as handle:
         handle.write(state.to_json())

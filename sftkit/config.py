@@ -19,6 +19,7 @@ from .data.loading import STRATEGIES
 from .data.pipeline import TRAIN_ON, TRUNCATION_SIDES
 from .errors import SftkitError
 from .fused import UPDATE_DTYPES
+from .fsdp import parse_strategy
 from .hub import STRATEGIES as HUB_STRATEGIES
 from .metrics import AGENT_METRICS, GENERATION_METRICS, GENERATION_MODES, TEXT_METRICS
 from .model import DTYPE_CHOICES, HUBS
@@ -130,6 +131,9 @@ class TrainConfig(DataOptions):
     deepspeed: str | None = option(None, "DeepSpeed config: zero2, zero3, zero2_offload, zero3_offload or a JSON path")
     ddp_backend: str | None = option(None, "process-group backend under torchrun (default: nccl on CUDA, gloo on CPU)",
                                      choices=DDP_BACKENDS)
+    fsdp: str | None = option(None, "shard parameters, gradients and optimizer state over the ranks with PyTorch FSDP2, "
+                                    "one unit per decoder layer: full_shard, or shard_grad_op (layers stay gathered until "
+                                    "backward), plus offload for CPU memory; ms-swift's 'full_shard auto_wrap' works")
     dataset_cache: bool = option(True, "reuse tokenized data from the sftkit cache when data, template and tokenizer are unchanged")
     packing: bool = option(False, "pack examples into rows of max_length tokens with no padding (attention stays per example)")
     group_by_length: bool = option(False, "batch examples of similar length together (less padding; the alternative to packing)")
@@ -239,6 +243,7 @@ class TrainConfig(DataOptions):
                           "its module's own forward, and the fused paths read weights outside it")
         if self.cuda_graphs and not self.torch_compile:
             checks.append("cuda_graphs needs torch_compile true: the graphs are captured by the compiled layers")
+        checks += self.fsdp_problems()
         if self.deepspeed and self.devices:
             checks.append("deepspeed and model parallel (--devices) do not combine: DeepSpeed shards the model itself")
         if self.deepspeed and self.quantization_bit and deepspeed_stage(self.deepspeed) >= 3:
@@ -252,6 +257,22 @@ class TrainConfig(DataOptions):
         if self.metric_for_best_model in TEXT_METRICS and self.eval_generation_mode != "rouge":
             checks.append(f"metric_for_best_model {self.metric_for_best_model} needs eval_generation_mode rouge")
         return [check for check in checks if check]
+
+    def fsdp_problems(self) -> list[str]:
+        if not self.fsdp:
+            return []
+        try:
+            parse_strategy(self.fsdp)
+        except ValueError as error:
+            return [str(error)]
+        clashes = {"deepspeed": "DeepSpeed shards the model itself", "devices": "--devices places whole layers, FSDP shards them",
+                   "quantization_bit": "4/8-bit weights are not sharded (use DDP for QLoRA)"}
+        problems = [f"fsdp and {name} do not combine: {why}" for name, why in clashes.items() if getattr(self, name)]
+        if OPTIMIZER_ALIASES.get(self.optim, self.optim) != "adamw":
+            problems.append("fsdp steps torch's AdamW on the shards: use --optim adamw")
+        if self.dtype == "fp16":
+            problems.append("fsdp trains in bf16 or fp32 (fp16 would need a loss scaler agreeing across shards)")
+        return problems
 
     @property
     def generates(self) -> bool:

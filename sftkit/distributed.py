@@ -1,12 +1,16 @@
-"""Process-group setup and the few collectives training needs; a single process is world size 1.
+"""Process-group setup, launching, and the few collectives training needs; a single process is world size 1.
 
-Launch with `torchrun --nproc_per_node N -m sftkit_cli.main train ...` (or NPROC_PER_NODE=N sftkit train).
+`NPROC_PER_NODE=N [NNODES=M NODE_RANK=i MASTER_ADDR=host MASTER_PORT=port] sftkit train ...` reruns itself
+under torchrun as ms-swift does (`launch_command`); a process some launcher already started (torchrun,
+`deepspeed`, or every rank by SLURM's `srun`) joins the group its environment describes (`process_world`).
 CPU runs use gloo, CUDA runs NCCL with one GPU (or one group of GPUs) per rank.
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +24,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    local_size: int = 1  # ranks on this node (they share its GPUs and its cache)
 
     @property
     def is_main(self) -> bool:
@@ -31,18 +36,92 @@ class World:
 
 
 def init(device_type: str, backend: str | None = None) -> World:
-    """Join the process group torchrun describes in the environment; world size 1 without it.
+    """Join the process group the launcher describes in the environment; world size 1 without one.
 
     backend: nccl, gloo or mpi (ms-swift's ddp_backend); default nccl on CUDA, gloo on CPU.
     """
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
+    world, init_method = process_world(os.environ)
+    if not world.distributed:
         return World()
     if backend == "nccl" and device_type != "cuda":
         raise SftkitError("ddp_backend nccl needs CUDA GPUs: use gloo on CPU")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend or ("nccl" if device_type == "cuda" else "gloo"))
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend or ("nccl" if device_type == "cuda" else "gloo"), init_method=init_method,
+                                rank=world.rank, world_size=world.size)
+    return world
+
+
+def process_world(env: Mapping[str, str]) -> tuple[World, str | None]:
+    """(this process's place, how to rendezvous) from the launcher's variables: torchrun's and deepspeed's
+    (RANK, WORLD_SIZE, LOCAL_RANK, ...; env:// also finds torchrun's own store), else srun's when it started
+    every rank (SLURM_PROCID, ... and the MASTER_ADDR the job script exports)."""
+    if "LOCAL_RANK" in env and "WORLD_SIZE" in env:
+        size = _number(env, "WORLD_SIZE")
+        local_size = _number(env, "LOCAL_WORLD_SIZE", None) or _number(env, "LOCAL_SIZE", None) or size
+        return World(_number(env, "RANK"), size, _number(env, "LOCAL_RANK"), local_size), "env://"
+    if started_by_srun(env):
+        if not env.get("MASTER_ADDR"):
+            raise LaunchError("srun started every rank, but MASTER_ADDR is not set: export MASTER_ADDR=$(scontrol show "
+                              "hostnames $SLURM_JOB_NODELIST | head -n 1) (and optionally MASTER_PORT) before srun")
+        per_node = re.match(r"\d+", env.get("SLURM_STEP_TASKS_PER_NODE", ""))
+        world = World(_number(env, "SLURM_PROCID"), _number(env, "SLURM_STEP_NUM_TASKS"), _number(env, "SLURM_LOCALID"),
+                      int(per_node.group()) if per_node else 1)
+        return world, f"tcp://{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '29500')}"
+    return World(), None
+
+
+def started_by_srun(env: Mapping[str, str]) -> bool:
+    """srun ran this command as one task of several (its step variables; an sbatch script alone has none)."""
+    return "SLURM_PROCID" in env and _number(env, "SLURM_STEP_NUM_TASKS", 1) > 1
+
+
+def launch_command(env: Mapping[str, str], argv: list[str]) -> list[str] | None:
+    """The torchrun command that reruns `sftkit <argv>` as ms-swift's variables ask, or None to run here.
+
+    NPROC_PER_NODE processes on each of NNODES nodes. With several nodes every node runs the same command with
+    its own NODE_RANK, all pointing at node 0 (MASTER_ADDR, MASTER_PORT): torchrun's static rendezvous, or with
+    RDZV_BACKEND=c10d its c10d rendezvous at that address (node ranks then assigned by arrival). One node
+    without MASTER_PORT picks a free port (--standalone). None when nothing asks for more than one process, or
+    when a launcher (torchrun, deepspeed, srun) already started this one.
+    """
+    if "LOCAL_RANK" in env or started_by_srun(env):
+        return None
+    nproc, nodes = _number(env, "NPROC_PER_NODE", 1), _number(env, "NNODES", 1)
+    if nproc < 1 or nodes < 1:
+        raise LaunchError(f"NPROC_PER_NODE and NNODES must be >= 1, got {nproc} and {nodes}")
+    if nproc == 1 and nodes == 1:
+        return None
+    rendezvous = env.get("RDZV_BACKEND") or "static"
+    if rendezvous not in ("static", "c10d"):
+        raise LaunchError(f"RDZV_BACKEND must be static or c10d, got '{rendezvous}'")
+    address, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT") or "29500"
+    node_rank = env.get("NODE_RANK") or env.get("SLURM_NODEID")  # one srun task per node: its node index
+    if nodes > 1 and not address:
+        raise LaunchError(f"NNODES={nodes} needs MASTER_ADDR: the address of node 0, the same on every node")
+    if nodes > 1 and rendezvous == "static" and node_rank is None:
+        raise LaunchError(f"NNODES={nodes} needs NODE_RANK: 0 on the node at MASTER_ADDR, 1 to {nodes - 1} on the others")
+    args = [f"--nproc_per_node={nproc}", f"--nnodes={nodes}"]
+    if rendezvous == "c10d":
+        args += ["--rdzv_backend=c10d", f"--rdzv_endpoint={address or '127.0.0.1'}:{port}",
+                 f"--rdzv_id={env.get('RDZV_ID') or 'sftkit'}"]
+    elif nodes == 1 and not env.get("MASTER_PORT"):
+        args += ["--standalone"]
+    else:
+        args += [f"--node_rank={node_rank or 0}", f"--master_addr={address or '127.0.0.1'}", f"--master_port={port}"]
+    return [sys.executable, "-m", "torch.distributed.run", *args, "-m", "sftkit_cli.main", *argv]
+
+
+class LaunchError(SftkitError):
+    """The launch variables do not describe a run (missing or malformed NNODES, NODE_RANK, MASTER_ADDR, ...)."""
+
+
+def _number(env: Mapping[str, str], name: str, default: int | None = 0) -> int | None:
+    if not env.get(name):
+        return default
+    try:
+        return int(env[name])
+    except ValueError:
+        raise LaunchError(f"{name} must be an integer, got '{env[name]}'") from None
 
 
 def sum_int(value: int, world: World) -> int:
@@ -101,7 +180,3 @@ def shutdown(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
 
-
-def relaunch_command(nproc: int, argv: list[str]) -> list[str]:
-    """The torchrun command that reruns this sftkit command line in `nproc` processes."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "sftkit_cli.main", *argv]

@@ -439,9 +439,13 @@ def _weight_count(param: nn.Parameter) -> int:
 
 
 def save_adapter(
-    model: nn.Module, config: LoRAConfig, out_dir: str, base_model_name_or_path: str | None = None
+    model: nn.Module, config: LoRAConfig, out_dir: str, base_model_name_or_path: str | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write adapter_config.json + adapter_model.safetensors exactly as peft does, so peft loads them as is."""
+    """Write adapter_config.json + adapter_model.safetensors exactly as peft does, so peft loads them as is.
+
+    `tensors` (keyed as lora_state_dict) replace the model's own adapter weights, e.g. whole ones gathered from shards.
+    """
     layers = _lora_layers(model)
     if not layers:
         raise ValueError("model has no LoRA layers to save")
@@ -456,8 +460,10 @@ def save_adapter(
     with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
         f.write(json.dumps(peft_config, indent=2, sort_keys=True))
     state = lora_state_dict(model)
-    tensors = {PEFT_PREFIX + key: param.detach().to("cpu").contiguous() for key, param in state.items()}
-    save_file(tensors, os.path.join(out_dir, WEIGHTS_NAME), metadata={"format": "pt"})
+    if tensors is not None:
+        state = {key: tensors[key] for key in state}
+    saved = {PEFT_PREFIX + key: param.detach().to("cpu").contiguous() for key, param in state.items()}
+    save_file(saved, os.path.join(out_dir, WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def _saved_target_modules(model: nn.Module, target_modules, names: list[str]) -> str | tuple[str, ...]:

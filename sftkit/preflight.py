@@ -8,7 +8,7 @@ in seconds: a bad line 2 of the data never costs a model load first.
 from __future__ import annotations
 
 from . import distributed, run
-from .checkpoint import check_files, read_train_state, require_resumable, resolve_checkpoint
+from .checkpoint import check_files, read_train_state, require_resumable, resolve_shared_checkpoint
 from .data import cache as dataset_cache
 from .lora import target_names
 from .manifest import signing_key
@@ -18,7 +18,7 @@ from .registry import MODELS, resolve_lora_targets
 
 def check_setup(config, world: distributed.World, say=print) -> str | None:
     """Checks that need no model; returns the checkpoint folder to resume from (checked), or None."""
-    resume = resolve_checkpoint(config.resume_from_checkpoint) if config.resume_from_checkpoint else None
+    resume = resolve_shared_checkpoint(config.resume_from_checkpoint, world) if config.resume_from_checkpoint else None
     if world.is_main:
         if resume:
             run.check_output_dir(run.run_dir_of(resume), suffix=True)

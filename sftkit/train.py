@@ -23,7 +23,8 @@ import torch
 from . import distributed, evaluate, memory, preflight, run, speed
 from .attention import use_varlen_attention
 from .backend import build_backend
-from .checkpoint import TrainState, mark_best, prune, read_train_state, restore_rng_states, save, write_weights
+from .checkpoint import (TrainState, mark_best, prune, read_train_state, require_shared, restore_rng_states, save,
+                         write_weights)
 from .config import TrainConfig
 from .data.pipeline import collate, collate_packed, pack
 from .data.prepare import prepare_data
@@ -54,13 +55,15 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
                              config.ddp_backend)
     devices = rank_devices(config, world)
     device = torch.device(devices[0])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's collectives run on the current device: this rank's own
     compute_dtype = resolve_dtype(config.dtype, device)
     say = print if world.is_main else (lambda *args, **kwargs: None)
     # Everything that can be wrong is checked before the weights load (preflight.py), the data included: it is
     # tokenized once up front (every rank tokenizes the same data and takes its own slices).
     resume = preflight.check_setup(config, world, say)
     tokenizer, model_dir, config = locate_model(config)
-    train_examples, val_examples = prepare_data(config, tokenizer, say)
+    train_examples, val_examples = prepare_data(config, tokenizer, say, world)
     differences = preflight.check_model(config, model_dir, resume)
     seed_everything(config.seed)
     model, lora_config = setup_model(config, model_dir, tokenizer, devices, say)
@@ -190,7 +193,8 @@ def open_run_dir(config: TrainConfig, model_dir: str, resume: str | None, val_ex
                  world: distributed.World, differences: list[str]) -> str:
     """The run folder: a new one (rank 0 makes it and writes sft_args.json and the validation split), or the
     folder of the checkpoint a resumed run continues: there rank 0 removes what a killed save left, drops the
-    metrics logged after the checkpoint (they are logged again) and records this resume's options."""
+    metrics logged after the checkpoint (they are logged again) and records this resume's options. Every rank, on every
+    node, must see it."""
     run_dir = None
     if resume:
         run_dir = run.run_dir_of(resume)
@@ -207,7 +211,9 @@ def open_run_dir(config: TrainConfig, model_dir: str, resume: str | None, val_ex
         name = config.model_type or os.path.basename(os.path.normpath(model_dir)).lower()
         run_dir = run.new_run_dir(config.output_dir, name, config.add_output_dir_suffix)
         run.write_run_files(run_dir, config.run_arguments(model_dir), [e["conversation"] for e in val_examples])
-    return distributed.broadcast(run_dir, world)
+    run_dir = distributed.broadcast(run_dir, world)
+    require_shared(run_dir, world)
+    return run_dir
 
 
 def training_rows(config: TrainConfig, examples: list[dict], say=print):
@@ -270,7 +276,7 @@ def setup_model(config: TrainConfig, model_dir: str, tokenizer, devices: list[st
                                        bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
                                        bnb_4bit_compute_dtype=config.bnb_4bit_comp_dtype)
     model = load_model_and_tokenizer(
-        model_dir, model_type=config.model_type, dtype=model_dtype(config), device="cpu" if len(devices) > 1 else devices[0],
+        model_dir, model_type=config.model_type, dtype=model_dtype(config), device="cpu" if len(devices) > 1 or config.fsdp else devices[0],
         attn_implementation=attention, trust_remote_code=config.trust_remote_code, tokenizer=tokenizer,
         gradient_checkpointing=config.gradient_checkpointing, quantization=quantization).model
     if config.sft_type == "full" and is_quantized(model):
@@ -300,7 +306,8 @@ def restore(checkpoint: str, backend, rank: int) -> TrainState:
 
 
 def rank_devices(config: TrainConfig, world: distributed.World) -> list[str]:
-    """This rank's devices: --devices as given (one process), else its share of the visible GPUs, else CPU."""
+    """This rank's devices: --devices as given (one process), else its share of this node's visible GPUs (the
+    only one visible when a launcher gives each rank its own), else CPU."""
     asked = list(config.devices) or ([config.device] if config.device else [])
     missing = [name for name in asked if name.startswith("cuda") and not torch.cuda.is_available()]
     if missing:
@@ -314,10 +321,13 @@ def rank_devices(config: TrainConfig, world: distributed.World) -> list[str]:
         return [config.device]
     if not torch.cuda.is_available():
         return ["cpu"]
-    per_rank = torch.cuda.device_count() // world.size
+    visible = torch.cuda.device_count()
+    per_rank = visible // world.local_size
+    if per_rank < 1 and visible == 1:
+        return ["cuda:0"]
     if per_rank < 1:
-        raise TrainingError(f"{world.size} ranks but only {torch.cuda.device_count()} GPUs")
-    return [f"cuda:{world.rank * per_rank + i}" for i in range(per_rank)]
+        raise TrainingError(f"{world.local_size} ranks on this node but only {visible} GPUs")
+    return [f"cuda:{world.local_rank * per_rank + i}" for i in range(per_rank)]
 
 
 def seed_everything(seed: int) -> None:

@@ -1,11 +1,12 @@
-"""Running sftkit train in several processes (torchrun, gloo on CPU) from tests."""
+"""Running sftkit train in several processes (torchrun, gloo on CPU) from tests: on one node, or on several
+simulated nodes of this machine (one `sftkit train` per node, as each node of a cluster would run it)."""
 import json
 import os
 import socket
 import subprocess
 import sys
 
-from sftkit.distributed import relaunch_command
+from sftkit.distributed import launch_command
 
 
 def options(model_dir, data_file, output_dir, **extra):
@@ -16,15 +17,42 @@ def options(model_dir, data_file, output_dir, **extra):
     return values
 
 
-def torchrun(values: dict, nproc: int = 2, timeout: int = 300):
-    port = _free_port()
-    argv = ["train"] + [item for key, value in values.items() for item in (f"--{key}", str(value))]
-    command = relaunch_command(nproc, argv)
-    command.insert(3, f"--master_port={port}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+def torchrun(values: dict, nproc: int = 2, timeout: int = 300, **env):
+    command = launch_command({"NPROC_PER_NODE": str(nproc), "MASTER_PORT": str(_free_port())}, _argv(values))
+    result = subprocess.run(command, capture_output=True, text=True, env={**_env(), **env}, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def nodes(values: dict, count: int = 2, nproc_per_node: int = 1, timeout: int = 300, **env) -> list:
+    """`sftkit train` started once per simulated node with ms-swift's variables (NNODES, NODE_RANK, MASTER_ADDR,
+    MASTER_PORT), each relaunching itself under torchrun; returns every node's finished process."""
+    launch = {"NNODES": str(count), "NPROC_PER_NODE": str(nproc_per_node), "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(_free_port()), **env}
+    command = [sys.executable, "-m", "sftkit_cli.main", *_argv(values)]
+    started = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**_env(), **launch, "NODE_RANK": str(rank)}) for rank in range(count)]
+    finished = []
+    try:
+        for process in started:
+            stdout, stderr = process.communicate(timeout=timeout)
+            finished.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
+    finally:
+        for process in started:
+            if process.poll() is None:  # a node that failed leaves the others waiting for it
+                process.kill()
+                process.wait()
+    for result in finished:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return finished
+
+
+def _argv(values: dict) -> list[str]:
+    return ["train"] + [item for key, value in values.items() for item in (f"--{key}", str(value))]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
 
 
 def _free_port() -> int:

@@ -79,12 +79,13 @@ def test_nproc_per_node_relaunches_under_torchrun(monkeypatch):
 
     seen = {}
     monkeypatch.setenv("NPROC_PER_NODE", "2")
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for variable in ("LOCAL_RANK", "NNODES", "MASTER_PORT", "SLURM_PROCID"):
+        monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(cli_main.subprocess, "call", lambda command: seen.setdefault("command", command) and 0)
     monkeypatch.setattr(cli_main.sys, "argv", ["sftkit", "train", "--max_steps", "2"])
     CliRunner().invoke(cli_main.main, ["train", "--max_steps", "2"])
-    assert seen["command"][1:5] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "-m"]
-    assert seen["command"][-3:] == ["train", "--max_steps", "2"]
+    assert seen["command"][1:6] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", "--standalone"]
+    assert seen["command"][-5:] == ["-m", "sftkit_cli.main", "train", "--max_steps", "2"]
 
 
 @pytest.mark.parametrize("sizes,devices,first,last,expected", [

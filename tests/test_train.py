@@ -204,7 +204,8 @@ def test_seed_option_spellings_are_accepted(tiny_model_dir, data_file, tmp_path,
     assert validation(seed=1, dataset_seed=5) == validation(seed=2, dataset_seed=5) != validation(seed=1, dataset_seed=6)
     assert validation(seed=5) == validation(seed=1, dataset_seed=5)
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):  # as torchrun starts a rank
+        monkeypatch.setenv(name, value)
     with pytest.raises(SftkitError, match="ddp_backend nccl needs CUDA"):
         distributed.init("cpu", "nccl")
 

@@ -52,8 +52,8 @@ def make_tokenizer(vocab_size: int = 600):
     )
 
 
-def make_model(tokenizer, arch: str = "llama", hidden: int = 64, layers: int = 2, seed: int = 0):
-    """A randomly initialised causal LM of the given transformers architecture."""
+def make_model(tokenizer, arch: str = "llama", hidden: int = 64, layers: int = 2, seed: int = 0, tied: bool = False):
+    """A randomly initialised causal LM of the given transformers architecture (tied: the head is the input embeddings)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -68,7 +68,7 @@ def make_model(tokenizer, arch: str = "llama", hidden: int = 64, layers: int = 2
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     if arch in ("gemma", "gemma2", "gemma3_text", "gemma3"):
         kwargs["head_dim"] = hidden // 4
@@ -83,10 +83,10 @@ def make_model(tokenizer, arch: str = "llama", hidden: int = 64, layers: int = 2
     return AutoModelForCausalLM.from_config(config)
 
 
-def save_tiny(path, arch: str = "llama", seed: int = 0) -> str:
+def save_tiny(path, arch: str = "llama", seed: int = 0, tied: bool = False) -> str:
     """Write a tiny model + tokenizer with save_pretrained so the real loading path runs on it."""
     tokenizer = make_tokenizer()
-    model = make_model(tokenizer, arch=arch, seed=seed)
+    model = make_model(tokenizer, arch=arch, seed=seed, tied=tied)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -1,7 +1,9 @@
 """The examples a run trains and validates on: load, split, sample and tokenize, or read all that from the cache."""
 from __future__ import annotations
 
+from .. import distributed
 from ..config import loss_scale_weights
+from ..errors import SftkitError
 from . import cache as dataset_cache
 from .errors import DataError
 from .loading import load_conversations, split_and_sample
@@ -12,18 +14,42 @@ KEY_FIELDS = ("dataset_test_ratio", "train_dataset_sample", "system", "max_lengt
               "check_dataset_strategy", "train_on", "loss_scale", "data_seed")
 
 
-def prepare_data(config, tokenizer, say=print) -> tuple[list[dict], list[dict]]:
-    """(training examples, validation examples) of a TrainConfig; prints what was skipped or dropped, and why."""
+def prepare_data(config, tokenizer, say=print,
+                 world: distributed.World = distributed.World()) -> tuple[list[dict], list[dict]]:
+    """(training examples, validation examples) of a TrainConfig; prints what was skipped or dropped, and why.
+
+    With the cache and several ranks, the first rank of each node reads or builds the entry while the node's
+    other ranks wait, then read it: one tokenization per node. An entry appears whole or not at all (the
+    cache publishes atomically), so nodes sharing one cache folder cannot corrupt it either.
+    """
     key = dataset_cache.dataset_key(list(config.datasets()) + list(config.val_dataset), config.template, tokenizer,
                                     {name: getattr(config, name) for name in KEY_FIELDS} | {"val": list(config.val_dataset)}) \
         if config.dataset_cache else None
-    cached = dataset_cache.load(key, say) if key else None
+    if key is None:
+        return tokenize_data(config, tokenizer, say)
+    examples, failure = None, None
+    if world.local_rank == 0:
+        try:
+            examples = cached_or_built(key, config, tokenizer, say)
+        except Exception as error:  # re-raised below, once every rank has heard of it (nobody waits forever)
+            failure = error
+    reports = distributed.gather(f"{type(failure).__name__}: {failure}" if failure else None, world)
+    if failure is not None:
+        raise failure
+    if any(reports):
+        rank = next(rank for rank, report in enumerate(reports) if report)
+        raise SftkitError(f"rank {rank} could not prepare the data ({reports[rank]})")
+    return examples or dataset_cache.load(key, say) or tokenize_data(config, tokenizer, say)
+
+
+def cached_or_built(key: str, config, tokenizer, say=print) -> tuple[list[dict], list[dict]]:
+    """The cache entry of `key`, or the examples tokenized now and stored under it."""
+    cached = dataset_cache.load(key, say)
     if cached is not None:
         say(f"[sftkit] tokenized data from the cache: {dataset_cache.cache_path(key)}")
         return cached
     examples = tokenize_data(config, tokenizer, say)
-    if key:
-        say(f"[sftkit] tokenized data cached in {dataset_cache.store(key, examples)}")
+    say(f"[sftkit] tokenized data cached in {dataset_cache.store(key, examples)}")
     return examples
 
 

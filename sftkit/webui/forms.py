@@ -36,7 +36,7 @@ TRAIN_GROUPS = {
                             "only_save_model", "logging_steps", "output_dir",
                             "add_output_dir_suffix", "resume_from_checkpoint", "ignore_args_mismatch", "trust_checkpoint",
                             "logging_dir", "push_to_hub", "hub_model_id", "hub_private_repo", "push_hub_strategy", "hub_token"),
-    "distributed": ("device", "devices", "deepspeed", "ddp_backend", "dataloader_num_workers"),
+    "distributed": ("device", "devices", "deepspeed", "fsdp", "ddp_backend", "dataloader_num_workers"),
 }
 OPEN_GROUPS = ("model", "data", "schedule")
 
