@@ -13,7 +13,8 @@ from .options import config_command
 def chat(config: ChatConfig):
     """Chat with a checkpoint (or the embedded default model). 'clear' resets the history, 'exit' or EOF ends.
 
-    From a pipe every line is one message and every reply one block, with no prompt markers.
+    From a pipe every line is one message and every reply one block, with no prompt markers. With a
+    vision-language model, '/image PATH' adds an image to the next message (--images: to the first).
     """
     from sftkit.chat import chat_repl
     from sftkit.generation import generation_config
@@ -22,7 +23,7 @@ def chat(config: ChatConfig):
     model, tokenizer, settings = load_for_inference(config.ckpt_dir, config.model, template=config.template,
                                                     system=config.system, dtype=config.dtype)
     chat_repl(model, tokenizer, settings.template, settings.system, generation_config(config), agent=config.agent,
-              stream=config.stream)
+              stream=config.stream, processor=settings.processor, images=config.images)
 
 
 @click.command("infer")

@@ -10,29 +10,34 @@ import os
 import shutil
 import sys
 
-from .data.formats import Message
+from .data.formats import IMAGE_TAG, Message
+from .data.images import image_size, resolve_image
 from .data.templates import get_template
 from .evaluate import generate_all
 from .generation import GenerationConfig, generate_stream, generation_config, stop_criteria
-from .errors import CheckpointError
+from .errors import CheckpointError, SftkitError
 from .inference import (base_model_dir, checkpoint_folder, dataset_conversations, is_adapter, load_for_inference,
                         output_path, saved_dtype)
 from .lora import load_adapter, unload_lora
-from .model import load_model, load_tokenizer
-from .prompts import prompt_ids, prompt_text, reply_messages, response_text, split_last_turn, tool_call_end
+from .model import copy_processor_files, load_model, load_tokenizer
+from .prompts import prompt_inputs, prompt_text, reply_messages, response_text, split_last_turn, tool_call_end
 from .run import read_run_args
 
 
 # --- chat ---------------------------------------------------------------------------------------------------
 
+IMAGE_COMMAND = "/image "
+
 
 def chat_repl(model, tokenizer, template, system, gen_config: GenerationConfig, input=None, output=None,
-              agent: bool = False, stream: bool = True) -> list[Message]:
+              agent: bool = False, stream: bool = True, processor=None, images=()) -> list[Message]:
     """Multi-turn chat over text streams; returns the history when the input ends or says exit/quit.
 
     `clear` forgets the history. From a pipe, every line is one message and every reply one block on the
     output, with no prompt markers in between. In agent mode a reply that closes a tool call waits for
     the tool's result (the next line), which goes in as a tool message before the model continues the turn.
+    `/image PATH` adds an image to the next message (a vision-language model's `processor` takes it);
+    `images` go with the first message.
     """
     input, output = input or sys.stdin, output or sys.stdout
     interactive = bool(getattr(input, "isatty", lambda: False)())
@@ -41,21 +46,32 @@ def chat_repl(model, tokenizer, template, system, gen_config: GenerationConfig, 
     call_end = tool_call_end(template) if agent else ""
     stop_after = (call_end,) if call_end else ()
     history: list[Message] = []
+    pending = [_checked_image(image, processor) for image in images]
     while True:
         line = _read_line(input, output, "<<< " if interactive else "")
         if line is None or line.strip() in ("exit", "quit"):
             return history
         if line.strip() == "clear":
-            history = []
+            history, pending = [], []
             if interactive:
                 output.write("(history cleared)\n")
             continue
+        if line.startswith(IMAGE_COMMAND):
+            try:
+                pending.append(_checked_image(line[len(IMAGE_COMMAND):].strip(), processor))
+            except SftkitError as error:
+                output.write(f"(no image added: {error})\n")
+            else:
+                if interactive:
+                    output.write(f"(image {len(pending)} goes with your next message)\n")
+            continue
         if not line.strip():
             continue
-        turn = [Message("user", line)]
+        turn, pending = [Message("user", IMAGE_TAG * len(pending) + line, tuple(pending))], []
         while True:
-            ids = prompt_ids(history + turn, tokenizer, template, system)
-            pieces = generate_stream(model, tokenizer, ids, gen_config, stop_strings, stop_ids, stop_after=stop_after)
+            ids, image_inputs = prompt_inputs(history + turn, tokenizer, template, system, processor)
+            pieces = generate_stream(model, tokenizer, ids, gen_config, stop_strings, stop_ids, stop_after=stop_after,
+                                     images=image_inputs)
             text = _show(pieces, output, stream)
             turn += reply_messages(text)
             if not (call_end and text.endswith(call_end)):
@@ -70,6 +86,15 @@ def chat_repl(model, tokenizer, template, system, gen_config: GenerationConfig, 
         output.write("\n")
         output.flush()
         history += turn
+
+
+def _checked_image(reference: str, processor) -> str:
+    """An image for the next message, resolved and opened now, so a bad path is reported before the model runs."""
+    if processor is None:
+        raise SftkitError("this model takes no images (a text model, or a vision-language model sftkit does not drive)")
+    resolved = resolve_image(reference)
+    image_size(resolved)
+    return resolved
 
 
 def _read_line(input, output, marker: str) -> str | None:
@@ -102,12 +127,14 @@ def infer(config, echo=print) -> list[dict]:
                                                     system=config.system, dtype=config.dtype)
     conversations, _ = dataset_conversations(config, settings)
     cases = [split_last_turn(conversation) for conversation in conversations]
-    prompts = [prompt_ids(prompt, tokenizer, settings.template, settings.system) for prompt, _ in cases]
-    predictions = generate_all(model, tokenizer, prompts, generation_config(config),
-                               stop_criteria(tokenizer, get_template(settings.template)), config.batch_size)
+    prompts = [prompt_inputs(prompt, tokenizer, settings.template, settings.system, settings.processor) for prompt, _ in cases]
+    predictions = generate_all(model, tokenizer, [ids for ids, _ in prompts], generation_config(config),
+                               stop_criteria(tokenizer, get_template(settings.template)), config.batch_size,
+                               images=[images for _, images in prompts])
     rows = [{"prompt": prompt_text(prompt, tokenizer, settings.template, settings.system),
              "reference": response_text(reference, settings.template), "prediction": prediction}
-            for (prompt, reference), prediction in zip(cases, predictions)]
+            | ({"images": [image for message in prompt for image in message.images]} if prompt_images else {})
+            for (prompt, reference), prediction, (_, prompt_images) in zip(cases, predictions, prompts)]
     path = output_path(config, settings, "infer_result.jsonl")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
@@ -148,5 +175,6 @@ def merge(config) -> str:
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     load_tokenizer(model_dir).save_pretrained(staging)
+    copy_processor_files(model_dir, staging)
     os.replace(staging, output_dir)
     return output_dir

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from . import distributed
 from .errors import CheckpointError
 from .lora import WEIGHTS_NAME, load_lora_weights, save_adapter
+from .model import copy_processor_files, model_class
 from .run import BEST, LATEST, pointer, set_pointer
 
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -148,6 +149,7 @@ def write_weights(folder: str, model, tokenizer, lora_config, model_dir: str, st
         save_adapter(model, lora_config, folder, base_model_name_or_path=os.path.abspath(model_dir))
     else:
         model.save_pretrained(folder)
+        copy_processor_files(model_dir, folder)
     tokenizer.save_pretrained(folder)
     with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as handle:
         handle.write(state.to_json())
@@ -167,9 +169,7 @@ def load_weights(model, checkpoint: str) -> None:
     if os.path.isfile(os.path.join(checkpoint, WEIGHTS_NAME)):
         load_lora_weights(model, checkpoint)
         return
-    from transformers import AutoModelForCausalLM
-
-    saved = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    saved = model_class(checkpoint).from_pretrained(checkpoint, dtype=torch.float32)
     model.load_state_dict(saved.state_dict())
 
 

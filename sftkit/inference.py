@@ -13,14 +13,15 @@ import torch
 from .checkpoint import resolve_checkpoint
 from .errors import CheckpointError
 from .lora import CONFIG_NAME, load_adapter
-from .model import DTYPES, load_model_and_tokenizer, resolve_model_dir
+from .model import DTYPES, load_model_and_tokenizer, load_processor, resolve_model_dir
 from .quant import QuantizationOptions
 from .run import ARGS_FILE, BEST, read_run_args, val_file
 
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    """How a loaded model is prompted: the run's template and system prompt unless overridden."""
+    """How a loaded model is prompted: the run's template and system prompt unless overridden; `processor`
+    (a VisionProcessor) takes the images of a vision-language model, None for a text model."""
 
     template: str
     system: str | None
@@ -28,6 +29,7 @@ class InferenceSettings:
     max_length: int | None
     model_dir: str
     ckpt_dir: str | None = None
+    processor: object | None = None
 
 
 def load_for_inference(ckpt_dir: str | None = None, model: str | None = None, *, template: str | None = None,
@@ -58,6 +60,7 @@ def load_for_inference(ckpt_dir: str | None = None, model: str | None = None, *,
         max_length=args.get("max_length"),
         model_dir=model_dir,
         ckpt_dir=checkpoint,
+        processor=load_processor(model_dir, loaded.tokenizer),
     )
     return loaded.model, loaded.tokenizer, settings
 

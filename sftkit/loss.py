@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .data.pipeline import IGNORE_INDEX
+from .data.pipeline import IGNORE_INDEX, IMAGE_KEYS
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -41,9 +41,10 @@ def shifted_weights(batch: dict) -> torch.Tensor:
 
 
 def backbone_hidden(model, batch: dict) -> torch.Tensor:
-    """Last hidden states of the decoder stack (the model without its output head)."""
+    """Last hidden states of the decoder stack (the model without its output head); a vision-language model's
+    base merges the image features into the text embeddings from the batch's IMAGE_KEYS."""
     backbone = getattr(model, model.base_model_prefix)
-    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids", *IMAGE_KEYS) if key in batch}
     return backbone(**inputs, use_cache=False).last_hidden_state
 
 

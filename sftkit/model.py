@@ -172,8 +172,7 @@ def _check_remote_code(model_dir: str, trust_remote_code: bool) -> None:
     """Fail early and clearly where transformers would need the repo's own Python code."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as file:
-        config = json.load(file)
+    config = _config_json(model_dir)
     # An auto_map next to a model_type transformers knows (Phi-3, ...) is ignored without trust_remote_code.
     if "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING and not trust_remote_code:
         raise ModelLoadError(
@@ -236,12 +235,10 @@ def load_model(
     With `quantization` bits (bitsandbytes) or a GPTQ checkpoint, the base comes back quantized, frozen and
     prepared for training adapters on it (QLoRA); `dtype` is then the dtype of the layers left unquantized.
     """
-    from transformers import AutoModelForCausalLM
-
     _check_remote_code(model_dir, trust_remote_code)
     torch_dtype = resolve_dtype(dtype, device)
     quantization_kwargs = _quantization_kwargs(model_dir, quantization, torch_dtype, device)
-    model = (automodel_class or AutoModelForCausalLM).from_pretrained(
+    model = (automodel_class or model_class(model_dir)).from_pretrained(
         model_dir,
         dtype=torch_dtype,
         attn_implementation=attn_implementation,
@@ -255,6 +252,55 @@ def load_model(
     if gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     return model
+
+
+def model_class(model_dir: str):
+    """AutoModelForCausalLM, or AutoModelForImageTextToText for a vision-language model that has no causal-LM
+    class (the Qwen2-VL family): the one that loads the whole model, vision tower included."""
+    import transformers
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+    model_type = _config_json(model_dir).get("model_type")
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
+
+
+def _config_json(model_dir: str) -> dict:
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as file:
+        return json.load(file)
+
+
+# What a vision-language model's processor is saved as, beside the weights.
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
+                   "chat_template.json")
+
+
+def load_processor(model_dir: str, tokenizer):
+    """The image side of a vision-language model's processor (a VisionProcessor), or None for a text model or a
+    vision-language model whose config names no image token (its images are not supported)."""
+    from transformers import AutoConfig, AutoImageProcessor
+
+    from .data.vision import vision_processor
+
+    stored = _config_json(model_dir)
+    if "vision_config" not in stored or stored.get("image_token_id") is None:
+        return None
+    config = AutoConfig.from_pretrained(model_dir)
+    if not os.path.isfile(os.path.join(model_dir, PROCESSOR_FILES[0])):
+        raise ModelLoadError(f"{model_dir!r} is a vision-language model ({config.model_type}) without "
+                             f"{PROCESSOR_FILES[0]}: copy it from the published model, which has one")
+    return vision_processor(AutoImageProcessor.from_pretrained(model_dir), tokenizer, config)
+
+
+def copy_processor_files(model_dir: str, folder: str) -> None:
+    """Put the base's processor files (image processor settings) beside weights saved elsewhere, so that folder
+    loads as a whole vision-language model."""
+    for name in PROCESSOR_FILES:
+        source, target = os.path.join(model_dir, name), os.path.join(folder, name)
+        if os.path.isfile(source) and not os.path.exists(target):
+            shutil.copyfile(source, target)
 
 
 def _quantization_kwargs(model_dir: str, quantization, torch_dtype: torch.dtype, device) -> dict:

@@ -21,7 +21,7 @@ MULTIMODAL_TAG = "multimodal"
 
 
 class UnsupportedModelError(ModelLoadError, NotImplementedError):
-    """A registered model sftkit lists but cannot train (vision-language models)."""
+    """A registered model sftkit lists but cannot train (Qwen-VL v1, whose vision code is the repository's own)."""
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,11 @@ def get_model_info(model_type: str) -> ModelInfo:
 
 def entry_problems(info: ModelInfo, trust_remote_code: bool) -> list[str]:
     """Everything that stops a model type from loading here, found before any download; raises for a refused type."""
-    if MULTIMODAL_TAG in info.tags:
-        raise UnsupportedModelError(f"'{info.model_type}' is a vision-language model: training it is out of scope for "
-                                    "sftkit, which fine-tunes text-only causal LMs; it is listed for reference")
+    if MULTIMODAL_TAG in info.tags and info.trust_remote_code:
+        raise UnsupportedModelError(
+            f"'{info.model_type}' is Qwen-VL v1: its vision tower runs from code in its repository and takes images "
+            "through its own tokenizer tags, which sftkit's image pipeline does not drive; it is listed for reference. "
+            "Fine-tune a Qwen2-VL-family model instead (e.g. qwen2-vl-2b-instruct, qwen2.5-vl-3b-instruct)")
     problems = missing_requirements(info.requires)
     if info.trust_remote_code and not trust_remote_code:
         problems.append(f"'{info.model_type}' runs Python code from its repository: pass --trust_remote_code true if you trust it")
@@ -313,6 +315,12 @@ _BUILTIN += [
     ("phi4", "LLM-Research/phi-4", "microsoft/phi-4", "phi4", _PHI3, 16384, dict(requires=("transformers>=4.46",))),
     ("phi4-mini-instruct", "LLM-Research/Phi-4-mini-instruct", "microsoft/Phi-4-mini-instruct", "phi4-mini", _PHI3, 131072,
      dict(requires=("transformers>=4.49",))),
+    *_sizes("qwen2-vl", "Qwen/Qwen2-VL-{size}", "Qwen/Qwen2-VL-{size}", ["2B", "7B", "72B"], "qwen", _QKV, 32768,
+            requires=("transformers>=4.45",), tags=(MULTIMODAL_TAG,)),
+    *_sizes("qwen2.5-vl", "Qwen/Qwen2.5-VL-{size}", "Qwen/Qwen2.5-VL-{size}", ["3B", "7B", "32B", "72B"], "qwen", _QKV,
+            128000, variants=("-Instruct",), requires=("transformers>=4.49",), tags=(MULTIMODAL_TAG,)),
+    *_sizes("qwen3-vl", "Qwen/Qwen3-VL-{size}", "Qwen/Qwen3-VL-{size}", ["2B", "4B", "8B", "32B"], "chatml", _QKV,
+            262144, variants=("-Instruct",), requires=("transformers>=4.57",), tags=(MULTIMODAL_TAG,)),
     *_sizes("smollm2", "AI-ModelScope/SmolLM2-{size}", "HuggingFaceTB/SmolLM2-{size}", ["135M", "360M", "1.7B"], "smollm2",
             _QKV, 8192),
 ]

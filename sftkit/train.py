@@ -19,20 +19,21 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import distributed, evaluate, run
+from . import distributed, evaluate, run, vlm
 from .backend import build_backend
 from .checkpoint import (TrainState, mark_best, prune, read_train_state, require_resumable, resolve_checkpoint,
                          restore_rng_states, save, write_weights)
 from .config import TrainConfig
 from .data.pipeline import collate, collate_packed, pack, trainable_tokens
 from .data.prepare import prepare_data
+from .data.vision import collate_images
 from .data.sampler import batch_positions, rank_shard
 from .errors import TrainingError
 from .hub import HubError, maybe_push, push_to_hub
 from .logs import RunLog, plot_losses
-from .lora import LoRAConfig, count_parameters, inject_lora, lora_state_dict
+from .lora import LoRAConfig, count_parameters, exact_targets, inject_lora, lora_state_dict
 from .loss import loss_sum
-from .model import attn_implementation, load_model_and_tokenizer, resolve_dtype
+from .model import attn_implementation, load_model_and_tokenizer, load_processor, resolve_dtype
 from .placement import place
 from .quant import QuantizationOptions, is_quantized
 from .registry import EMBEDDED_MODEL_TYPE, MODELS, infer_model_type, resolve_lora_targets
@@ -53,11 +54,11 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
     resume = resolve_checkpoint(config.resume_from_checkpoint) if config.resume_from_checkpoint else None
     say = print if world.is_main else (lambda *args, **kwargs: None)
     seed_everything(config.seed)
-    model, tokenizer, model_dir, config, lora_config = setup_model(config, devices, say)
+    model, tokenizer, model_dir, config, lora_config, processor = setup_model(config, devices, say)
 
     # Data, tokenized once up front (every rank tokenizes the same data and takes its own slices).
-    train_examples, val_examples = prepare_data(config, tokenizer, say)
-    train_examples, collate_train = training_rows(config, train_examples, say)
+    train_examples, val_examples = prepare_data(config, tokenizer, say, processor)
+    train_examples, collate_train = training_rows(config, train_examples, say, processor)
     global_batch = config.batch_size * world.size
     batches_per_epoch = math.ceil(len(train_examples) / global_batch)
     total_steps = config.max_steps if config.max_steps > 0 else \
@@ -122,7 +123,7 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
             if val_examples and (state.step % config.eval_steps == 0 or finished):
                 evaluated = {"step": state.step, **evaluate.validation_metrics(model, tokenizer, config, val_examples, device=device,
                                                                       autocast=autocast, world=world,
-                                                                      lockstep=backend.lockstep)}
+                                                                      lockstep=backend.lockstep, processor=processor)}
                 log.write(evaluated)
                 state.log_history.append(evaluated)
                 if world.is_main:
@@ -172,11 +173,16 @@ def open_run_dir(config: TrainConfig, model_dir: str, resume: str | None, val_ex
     return distributed.broadcast(run_dir, world)
 
 
-def training_rows(config: TrainConfig, examples: list[dict], say=print):
-    """The rows batches are drawn from and how to collate them: the examples, or with --packing rows that
-    hold several examples each."""
+def training_rows(config: TrainConfig, examples: list[dict], say=print, processor=None):
+    """The rows batches are drawn from and how to collate them: the examples (a vision-language model's with
+    their pixels made per batch), or with --packing rows that hold several examples each."""
+    if processor is not None and config.packing:
+        raise TrainingError("--packing is refused for vision-language models: packed rows restart 1-D positions per "
+                            "example, but the Qwen2-VL family takes 3-D (time, height, width) rotary positions and "
+                            "masks attention without those restarts, so examples would attend to each other. "
+                            "Use --group_by_length true to cut padding instead.")
     if not config.packing:
-        return examples, collate
+        return examples, collate if processor is None else partial(collate_images, processor=processor)
     rows = pack(examples, config.max_length or 2048)
     say(f"[sftkit] packed {len(examples)} examples into {len(rows)} rows of at most {config.max_length or 2048} tokens")
     return rows, collate_packed
@@ -238,10 +244,12 @@ def window_counts(shards, world: distributed.World) -> dict:
 
 
 def setup_model(config: TrainConfig, devices: list[str], say=print):
-    """(model ready to train, tokenizer, model_dir, config with model type and template resolved, LoRA config).
+    """(model ready to train, tokenizer, model_dir, config with model type and template resolved, LoRA config,
+    VisionProcessor or None for a text model).
 
     LoRA keeps the frozen base in the compute dtype and its adapters in float32; full fine-tuning keeps
-    float32 master weights. Half precision comes from autocast in both.
+    float32 master weights. Half precision comes from autocast in both. --freeze_vit keeps a vision-language
+    model's vision tower and projector out of both.
     """
     attention, why = attn_implementation(config.use_flash_attn)
     say(f"[sftkit] {why}")
@@ -258,19 +266,25 @@ def setup_model(config: TrainConfig, devices: list[str], say=print):
         raise TrainingError(f"{model_dir} is quantized: its weights cannot be trained, only LoRA adapters on them (--sft_type lora)")
     template = config.template or (MODELS[model_type].template if model_type else "auto")
     config = replace(config, model_type=model_type, template=template)
+    processor, frozen = load_processor(model_dir, tokenizer), vlm.frozen_vision(model, config.freeze_vit)
     lora_config = None
     if config.sft_type == "lora":
         lora_config = LoRAConfig(r=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
                                  target_modules=resolve_lora_targets(model_type, config.lora_target_modules),
                                  use_rslora=config.use_rslora)
-        inject_lora(model, lora_config)
+        adapted = inject_lora(model, lora_config, exclude=frozen)
+        if frozen:  # the saved adapter must name only the layers it adapts
+            lora_config = replace(lora_config, target_modules=exact_targets(model, adapted))
         for parameter in lora_state_dict(model).values():
             parameter.data = parameter.data.float()
+    vlm.freeze(model, frozen)
+    if frozen:
+        say(f"[sftkit] vision tower and projector frozen ({', '.join(frozen)}); --freeze_vit false trains them too")
     if len(devices) > 1:
         say(f"[sftkit] model parallel over {devices}: {place(model, devices)}")
     trainable, total = count_parameters(model)
     say(f"[sftkit] model {model_dir}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
-    return model, tokenizer, model_dir, config, lora_config
+    return model, tokenizer, model_dir, config, lora_config, processor
 
 
 def restore(checkpoint: str, backend, rank: int) -> TrainState:

@@ -44,6 +44,9 @@ TODAY_FAMILIES = [
     *(f"gemma3-{size}{kind}" for size in ("1b", "4b", "12b", "27b") for kind in ("-pt", "-it")),
     "phi3-mini-4k-instruct", "phi3-mini-128k-instruct", "phi3-medium-4k-instruct", "phi4", "phi4-mini-instruct",
     *(f"smollm2-{size}{kind}" for size in ("135m", "360m", "1.7b") for kind in ("", "-instruct")),
+    *(f"qwen2-vl-{size}{kind}" for size in ("2b", "7b", "72b") for kind in ("", "-instruct")),
+    *(f"qwen2.5-vl-{size}-instruct" for size in ("3b", "7b", "32b", "72b")),
+    *(f"qwen3-vl-{size}-instruct" for size in ("2b", "4b", "8b", "32b")),
 ]
 
 
@@ -142,8 +145,9 @@ def test_requirements_are_checked_with_the_pip_command(no_download):
 
 
 def test_refusals_that_need_no_download(no_download):
-    with pytest.raises(UnsupportedModelError, match="vision-language model: training it is out of scope") as error:
+    with pytest.raises(UnsupportedModelError, match="is Qwen-VL v1: its vision tower runs from code in its repository") as error:
         get_model_tokenizer("qwen-vl-chat", trust_remote_code=True)
+    assert "qwen2-vl-2b-instruct" in str(error.value)
     assert isinstance(error.value, NotImplementedError)
     with pytest.raises(ModelLoadError, match="has no ModelScope id: use --hub hf"):
         get_model_tokenizer("polylm-chat-13b")

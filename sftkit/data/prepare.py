@@ -12,22 +12,25 @@ KEY_FIELDS = ("dataset_test_ratio", "train_dataset_sample", "system", "max_lengt
               "check_dataset_strategy", "train_on", "loss_scale", "seed")
 
 
-def prepare_data(config, tokenizer, say=print) -> tuple[list[dict], list[dict]]:
-    """(training examples, validation examples) of a TrainConfig; prints what was skipped or dropped, and why."""
+def prepare_data(config, tokenizer, say=print, processor=None) -> tuple[list[dict], list[dict]]:
+    """(training examples, validation examples) of a TrainConfig; prints what was skipped or dropped, and why.
+    `processor` (a VisionProcessor) encodes the images of a vision-language model's data."""
+    options = {name: getattr(config, name) for name in KEY_FIELDS} | {"val": list(config.val_dataset)}
+    if processor is not None:
+        options["processor"] = processor.key()
     key = dataset_cache.dataset_key(list(config.datasets()) + list(config.val_dataset), config.template, tokenizer,
-                                    {name: getattr(config, name) for name in KEY_FIELDS} | {"val": list(config.val_dataset)}) \
-        if config.dataset_cache else None
+                                    options) if config.dataset_cache else None
     cached = dataset_cache.load(key) if key else None
     if cached is not None:
         say(f"[sftkit] tokenized data from the cache: {dataset_cache.cache_path(key)}")
         return cached
-    examples = tokenize_data(config, tokenizer, say)
+    examples = tokenize_data(config, tokenizer, say, processor)
     if key:
         say(f"[sftkit] tokenized data cached in {dataset_cache.store(key, examples)}")
     return examples
 
 
-def tokenize_data(config, tokenizer, say=print) -> tuple[list[dict], list[dict]]:
+def tokenize_data(config, tokenizer, say=print, processor=None) -> tuple[list[dict], list[dict]]:
     """Read, split, sample and build the examples (no cache)."""
     conversations, report = load_conversations(list(config.datasets()), strategy=config.check_dataset_strategy)
     if config.val_dataset:
@@ -40,12 +43,12 @@ def tokenize_data(config, tokenizer, say=print) -> tuple[list[dict], list[dict]]
     say(f"[sftkit] training data: {report.summary()}")
     options = dict(tokenizer=tokenizer, template=config.template, max_length=config.max_length,
                    truncation_side=config.truncation_side, train_on=config.train_on, system=config.system,
-                   loss_scale=loss_scale_weights(config.loss_scale))
+                   loss_scale=loss_scale_weights(config.loss_scale), processor=processor)
     train_examples, dropped = build_examples(train_rows, **options)
     val_examples, val_dropped = build_examples(validation, **options)
-    if dropped or val_dropped:
-        say(f"[sftkit] dropped {dropped} training and {val_dropped} validation examples: "
-            f"nothing trainable left after truncation to {config.max_length} tokens")
+    for reason, count in (dropped + val_dropped).items():
+        say(f"[sftkit] dropped {dropped[reason]} training and {val_dropped[reason]} validation examples: "
+            f"{reason} (max_length {config.max_length})")
     if not train_examples:
         raise SftkitError("no training examples left: check the dataset, max_length and check_dataset_strategy")
     return train_examples, val_examples
