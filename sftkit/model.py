@@ -275,17 +275,18 @@ def _config_json(model_dir: str) -> dict:
 # What a vision-language model's processor is saved as, beside the weights.
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
                    "chat_template.json")
+# The model types whose images sftkit drives: one image token per vision feature, patches with (t, h, w) grids.
+IMAGE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def load_processor(model_dir: str, tokenizer):
     """The image side of a vision-language model's processor (a VisionProcessor), or None for a text model or a
-    vision-language model whose config names no image token (its images are not supported)."""
+    vision-language model whose images sftkit does not drive (its text still trains)."""
     from transformers import AutoConfig, AutoImageProcessor
 
     from .data.vision import vision_processor
 
-    stored = _config_json(model_dir)
-    if "vision_config" not in stored or stored.get("image_token_id") is None:
+    if _config_json(model_dir).get("model_type") not in IMAGE_MODEL_TYPES:
         return None
     config = AutoConfig.from_pretrained(model_dir)
     if not os.path.isfile(os.path.join(model_dir, PROCESSOR_FILES[0])):

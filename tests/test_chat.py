@@ -112,7 +112,7 @@ def test_chat_over_a_pipe_streams_replies_and_clear_forgets(run_dir, loaded):
 def test_agent_chat_inserts_the_tool_result_and_continues(monkeypatch, tokenizer):
     prompts = []
 
-    def scripted(model, tokenizer, ids, config, stop_strings=(), stop_token_ids=(), *, stop_after=()):
+    def scripted(model, tokenizer, ids, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), images=None):
         prompts.append(tokenizer.decode(ids))
         assert stop_after == ("<|endofthink|>",)
         yield from (["<|startofthink|>", CALL, "<|endofthink|>"] if len(prompts) == 1 else ["It is ", "sunny."])
@@ -184,7 +184,8 @@ def test_agent_procedure_inserts_reference_results_and_continues(monkeypatch, to
     }
     prompts = []
 
-    def scripted(model, tokenizer, batch, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), all_done=None):
+    def scripted(model, tokenizer, batch, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), all_done=None,
+                 images=None):
         texts = [tokenizer.decode(ids) for ids in batch]
         prompts.extend(texts)
         return [script[(text.split("user\n")[1].split("<|im_end|>")[0], text.count("<|startofexec|>"))] for text in texts]
