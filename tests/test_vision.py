@@ -237,3 +237,11 @@ def test_the_qwen2_vl_family_is_registered_and_qwen_vl_v1_keeps_its_status():
     assert infer_model_type("/models/Qwen2-VL-2B-Instruct") is None  # not a folder here: matched by id only
     assert infer_model_type("Qwen/Qwen2.5-VL-3B-Instruct") == "qwen2.5-vl-3b-instruct"
     assert MODELS["qwen-vl-chat"].trust_remote_code
+
+
+def test_preview_shows_each_image_as_its_tokens(vlm_dir, image_data):
+    result = CliRunner().invoke(main, ["preview", "--tokenizer", vlm_dir, "--dataset", image_data, "--template", "qwen",
+                                       "--num_examples", "1", "--color", "false"])
+    assert result.exit_code == 0, result.output
+    assert "<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|>What colour is the square?" in result.stdout
+    assert "[[It is red.<|im_end|>]]" in result.stdout

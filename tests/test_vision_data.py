@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import tiny
 from serving import serving_files
 from sftkit.data.errors import DataError
 from sftkit.data.formats import IMAGE_TAG, Message, to_messages

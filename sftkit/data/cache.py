@@ -15,7 +15,7 @@ import pickle
 from ..paths import cache_dir
 from .templates import get_template
 
-VERSION = 1  # bump when the pipeline's output for the same inputs changes
+VERSION = 2  # bump when the pipeline's output for the same inputs changes
 
 
 def dataset_key(specs: list[str], template: str, tokenizer, options: dict) -> str | None:

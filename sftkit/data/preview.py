@@ -46,17 +46,21 @@ def length_stats(lengths: list[int]) -> dict:
     return {"count": len(ordered), "min": ordered[0], "median": rank(0.5), "p95": rank(0.95), "max": ordered[-1]}
 
 
-def preview(config, tokenizer=None, echo=print) -> dict:
-    """Load, encode and show `config.num_examples` examples of a PreviewConfig; returns the statistics."""
+def preview(config, tokenizer=None, echo=print, processor=None) -> dict:
+    """Load, encode and show `config.num_examples` examples of a PreviewConfig; returns the statistics.
+    A vision-language model's `processor` (loaded with the tokenizer when not given) expands the images."""
     from .loading import load_conversations
     from .pipeline import build_example
 
     if tokenizer is None:
-        from ..model import load_tokenizer, resolve_model_dir
+        from ..model import load_processor, load_tokenizer, resolve_model_dir
 
-        tokenizer = load_tokenizer(resolve_model_dir(config.tokenizer))
+        model_dir = resolve_model_dir(config.tokenizer)
+        tokenizer = load_tokenizer(model_dir)
+        processor = load_processor(model_dir, tokenizer)
     conversations, report = load_conversations(list(config.datasets()), strategy=config.check_dataset_strategy)
-    options = dict(tokenizer=tokenizer, template=config.template, train_on=config.train_on, system=config.system)
+    options = dict(tokenizer=tokenizer, template=config.template, train_on=config.train_on, system=config.system,
+                   processor=processor)
     # Encode once at full length (for the statistics), then truncate as training would.
     full = [build_example(conversation, **options) for conversation in conversations]
     lengths = [len(example["input_ids"]) for example in full if example is not None]
