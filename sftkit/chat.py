@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 
+from .constrained import tool_call_guide
 from .data.formats import IMAGE_TAG, Message
 from .data.images import image_size, resolve_image
 from .data.templates import get_template
@@ -22,6 +23,7 @@ from .lora import load_adapter, unload_lora
 from .model import copy_processor_files, load_model, load_tokenizer
 from .prompts import prompt_inputs, prompt_text, reply_messages, response_text, split_last_turn, tool_call_end
 from .run import read_run_args
+from .tools import conversation_tools
 
 
 # --- chat ---------------------------------------------------------------------------------------------------
@@ -30,14 +32,15 @@ IMAGE_COMMAND = "/image "
 
 
 def chat_repl(model, tokenizer, template, system, gen_config: GenerationConfig, input=None, output=None,
-              agent: bool = False, stream: bool = True, processor=None, images=()) -> list[Message]:
+              agent: bool = False, stream: bool = True, constrained: bool = True, processor=None, images=()) -> list[Message]:
     """Multi-turn chat over text streams; returns the history when the input ends or says exit/quit.
 
     `clear` forgets the history. From a pipe, every line is one message and every reply one block on the
     output, with no prompt markers in between. In agent mode a reply that closes a tool call waits for
-    the tool's result (the next line), which goes in as a tool message before the model continues the turn.
-    `/image PATH` adds an image to the next message (a vision-language model's `processor` takes it);
-    `images` go with the first message.
+    the tool's result (the next line), which goes in as a tool message before the model continues the turn,
+    and (with `constrained`) each call is restricted to the tools the system prompt offers. `/image PATH`
+    adds an image to the next message (a vision-language model's `processor` takes it); `images` go with
+    the first message.
     """
     input, output = input or sys.stdin, output or sys.stdout
     interactive = bool(getattr(input, "isatty", lambda: False)())
@@ -45,6 +48,7 @@ def chat_repl(model, tokenizer, template, system, gen_config: GenerationConfig, 
     stop_strings, stop_ids = stop_criteria(tokenizer, template)
     call_end = tool_call_end(template) if agent else ""
     stop_after = (call_end,) if call_end else ()
+    guide = tool_call_guide(tokenizer, template) if agent and constrained else None
     history: list[Message] = []
     pending = [_checked_image(image, processor) for image in images]
     while True:
@@ -70,8 +74,9 @@ def chat_repl(model, tokenizer, template, system, gen_config: GenerationConfig, 
         turn, pending = [Message("user", IMAGE_TAG * len(pending) + line, tuple(pending))], []
         while True:
             ids, image_inputs = prompt_inputs(history + turn, tokenizer, template, system, processor)
+            constraint = guide.for_conversations([history + turn], system) if guide else None
             pieces = generate_stream(model, tokenizer, ids, gen_config, stop_strings, stop_ids, stop_after=stop_after,
-                                     images=image_inputs)
+                                     constraint=constraint, images=image_inputs)
             text = _show(pieces, output, stream)
             turn += reply_messages(text)
             if not (call_end and text.endswith(call_end)):
@@ -128,9 +133,11 @@ def infer(config, echo=print) -> list[dict]:
     conversations, _ = dataset_conversations(config, settings)
     cases = [split_last_turn(conversation) for conversation in conversations]
     prompts = [prompt_inputs(prompt, tokenizer, settings.template, settings.system, settings.processor) for prompt, _ in cases]
+    guide = tool_call_guide(tokenizer, settings.template) if config.constrained_tool_calls else None
+    tools = [conversation_tools(prompt, settings.system) for prompt, _ in cases]
     predictions = generate_all(model, tokenizer, [ids for ids, _ in prompts], generation_config(config),
                                stop_criteria(tokenizer, get_template(settings.template)), config.batch_size,
-                               images=[images for _, images in prompts])
+                               guide=guide, tools=tools, images=[images for _, images in prompts])
     rows = [{"prompt": prompt_text(prompt, tokenizer, settings.template, settings.system),
              "reference": response_text(reference, settings.template), "prediction": prediction}
             | ({"images": [image for message in prompt for image in message.images]} if prompt_images else {})

@@ -25,6 +25,8 @@ from .quant import BITS, COMPUTE_DTYPES, OPTIMIZER_ALIASES, OPTIMIZERS, QUANT_TY
 
 SFT_TYPES = ("lora", "full")
 LOSS_SCALE_PRESETS = {"agent": {"tool_call": 2.0, "assistant": 1.0}}
+CONSTRAINED_HELP = ("in agent mode (chat --agent, infer, eval --metrics agent), a tool call may only name a tool the "
+                    "conversation offers, with that tool's parameter names and value types (false: free, to compare)")
 TRUE = ("true", "1", "yes", "on")
 FALSE = ("false", "0", "no", "off")
 
@@ -132,6 +134,11 @@ class TrainConfig(DataOptions):
     dtype: str = option("auto", "auto (fp32 on CPU, bf16 on capable GPUs), bf16, fp16 or fp32", aliases=("torch_dtype",),
                         choices=DTYPE_CHOICES)
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    max_memory: str | None = option("auto", "memory budget such as 24GB: when the estimated peak of a micro-batch exceeds it, "
+                                            "recompute the cheapest layer parts (MLP, attention or whole layers) that make "
+                                            "it fit (auto: the device's memory; none: never)")
+    varlen_attention: bool = option(True, "attention without a T x T mask: padded batches run the causal kernel, packed "
+                                          "rows attend within each document (false: transformers' masked SDPA)")
     seed: int = option(42, "seed for data order, splits and initialisation")
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)")
     devices: tuple[str, ...] = option((), "spread the model's layers over these devices, e.g. cpu,cuda:0 "
@@ -147,6 +154,7 @@ class TrainConfig(DataOptions):
     eval_generation_mode: str = option("rouge", "generation evaluation: rouge (text) or agent (tool calls)", choices=GENERATION_MODES)
     eval_generation_limit: int = option(50, "validation conversations to generate for at each evaluation")
     eval_max_new_tokens: int = option(256, "longest generated answer during evaluation")
+    constrained_tool_calls: bool = option(True, CONSTRAINED_HELP + " (with eval_generation_mode agent)")
     save_steps: int | None = option(None, "save every this many steps (default: eval_steps)")
     save_total_limit: int = option(2, "keep at most this many checkpoints besides the best")
     only_save_model: bool = option(False, "checkpoints hold only weights (no optimizer state: cannot resume)")
@@ -185,6 +193,12 @@ class TrainConfig(DataOptions):
             checks.append(f"max_steps must be > 0 or -1, got {self.max_steps}")
         try:
             loss_scale_weights(self.loss_scale)
+        except ValueError as error:
+            checks.append(str(error))
+        from .memory import parse_memory
+
+        try:
+            parse_memory(self.max_memory)
         except ValueError as error:
             checks.append(str(error))
         if self.sft_type == "full" and self.quantization_bit:
@@ -376,6 +390,7 @@ class GenerateOptions:
     top_p: float = option(1.0, "sample among the fewest tokens holding this much probability")
     repetition_penalty: float = option(1.0, "scale down tokens already in the prompt or reply (1: off)")
     seed: int | None = option(None, "seed for sampling, so a sampled run can be repeated")
+    constrained_tool_calls: bool = option(True, CONSTRAINED_HELP)
 
     def problems(self) -> list[str]:
         from .generation import generation_problems

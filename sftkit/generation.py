@@ -76,17 +76,18 @@ def stop_criteria(tokenizer, template) -> tuple[tuple[str, ...], tuple[int, ...]
 
 
 def generate_stream(model, tokenizer, input_ids, config: GenerationConfig, stop_strings=(), stop_token_ids=(),
-                    *, stop_after=(), images: dict | None = None) -> Iterator[str]:
+                    *, stop_after=(), constraint=None, images: dict | None = None) -> Iterator[str]:
     """Yield the reply to one prompt piece by piece as it becomes stable.
 
     Stops at EOS or a stop token (not shown), at a stop string (not shown), or after a `stop_after` string
-    (shown: e.g. the marker that closes a tool call, which belongs to the reply). `images` are the prompt's
-    image inputs (sftkit.prompts.prompt_inputs).
+    (shown: e.g. the marker that closes a tool call, which belongs to the reply). `constraint` (one row of
+    constrained.CallConstraint) masks the logits of tool calls; `images` are the prompt's image inputs
+    (sftkit.prompts.prompt_inputs).
     """
     stops = stop_token_set(model, tokenizer, stop_token_ids)
     reply = ReplyText(tokenizer, stop_strings, stop_after)
     padded = _left_pad([list(input_ids)], pad_token_id(tokenizer), model.device)
-    for tokens in _token_steps(model, *padded, config, _image_inputs([images], padded[0].shape[1], model.device)):
+    for tokens in _token_steps(model, *padded, config, constraint, _image_inputs([images], padded[0].shape[1], model.device)):
         token = int(tokens[0])
         if token in stops:
             break
@@ -101,25 +102,28 @@ def generate_stream(model, tokenizer, input_ids, config: GenerationConfig, stop_
 
 
 def generate_batch(model, tokenizer, batch_input_ids, config: GenerationConfig, stop_strings=(), stop_token_ids=(),
-                   *, stop_after=(), all_done=None, images: list[dict | None] | None = None) -> list[str]:
+                   *, stop_after=(), all_done=None, constraint=None, images: list[dict | None] | None = None) -> list[str]:
     """The replies to several prompts at once (left-padded); each row stops on its own, as generate_stream would.
 
     all_done(finished here) -> finished everywhere: ranks that must run the same forwards (ZeRO-3) go on
-    until every rank has finished. `images` holds each prompt's image inputs (or None).
+    until every rank has finished. `constraint` (constrained.CallConstraint, one state per row) masks the
+    logits of tool calls; `images` holds each prompt's image inputs (or None).
     """
     if not batch_input_ids:
         return []
     stops = stop_token_set(model, tokenizer, stop_token_ids)
     replies = [ReplyText(tokenizer, stop_strings, stop_after) for _ in batch_input_ids]
     padded = _left_pad([list(ids) for ids in batch_input_ids], pad_token_id(tokenizer), model.device)
-    for tokens in _token_steps(model, *padded, config, _image_inputs(images or [], padded[0].shape[1], model.device)):
-        for reply, token in zip(replies, tokens.tolist()):
+    for tokens in _token_steps(model, *padded, config, constraint, _image_inputs(images or [], padded[0].shape[1], model.device)):
+        for row, (reply, token) in enumerate(zip(replies, tokens.tolist())):
             if reply.done:
                 continue
             if token in stops:
                 reply.finish()
             else:
                 reply.push(token)
+            if reply.done and constraint is not None:
+                constraint.drop(row)
         if (all_done or bool)(all(reply.done for reply in replies)):
             break
     for reply in replies:
@@ -257,11 +261,13 @@ def _image_inputs(images: list[dict | None], width: int, device) -> dict | None:
 
 @torch.no_grad()
 def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
-                 images: dict | None = None):
+                 constraint=None, images: dict | None = None):
     """Yield the next token of every row, max_new_tokens times; the caller stops early by not asking for more.
 
     Positions count real tokens only, so a left-padded row sees the same positions as when it runs alone; with
     images, the first forward takes them and the positions are the model's own (3-D for the Qwen2-VL family).
+    A `constraint` masks each row's logits before the pick (repetition penalty and sampling then see only
+    allowed tokens) and reads the picked tokens after it.
     """
     from transformers import DynamicCache
 
@@ -288,9 +294,13 @@ def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
             output = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                            logits_to_keep=1, **{cache_name: cache}, **(images if images and not step else {}))
             logits = output.logits[:, -1, :].float()
+            if constraint is not None:
+                logits = constraint.restrict(logits)
             if config.repetition_penalty != 1.0 and seen is None:
                 seen = _seen_tokens(input_ids, attention_mask, logits.shape[-1])
             tokens = next_tokens(logits, config, seen, generator)
+            if constraint is not None:
+                constraint.advance(tokens.tolist())
             yield tokens
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .attention import decoder_inputs
 from .data.pipeline import IGNORE_INDEX, IMAGE_KEYS
 
 
@@ -44,8 +45,8 @@ def backbone_hidden(model, batch: dict) -> torch.Tensor:
     """Last hidden states of the decoder stack (the model without its output head); a vision-language model's
     base merges the image features into the text embeddings from the batch's IMAGE_KEYS."""
     backbone = getattr(model, model.base_model_prefix)
-    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids", *IMAGE_KEYS) if key in batch}
-    return backbone(**inputs, use_cache=False).last_hidden_state
+    images = {key: batch[key] for key in IMAGE_KEYS if key in batch}
+    return backbone(**decoder_inputs(model, batch), **images, use_cache=False).last_hidden_state
 
 
 def _final_logits(model, logits: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import distributed, evaluate, run, vlm
+from . import distributed, evaluate, memory, run, vlm
+from .attention import use_varlen_attention
 from .backend import build_backend
 from .checkpoint import (TrainState, mark_best, prune, read_train_state, require_resumable, resolve_checkpoint,
                          restore_rng_states, save, write_weights)
@@ -39,11 +40,13 @@ from .quant import QuantizationOptions, is_quantized
 from .registry import EMBEDDED_MODEL_TYPE, MODELS, infer_model_type, resolve_lora_targets
 
 
+@memory.explain_out_of_memory  # an out-of-memory error names the options that lower the need
 def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], None] = lambda record: None) -> str:
     """Fine-tune as `config` says; returns the best checkpoint folder (the last one without evaluation).
 
     loss_fn(model, batch) -> (summed loss, trainable tokens) is what every micro-batch minimises;
-    on_record(record) sees the start ({step, total_steps, run_dir}), each step's record and each evaluation.
+    on_record(record) sees the start ({step, total_steps, run_dir, estimated_peak_mb}), each step's record and
+    each evaluation.
     """
     # --- Setup. One rank per process (torchrun), each owning one device or, for pipeline-style model
     # parallel, a group of devices its layers are spread over.
@@ -59,6 +62,7 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
     # Data, tokenized once up front (every rank tokenizes the same data and takes its own slices).
     train_examples, val_examples = prepare_data(config, tokenizer, say, processor)
     train_examples, collate_train = training_rows(config, train_examples, say, processor)
+    peak = memory.prepare_memory(model, config, device, train_examples, say, processes=world.size if device.type == "cpu" else 1)
     global_batch = config.batch_size * world.size
     batches_per_epoch = math.ceil(len(train_examples) / global_batch)
     total_steps = config.max_steps if config.max_steps > 0 else \
@@ -84,7 +88,7 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
         f"{total_steps} steps, world size {world.size}, run folder {run_dir}")
     started = time.time()
     progress = _progress(total_steps, state.step, enabled=world.is_main)
-    on_record({"step": state.step, "total_steps": total_steps, "run_dir": run_dir})
+    on_record({"step": state.step, "total_steps": total_steps, "run_dir": run_dir, "estimated_peak_mb": round(peak / 2**20, 1)})
     with StopOnSignal() as stop:
         # --- The loop: one optimizer step per iteration.
         while state.step < total_steps:
@@ -284,6 +288,8 @@ def setup_model(config: TrainConfig, devices: list[str], say=print):
         say(f"[sftkit] model parallel over {devices}: {place(model, devices)}")
     trainable, total = count_parameters(model)
     say(f"[sftkit] model {model_dir}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+    if config.varlen_attention:  # no T x T attention mask in training (before the memory plan, which counts on it)
+        say(f"[sftkit] {use_varlen_attention(model)}")
     return model, tokenizer, model_dir, config, lora_config, processor
 
 
