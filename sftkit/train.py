@@ -181,10 +181,10 @@ def training_rows(config: TrainConfig, examples: list[dict], say=print, processo
     """The rows batches are drawn from and how to collate them: the examples (a vision-language model's with
     their pixels made per batch), or with --packing rows that hold several examples each."""
     if processor is not None and config.packing:
-        raise TrainingError("--packing is refused for vision-language models: packed rows restart 1-D positions per "
-                            "example, but the Qwen2-VL family takes 3-D (time, height, width) rotary positions and "
-                            "masks attention without those restarts, so examples would attend to each other. "
-                            "Use --group_by_length true to cut padding instead.")
+        raise TrainingError("--packing is refused for vision-language models: packed rows carry 1-D positions that "
+                            "restart per example, but the Qwen2-VL family gives image tokens 3-D (time, height, width) "
+                            "rotary positions, which the model computes per sequence, so packed images would be seen at "
+                            "other positions than in inference. Use --group_by_length true to cut padding instead.")
     if not config.packing:
         return examples, collate if processor is None else partial(collate_images, processor=processor)
     rows = pack(examples, config.max_length or 2048)
