@@ -14,8 +14,10 @@ from click.testing import CliRunner
 import tiny
 from sftkit.chat import chat_repl, infer, merge
 from sftkit.config import EvalConfig, InferConfig, MergeConfig, TrainConfig
-from sftkit.data.formats import to_messages
+from sftkit.data.formats import Message, to_messages
+from sftkit.data.loading import load_conversations
 from sftkit.data.pipeline import build_example
+from sftkit.data.templates import render
 from sftkit.data.vision import collate_images
 from sftkit.errors import TrainingError
 from sftkit.evaluate import evaluate_checkpoint
@@ -245,3 +247,26 @@ def test_preview_shows_each_image_as_its_tokens(vlm_dir, image_data):
     assert result.exit_code == 0, result.output
     assert "<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|>What colour is the square?" in result.stdout
     assert "[[It is red.<|im_end|>]]" in result.stdout
+
+
+def test_the_shapes_example_writes_deterministic_rows_and_a_model_that_takes_them(tmp_path):
+    import subprocess
+    import sys
+
+    example = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "vision")
+    for out in ("a", "b"):
+        subprocess.run([sys.executable, os.path.join(example, "make_dataset.py"), "--train", "30", "--test", "6",
+                        "--out", str(tmp_path / out)], check=True, capture_output=True)
+    rows = (tmp_path / "a" / "train.jsonl").read_text()
+    assert rows == (tmp_path / "b" / "train.jsonl").read_text()
+    assert (tmp_path / "a" / "images" / "train-00000.png").read_bytes() == (tmp_path / "b" / "images" / "train-00000.png").read_bytes()
+    conversations, _ = load_conversations([str(tmp_path / "a" / "train.jsonl")])
+    assert len({conversation[-1].content for conversation in conversations}) == 30  # every caption once
+    subprocess.run([sys.executable, os.path.join(example, "make_model.py"), "--out", str(tmp_path / "model")], check=True,
+                   capture_output=True)
+    tokenizer = load_tokenizer(str(tmp_path / "model"))
+    processor = load_processor(str(tmp_path / "model"), tokenizer)
+    example_row = build_example(conversations[0], tokenizer=tokenizer, template="qwen", processor=processor)
+    assert example_row["image_tokens"] == [16]
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True) == \
+        "".join(text for text, _ in render([Message("user", "hi")], "qwen"))
