@@ -134,7 +134,8 @@ def test_agent_chat_inserts_the_tool_result_and_continues(monkeypatch, tokenizer
 def test_agent_chat_constrains_calls_to_the_system_prompt_tools(monkeypatch, tokenizer):
     seen = []
 
-    def scripted(model, tokenizer, ids, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), constraint=None):
+    def scripted(model, tokenizer, ids, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), constraint=None,
+                 images=None):
         seen.append(constraint)
         yield "ok"
 
@@ -167,7 +168,7 @@ def test_infer_constrains_rows_that_offer_tools(run_dir, tmp_path, monkeypatch):
     seen = []
 
     def scripted(model, tokenizer, batch, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), all_done=None,
-                 constraint=None):
+                 constraint=None, images=None):
         seen.append(constraint)
         return ["ok"] * len(batch)
 
