@@ -63,12 +63,13 @@ def main() -> None:
     data = out / "data"
     run([sys.executable, str(HERE / "make_dataset.py"), "--out", str(data)] + (["--train", "200", "--test", "30"] * args.quick))
     if args.model_type:
-        model = ["--model_type", args.model_type]
+        from sftkit.registry import MODELS
+
+        model, base = ["--model_type", args.model_type], ["--model", MODELS[args.model_type].model_id_or_path]
     else:
         run([sys.executable, str(HERE / "make_model.py"), "--out", str(out / "model")])
-        model = ["--model", str(out / "model")]
-    template = ["--template", "qwen"]
-    before = caption(out, "before", data / "test.jsonl", model + template)
+        model = base = ["--model", str(out / "model")]
+    before = caption(out, "before", data / "test.jsonl", base + ["--template", "qwen"])
     device = ["--device", args.device] if args.device else []
     quick = ["--max_steps", "30", "--eval_steps", "15"] if args.quick else []
     started = time.time()
