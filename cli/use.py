@@ -13,7 +13,8 @@ from .options import ConfigCommand, config_command
 def chat(config: ChatConfig):
     """Chat with a checkpoint (or the embedded default model). 'clear' resets the history, 'exit' or EOF ends.
 
-    From a pipe every line is one message and every reply one block, with no prompt markers.
+    From a pipe every line is one message and every reply one block, with no prompt markers. With a
+    vision-language model, '/image PATH' adds an image to the next message (--images: to the first).
     """
     from sftkit.chat import chat_repl
     from sftkit.generation import generation_config
@@ -23,7 +24,8 @@ def chat(config: ChatConfig):
                                                     system=config.system, dtype=config.dtype,
                                                     trust_remote_code=config.trust_remote_code)
     chat_repl(model, tokenizer, settings.template, settings.system, generation_config(config), agent=config.agent,
-              stream=config.stream, constrained=config.constrained_tool_calls)
+              stream=config.stream, constrained=config.constrained_tool_calls, processor=settings.processor,
+              images=config.images)
 
 
 @click.command("infer", cls=ConfigCommand)

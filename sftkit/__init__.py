@@ -10,6 +10,7 @@ from .data.formats import Message, to_messages
 from .data.loading import Drop, load_conversations, register_dataset, split_and_sample
 from .data.pipeline import build_example, build_examples, collate, encode, mask, truncate
 from .data.templates import Template, get_template, register_template, render
+from .data.vision import VisionProcessor, collate_images
 from .lora import (
     LoRAConfig,
     LoRALinear,
@@ -27,7 +28,7 @@ from .evaluate import evaluate_checkpoint, evaluate_generation
 from .generation import GenerationConfig, generate_batch, generate_stream
 from .inference import load_for_inference
 from .metrics import agent_metrics, bleu4, call_errors, parse_tool_calls, rouge_l, text_metrics
-from .model import get_model_tokenizer, load_model, load_model_and_tokenizer, load_tokenizer, resolve_model_dir
+from .model import get_model_tokenizer, load_model, load_model_and_tokenizer, load_processor, load_tokenizer, resolve_model_dir
 from .registry import MODELS, ModelInfo, infer_model_type, register_model
 from .tools import Tool, conversation_tools, offered_tools
 from .train import train
@@ -38,6 +39,7 @@ __all__ = [
     "agent_metrics", "bleu4", "evaluate_generation", "generate_batch", "generate_stream", "get_model_tokenizer",
     "infer", "infer_model_type", "load_for_inference", "merge", "parse_tool_calls", "register_model", "rouge_l",
     "text_metrics", "Tool", "ToolCallGuide", "call_errors", "conversation_tools", "offered_tools", "tool_call_guide",
+    "VisionProcessor", "collate_images", "load_processor",
     "DataError", "Drop", "LoRAConfig", "LoRALinear", "Message", "PreviewConfig", "Template", "TrainConfig", "TrainingError",
     "build_config", "build_example", "build_examples", "collate", "count_parameters", "encode", "get_template",
     "inject_lora", "load_adapter", "load_conversations", "load_model", "load_model_and_tokenizer", "load_tokenizer",

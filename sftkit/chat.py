@@ -11,32 +11,37 @@ import shutil
 import sys
 
 from .constrained import tool_call_guide
-from .data.formats import Message
+from .data.formats import IMAGE_TAG, Message
+from .data.images import image_size, resolve_image
 from .data.templates import get_template
 from .evaluate import Throughput, generate_all
 from .generation import GenerationConfig, generate_stream, generation_config, stop_criteria
-from .errors import CheckpointError
 from .checkpoint import check_files
+from .errors import CheckpointError, SftkitError
 from .inference import (base_model_dir, checkpoint_folder, dataset_conversations, is_adapter, load_for_inference,
                         output_path, require_full_weights, stored_dtype)
 from .lora import load_adapter, unload_lora
-from .model import DTYPES, load_model, load_tokenizer
-from .prompts import prompt_ids, prompt_text, reply_messages, response_text, split_last_turn, tool_call_end
+from .model import DTYPES, copy_processor_files, load_model, load_tokenizer
+from .prompts import prompt_inputs, prompt_text, reply_messages, response_text, split_last_turn, tool_call_end
 from .run import read_run_args
 from .tools import conversation_tools
 
 
 # --- chat ---------------------------------------------------------------------------------------------------
 
+IMAGE_COMMAND = "/image "
+
 
 def chat_repl(model, tokenizer, template, system, gen_config: GenerationConfig, input=None, output=None,
-              agent: bool = False, stream: bool = True, constrained: bool = True) -> list[Message]:
+              agent: bool = False, stream: bool = True, constrained: bool = True, processor=None, images=()) -> list[Message]:
     """Multi-turn chat over text streams; returns the history when the input ends or says exit/quit.
 
     `clear` forgets the history. From a pipe, every line is one message and every reply one block on the
     output, with no prompt markers in between. In agent mode a reply that closes a tool call waits for
     the tool's result (the next line), which goes in as a tool message before the model continues the turn,
-    and (with `constrained`) each call is restricted to the tools the system prompt offers.
+    and (with `constrained`) each call is restricted to the tools the system prompt offers. `/image PATH`
+    adds an image to the next message (a vision-language model's `processor` takes it); `images` go with
+    the first message.
     """
     input, output = input or sys.stdin, output or sys.stdout
     interactive = bool(getattr(input, "isatty", lambda: False)())
@@ -46,23 +51,33 @@ def chat_repl(model, tokenizer, template, system, gen_config: GenerationConfig, 
     stop_after = (call_end,) if call_end else ()
     guide = tool_call_guide(tokenizer, template) if agent and constrained else None
     history: list[Message] = []
+    pending = [_checked_image(image, processor) for image in images]
     while True:
         line = _read_line(input, output, "<<< " if interactive else "")
         if line is None or line.strip() in ("exit", "quit"):
             return history
         if line.strip() == "clear":
-            history = []
+            history, pending = [], []
             if interactive:
                 output.write("(history cleared)\n")
             continue
+        if line.startswith(IMAGE_COMMAND):
+            try:
+                pending.append(_checked_image(line[len(IMAGE_COMMAND):].strip(), processor))
+            except SftkitError as error:
+                output.write(f"(no image added: {error})\n")
+            else:
+                if interactive:
+                    output.write(f"(image {len(pending)} goes with your next message)\n")
+            continue
         if not line.strip():
             continue
-        turn = [Message("user", line)]
+        turn, pending = [Message("user", IMAGE_TAG * len(pending) + line, tuple(pending))], []
         while True:
-            ids = prompt_ids(history + turn, tokenizer, template, system)
+            ids, image_inputs = prompt_inputs(history + turn, tokenizer, template, system, processor)
             constraint = guide.for_conversations([history + turn], system) if guide else None
             pieces = generate_stream(model, tokenizer, ids, gen_config, stop_strings, stop_ids, stop_after=stop_after,
-                                     constraint=constraint)
+                                     constraint=constraint, images=image_inputs)
             text = _show(pieces, output, stream)
             turn += reply_messages(text)
             if not (call_end and text.endswith(call_end)):
@@ -77,6 +92,15 @@ def chat_repl(model, tokenizer, template, system, gen_config: GenerationConfig, 
         output.write("\n")
         output.flush()
         history += turn
+
+
+def _checked_image(reference: str, processor) -> str:
+    """An image for the next message, resolved and opened now, so a bad path is reported before the model runs."""
+    if processor is None:
+        raise SftkitError("this model takes no images (a text model, or a vision-language model sftkit does not drive)")
+    resolved = resolve_image(reference)
+    image_size(resolved)
+    return resolved
 
 
 def _read_line(input, output, marker: str) -> str | None:
@@ -110,17 +134,18 @@ def infer(config, echo=print) -> list[dict]:
                                                     trust_remote_code=config.trust_remote_code)
     conversations, _ = dataset_conversations(config, settings)
     cases = [split_last_turn(conversation) for conversation in conversations]
-    prompts = [prompt_ids(prompt, tokenizer, settings.template, settings.system) for prompt, _ in cases]
+    prompts = [prompt_inputs(prompt, tokenizer, settings.template, settings.system, settings.processor) for prompt, _ in cases]
     guide = tool_call_guide(tokenizer, settings.template) if config.constrained_tool_calls else None
     tools = [conversation_tools(prompt, settings.system) for prompt, _ in cases]
     progress = Throughput(len(prompts), desc="infer")
-    predictions = generate_all(model, tokenizer, prompts, generation_config(config),
+    predictions = generate_all(model, tokenizer, [ids for ids, _ in prompts], generation_config(config),
                                stop_criteria(tokenizer, get_template(settings.template)), config.batch_size,
-                               guide=guide, tools=tools, progress=progress)
+                               guide=guide, tools=tools, images=[images for _, images in prompts], progress=progress)
     progress.close()
     rows = [{"prompt": prompt_text(prompt, tokenizer, settings.template, settings.system),
              "reference": response_text(reference, settings.template), "prediction": prediction}
-            for (prompt, reference), prediction in zip(cases, predictions)]
+            | ({"images": [image for message in prompt for image in message.images]} if prompt_images else {})
+            for (prompt, reference), prediction, (_, prompt_images) in zip(cases, predictions, prompts)]
     path = output_path(config, settings, "infer_result.jsonl")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
@@ -164,5 +189,6 @@ def merge(config) -> str:
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     load_tokenizer(model_dir, trust_remote_code=remote).save_pretrained(staging)
+    copy_processor_files(model_dir, staging)
     os.replace(staging, output_dir)
     return output_dir

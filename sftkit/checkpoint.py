@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from . import distributed, manifest
 from .errors import CheckpointError
 from .lora import CONFIG_NAME, WEIGHTS_NAME, load_lora_weights, save_adapter
+from .model import copy_processor_files, model_class
 from .run import BEST, LATEST, pointer, set_pointer
 
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -224,6 +225,7 @@ def write_weights(folder: str, model, tokenizer, lora_config, model_dir: str, st
         save_adapter(model, lora_config, folder, base_model_name_or_path=os.path.abspath(model_dir), tensors=weights)
     else:
         model.save_pretrained(folder, state_dict=weights)
+        copy_processor_files(model_dir, folder)
     tokenizer.save_pretrained(folder)
     with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as handle:
         handle.write(state.to_json())
@@ -243,10 +245,8 @@ def load_weights(model, checkpoint: str) -> None:
     if any(os.path.isfile(os.path.join(checkpoint, name)) for name in (WEIGHTS_NAME, CONFIG_NAME)):
         load_lora_weights(model, checkpoint)
         return
-    from transformers import AutoModelForCausalLM
-
     try:  # safetensors only: a planted pytorch_model.bin is never unpickled
-        saved = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, use_safetensors=True)
+        saved = model_class(checkpoint).from_pretrained(checkpoint, dtype=torch.float32, use_safetensors=True)
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{checkpoint} holds neither a LoRA adapter nor loadable full weights ({error})") from None
     model.load_state_dict(saved.state_dict())

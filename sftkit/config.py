@@ -121,6 +121,8 @@ class TrainConfig(DataOptions):
     lora_target_modules: tuple[str, ...] = option(("all-linear",), "module names, a regex, all-linear (ALL), "
                                                                    "or DEFAULT (the model type's own targets)")
     use_rslora: bool = option(False, "scale by alpha / sqrt(r)")
+    freeze_vit: bool = option(True, "vision-language models: keep the vision tower and projector frozen (no LoRA on them, "
+                                    "not trained in full fine-tuning); false trains them too")
     quantization_bit: int = option(0, "load the base in 4 or 8 bits through bitsandbytes (QLoRA); 0: off", choices=(0,) + BITS)
     bnb_4bit_quant_type: str = option("nf4", "4-bit data type", choices=QUANT_TYPES)
     bnb_4bit_use_double_quant: bool = option(True, "quantize the 4-bit scales too")
@@ -496,6 +498,8 @@ class ChatConfig(GenerateOptions):
     """sftkit chat: talk to a model, or pipe one message per line through it."""
 
     agent: bool = option(False, "after a tool call, read the tool's result (next line) and let the model continue")
+    images: tuple[str, ...] = option((), "images (paths, URLs or base64) for the first message, e.g. with piped input; "
+                                         "in the REPL, '/image PATH' adds one to the next message")
     stream: bool = option(True, "print replies token by token")
 
 

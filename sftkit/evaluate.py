@@ -18,12 +18,13 @@ from . import distributed
 from .constrained import tool_call_guide
 from .data.formats import Message
 from .data.pipeline import collate
+from .data.vision import collate_images
 from .data.templates import get_template
 from .generation import GenerationConfig, generate_batch, generation_config, stop_criteria
 from .inference import dataset_conversations, load_for_inference, output_path
 from .loss import loss_sum
 from .metrics import GENERATION_MODES, agent_metrics, call_errors, error_counts, rouge_l, text_metrics
-from .prompts import prompt_ids, prompt_text, reply_messages, response_text, split_last_turn, tool_call_end
+from .prompts import prompt_inputs, prompt_text, reply_messages, response_text, split_last_turn, tool_call_end
 from .tools import conversation_tools
 
 WORST_SHOWN = 5
@@ -43,11 +44,11 @@ class Lockstep:
 
 
 def validation_metrics(model, tokenizer, config, examples: list[dict], *, device, autocast,
-                       world: distributed.World = distributed.World(), lockstep: bool = False) -> dict:
+                       world: distributed.World = distributed.World(), lockstep: bool = False, processor=None) -> dict:
     """Validation loss and perplexity; with generation (config.generates), the metrics of `sftkit eval` on the
-    same split, as eval_<name>."""
+    same split, as eval_<name>. `processor` takes a vision-language model's images."""
     metrics = evaluate_loss(model, examples, config.eval_batch_size, tokenizer.pad_token_id, device, autocast, world,
-                            lockstep)
+                            lockstep, processor)
     if not config.generates:
         return metrics
     with torch.no_grad(), autocast:
@@ -55,14 +56,15 @@ def validation_metrics(model, tokenizer, config, examples: list[dict], *, device
                                      mode=config.eval_generation_mode, system=config.system,
                                      gen_config=GenerationConfig(max_new_tokens=config.eval_max_new_tokens),
                                      limit=config.eval_generation_limit, batch_size=config.eval_batch_size,
-                                     world=world, lockstep=lockstep, constrained_tool_calls=config.constrained_tool_calls)
+                                     world=world, lockstep=lockstep, constrained_tool_calls=config.constrained_tool_calls,
+                                     processor=processor)
     return {**metrics, **{f"eval_{key}": value for key, value in report["metrics"].items()
                           if isinstance(value, (int, float)) and not isinstance(value, bool)}}
 
 
 @torch.no_grad()
 def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int, device, autocast,
-                  world: distributed.World = distributed.World(), lockstep: bool = False) -> dict:
+                  world: distributed.World = distributed.World(), lockstep: bool = False, processor=None) -> dict:
     """Token-mean loss over the validation set (unweighted, whatever --loss_scale says), and its perplexity."""
     model.eval()
     shard = examples[world.rank::world.size]
@@ -72,8 +74,9 @@ def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int, dev
     total, tokens = 0.0, 0
     for index in range(batches):
         part = shard[index * batch_size:(index + 1) * batch_size]
-        unweighted = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in (part or examples[:1])]
-        batch = {k: v.to(device) for k, v in collate(unweighted, pad_id).items()}
+        unweighted = [{k: e[k] for k in ("input_ids", "labels", "images", "image_tokens") if k in e} for e in (part or examples[:1])]
+        rows = collate(unweighted, pad_id) if processor is None else collate_images(unweighted, pad_id, processor)
+        batch = {k: v.to(device) for k, v in rows.items()}
         with autocast:
             summed, count = loss_sum(model, batch)
         if part:  # else a throwaway forward, so that every rank joined it
@@ -105,8 +108,9 @@ class Throughput:
 
 def generate_all(model, tokenizer, prompts: list[list[int]], gen_config: GenerationConfig, stops, batch_size: int = 8,
                  stop_after=(), lockstep: Lockstep | None = None, guide=None, tools=None,
-                 progress: Throughput | None = None) -> list[str]:
-    """generate_batch over any number of prompts, batch_size at a time; with a guide, prompt i's calls use tools[i]."""
+                 progress: Throughput | None = None, images: list[dict | None] | None = None) -> list[str]:
+    """generate_batch over any number of prompts, batch_size at a time; with a guide, prompt i's calls use tools[i]
+    (`images`: each prompt's image inputs)."""
     stop_strings, stop_ids = stops
     count = -(-len(prompts) // batch_size)
     if lockstep:
@@ -117,7 +121,8 @@ def generate_all(model, tokenizer, prompts: list[list[int]], gen_config: Generat
         constraint = guide.constraint(tools[index * batch_size:(index + 1) * batch_size]) if guide and part else None
         outputs = generate_batch(model, tokenizer, part or [[tokenizer.pad_token_id]], gen_config, stop_strings, stop_ids,
                                  stop_after=stop_after, all_done=lockstep.all_done if lockstep else None,
-                                 constraint=constraint, on_tokens=progress.add_tokens if progress else None)
+                                 constraint=constraint, on_tokens=progress.add_tokens if progress else None,
+                                 images=images[index * batch_size:(index + 1) * batch_size] if images else None)
         replies += outputs if part else []
         if progress:
             progress.add_rows(len(part))
@@ -125,7 +130,8 @@ def generate_all(model, tokenizer, prompts: list[list[int]], gen_config: Generat
 
 
 def agent_replies(model, tokenizer, template, cases, gen_config: GenerationConfig, *, system=None, batch_size=8,
-                  lockstep: Lockstep | None = None, constrained: bool = True, progress: Throughput | None = None):
+                  lockstep: Lockstep | None = None, constrained: bool = True, progress: Throughput | None = None,
+                  processor=None):
     """Answer each (prompt, reference turn) as a user of the agent would see it; returns (replies, results inserted).
 
     Generate until a tool call closes or the turn ends; after a call, insert the reference turn's next tool
@@ -142,9 +148,10 @@ def agent_replies(model, tokenizer, template, cases, gen_config: GenerationConfi
     replies, used = [""] * len(cases), [0] * len(cases)
     active = list(range(len(cases)))
     while (lockstep.batches(len(active)) if lockstep else len(active)) > 0:
-        prompts = [prompt_ids(cases[i][0] + turns[i], tokenizer, template, system) for i in active]
-        outputs = generate_all(model, tokenizer, prompts, gen_config, stops, batch_size, stop_after=(call_end,),
-                               lockstep=lockstep, guide=guide, tools=[tools[i] for i in active], progress=progress)
+        prompts = [prompt_inputs(cases[i][0] + turns[i], tokenizer, template, system, processor) for i in active]
+        outputs = generate_all(model, tokenizer, [ids for ids, _ in prompts], gen_config, stops, batch_size,
+                               stop_after=(call_end,), lockstep=lockstep, guide=guide, tools=[tools[i] for i in active],
+                               progress=progress, images=[images for _, images in prompts])
         waiting = []
         for index, text in zip(active, outputs):
             replies[index] += text
@@ -162,7 +169,8 @@ def agent_replies(model, tokenizer, template, cases, gen_config: GenerationConfi
 def evaluate_generation(model, tokenizer, template, conversations: list[list[Message]], *, mode: str = "rouge",
                         gen_config: GenerationConfig, system: str | None = None, limit: int | None = None,
                         batch_size: int = 8, world: distributed.World = distributed.World(),
-                        lockstep: bool = False, constrained_tool_calls: bool = True, progress: bool = False) -> dict:
+                        lockstep: bool = False, constrained_tool_calls: bool = True, progress: bool = False,
+                        processor=None) -> dict:
     """Generate an answer to each conversation's last user turn and score it against the reference answer.
 
     rouge: one generation, ROUGE-L and BLEU-4 over the whole answer. agent: calls (constrained to the offered
@@ -179,7 +187,7 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
         raise ValueError("no conversations to evaluate")
     references = [response_text(reference, template) for _, reference in cases]
     predictions, inserted = _predictions(model, tokenizer, template, cases, mode, gen_config, system, batch_size,
-                                         world, lockstep, constrained_tool_calls, progress)
+                                         world, lockstep, constrained_tool_calls, progress, processor)
     if mode == "rouge":
         metrics, unparsed = text_metrics(predictions, references), []
     else:
@@ -209,7 +217,7 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
 
 
 def _predictions(model, tokenizer, template, cases, mode, gen_config, system, batch_size, world, lockstep,
-                 constrained, progress) -> tuple[list[str], int]:
+                 constrained, progress, processor) -> tuple[list[str], int]:
     """Every case's generated answer (each rank generates its share; all ranks get all), and the tool results inserted."""
     mine = list(range(world.rank, len(cases), world.size))
     sync = Lockstep(world) if lockstep else None
@@ -217,13 +225,13 @@ def _predictions(model, tokenizer, template, cases, mode, gen_config, system, ba
     # An agent's rows may generate several times (after each tool result), so its bar counts generations.
     bar = Throughput(len(mine) if mode == "rouge" else None) if progress else None
     if mode == "rouge":
-        prompts = [prompt_ids(cases[i][0], tokenizer, template, system) for i in mine]
-        outputs = generate_all(model, tokenizer, prompts, gen_config, stop_criteria(tokenizer, template), batch_size,
-                               lockstep=sync, progress=bar)
+        prompts = [prompt_inputs(cases[i][0], tokenizer, template, system, processor) for i in mine]
+        outputs = generate_all(model, tokenizer, [ids for ids, _ in prompts], gen_config, stop_criteria(tokenizer, template),
+                               batch_size, lockstep=sync, progress=bar, images=[images for _, images in prompts])
     else:
         outputs, inserted = agent_replies(model, tokenizer, template, [cases[i] for i in mine], gen_config,
                                           system=system, batch_size=batch_size, lockstep=sync, constrained=constrained,
-                                          progress=bar)
+                                          progress=bar, processor=processor)
     if bar:
         bar.close()
     predictions = [""] * len(cases)
@@ -262,7 +270,7 @@ def evaluate_checkpoint(config) -> dict:
     report = evaluate_generation(model, tokenizer, settings.template, conversations, mode=config.metrics,
                                  gen_config=generation_config(config), system=settings.system, limit=config.limit,
                                  batch_size=config.batch_size, constrained_tool_calls=config.constrained_tool_calls,
-                                 progress=True)
+                                 progress=True, processor=settings.processor)
     report = {"ckpt_dir": settings.ckpt_dir, "model_dir": settings.model_dir, "dataset": specs, **report}
     path = output_path(config, settings, "eval_report.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -10,8 +10,10 @@ import inspect
 from dataclasses import dataclass, fields
 from typing import Iterator
 
+import numpy as np
 import torch
 
+from . import vlm
 from .architecture import call, is_remote_code
 from .data.templates import pattern_text
 
@@ -81,17 +83,18 @@ def stop_criteria(tokenizer, template) -> tuple[tuple[str, ...], tuple[int, ...]
 
 
 def generate_stream(model, tokenizer, input_ids, config: GenerationConfig, stop_strings=(), stop_token_ids=(),
-                    *, stop_after=(), constraint=None) -> Iterator[str]:
+                    *, stop_after=(), constraint=None, images: dict | None = None) -> Iterator[str]:
     """Yield the reply to one prompt piece by piece as it becomes stable.
 
     Stops at EOS or a stop token (not shown), at a stop string (not shown), or after a `stop_after` string
     (shown: e.g. the marker that closes a tool call, which belongs to the reply). `constraint` (one row of
-    constrained.CallConstraint) masks the logits of tool calls.
+    constrained.CallConstraint) masks the logits of tool calls; `images` are the prompt's image inputs
+    (sftkit.prompts.prompt_inputs).
     """
     stops = stop_token_set(model, tokenizer, stop_token_ids)
     reply = ReplyText(tokenizer, stop_strings, stop_after)
     padded = _left_pad([list(input_ids)], pad_token_id(tokenizer), model.device)
-    for tokens in _token_steps(model, *padded, config, constraint):
+    for tokens in _token_steps(model, *padded, config, constraint, _image_inputs([images], padded[0].shape[1], model.device)):
         token = int(tokens[0])
         if token in stops:
             break
@@ -106,19 +109,21 @@ def generate_stream(model, tokenizer, input_ids, config: GenerationConfig, stop_
 
 
 def generate_batch(model, tokenizer, batch_input_ids, config: GenerationConfig, stop_strings=(), stop_token_ids=(),
-                   *, stop_after=(), all_done=None, constraint=None, on_tokens=None) -> list[str]:
+                   *, stop_after=(), all_done=None, constraint=None, on_tokens=None,
+                   images: list[dict | None] | None = None) -> list[str]:
     """The replies to several prompts at once (left-padded); each row stops on its own, as generate_stream would.
 
     all_done(finished here) -> finished everywhere: ranks that must run the same forwards (ZeRO-3) go on
     until every rank has finished. `constraint` (constrained.CallConstraint, one state per row) masks the
-    logits of tool calls. on_tokens(n), if given, hears how many tokens each step generated.
+    logits of tool calls; `images` holds each prompt's image inputs (or None). on_tokens(n), if given, hears how many
+    tokens each step generated.
     """
     if not batch_input_ids:
         return []
     stops = stop_token_set(model, tokenizer, stop_token_ids)
     replies = [ReplyText(tokenizer, stop_strings, stop_after) for _ in batch_input_ids]
     padded = _left_pad([list(ids) for ids in batch_input_ids], pad_token_id(tokenizer), model.device)
-    for tokens in _token_steps(model, *padded, config, constraint):
+    for tokens in _token_steps(model, *padded, config, constraint, _image_inputs(images or [], padded[0].shape[1], model.device)):
         if on_tokens is not None:
             on_tokens(sum(not reply.done for reply in replies))
         for row, (reply, token) in enumerate(zip(replies, tokens.tolist())):
@@ -253,21 +258,39 @@ def evaluating(model):
             model.train()
 
 
+def _image_inputs(images: list[dict | None], width: int, device) -> dict | None:
+    """The image inputs of left-padded prompts as one batch: every image's patches and grid in row order, and
+    mm_token_type_ids padded on the left like the ids. None when no prompt has images."""
+    present = [one for one in images if one is not None]
+    if not present:
+        return None
+    types = [list(one["mm_token_type_ids"]) if one is not None else [] for one in images]
+    return {"pixel_values": torch.from_numpy(np.concatenate([one["pixel_values"] for one in present])).to(device),
+            "image_grid_thw": torch.from_numpy(np.concatenate([one["image_grid_thw"] for one in present])).to(device),
+            "mm_token_type_ids": torch.tensor([[0] * (width - len(row)) + row for row in types], device=device)}
+
+
 @torch.no_grad()
 def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
-                 constraint=None):
+                 constraint=None, images: dict | None = None):
     """Yield the next token of every row, max_new_tokens times; the caller stops early by not asking for more.
 
-    Positions count real tokens only, so a left-padded row sees the same positions as when it runs alone.
+    Positions count real tokens only, so a left-padded row sees the same positions as when it runs alone; with
+    images, the first forward takes them and the positions are the model's own (3-D for the Qwen2-VL family).
     A `constraint` masks each row's logits before the pick (repetition penalty and sampling then see only
     allowed tokens) and reads the picked tokens after it.
     """
     from transformers import DynamicCache
 
-    # Remote code (ChatGLM, Qwen v1) keeps its own cache format: it makes one when given none, and gets it back.
-    cache = None if is_remote_code(model) else DynamicCache(config=model.config)
+    # Remote code (ChatGLM, Qwen v1) keeps its own cache format: it makes one when given none, and gives it back.
+    # transformers' own models fill a DynamicCache in place.
+    remote = is_remote_code(model)
+    cache = None if remote else DynamicCache(config=model.config)
     cache_name = cache_argument(model)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if images is not None:
+        model_positions = vlm.rope_positions(model, input_ids, attention_mask, images)
+        positions = positions if model_positions is None else model_positions
     seen = None  # [batch, vocab] tokens already in each row, for the repetition penalty
     generator = None
     if config.do_sample and config.seed is not None:
@@ -277,13 +300,14 @@ def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
         for step in range(config.max_new_tokens):
             if step:
                 step_ids = tokens[:, None]
-                positions = positions[:, -1:] + 1
+                positions = positions[..., -1:] + 1
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(tokens), 1))], dim=-1)
                 if seen is not None:
                     seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
-            output = call(model, input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
-                          use_cache=True, logits_to_keep=1, **{cache_name: cache})
-            cache = getattr(output, cache_name)
+            output = call(model, input_ids=step_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                          logits_to_keep=1, **{cache_name: cache}, **(images if images and not step else {}))
+            if remote:
+                cache = output.past_key_values
             logits = output.logits[:, -1, :].float()
             if constraint is not None:
                 logits = constraint.restrict(logits)

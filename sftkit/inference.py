@@ -13,7 +13,7 @@ import torch
 from .checkpoint import check_files, resolve_checkpoint
 from .errors import CheckpointError
 from .lora import CONFIG_NAME, WEIGHTS_NAME, load_adapter
-from .model import DTYPES, load_model_and_tokenizer, resolve_model_dir
+from .model import DTYPES, load_model_and_tokenizer, load_processor, resolve_model_dir
 from .quant import QuantizationOptions
 from .registry import registered_names
 from .run import ARGS_FILE, BEST, read_run_args, val_file
@@ -21,7 +21,8 @@ from .run import ARGS_FILE, BEST, read_run_args, val_file
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    """How a loaded model is prompted: the run's template and system prompt unless overridden."""
+    """How a loaded model is prompted: the run's template and system prompt unless overridden; `processor`
+    (a VisionProcessor) takes the images of a vision-language model, None for a text model."""
 
     template: str
     system: str | None
@@ -29,6 +30,7 @@ class InferenceSettings:
     max_length: int | None
     model_dir: str
     ckpt_dir: str | None = None
+    processor: object | None = None
 
 
 def load_for_inference(ckpt_dir: str | None = None, model: str | None = None, *, template: str | None = None,
@@ -65,6 +67,7 @@ def load_for_inference(ckpt_dir: str | None = None, model: str | None = None, *,
         max_length=args.get("max_length"),
         model_dir=model_dir,
         ckpt_dir=checkpoint,
+        processor=load_processor(model_dir, loaded.tokenizer),
     )
     return loaded.model, loaded.tokenizer, settings
 

@@ -302,10 +302,14 @@ def _init_lora(lora_A: torch.Tensor, lora_B: torch.Tensor, config: LoRAConfig) -
     nn.init.zeros_(lora_B)
 
 
-def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
+def inject_lora(model: nn.Module, config: LoRAConfig, exclude: tuple[str, ...] = ()) -> list[str]:
     """Replace the targeted linears with LoRALinear (LoRAQuantLinear on a quantized one, LoRAConv1D on a Conv1D) and
-    freeze everything else; returns their names."""
-    names = target_names(model, config.target_modules)
+    freeze everything else; returns their names. Modules under an `exclude` name (e.g. a frozen vision tower) are
+    never targeted."""
+    names = [name for name in target_names(model, config.target_modules) if not _under(name, exclude)]
+    if not names:
+        raise OptionError("lora_target_modules", f"{_shown(config.target_modules)} matches only modules under "
+                          f"{list(exclude)}, which stay frozen")
     model.requires_grad_(False)
     for name in names:
         base = model.get_submodule(name)
@@ -340,6 +344,10 @@ def target_names(model: nn.Module, target_modules: str | tuple[str, ...]) -> lis
 
 def _shown(target_modules) -> str:
     return repr(target_modules) if isinstance(target_modules, str) else ",".join(target_modules)
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
 
 
 def _matches(target_modules: str | tuple[str, ...], name: str) -> bool:
@@ -469,19 +477,28 @@ def save_adapter(
 def _saved_target_modules(model: nn.Module, target_modules, names: list[str]) -> str | tuple[str, ...]:
     """The spec written to the file; it must select exactly the injected layers, or the weights would not fit.
 
-    all-linear is resolved here, as peft does, because what counts as the output head depends on the model:
-    to the leaf names ("q_proj", ...) when they are unambiguous, else to the full names.
+    all-linear is resolved here, as peft does, because what counts as the output head depends on the model.
     """
-    candidates = [target_modules]
     if target_modules == ALL_LINEAR:
-        candidates = [tuple(sorted({name.rpartition(".")[2] for name in names})), tuple(names)]
+        return exact_targets(model, names)
+    if not _selects_exactly(model, target_modules, names):
+        raise ValueError(f"target_modules={target_modules!r} does not select exactly the model's LoRA layers")
+    return target_modules
+
+
+def exact_targets(model: nn.Module, names: list[str]) -> tuple[str, ...]:
+    """A target spec that selects exactly these layers: their leaf names ("q_proj", ...) when those are
+    unambiguous, else their full names."""
+    names = sorted(names)
+    leaves = tuple(sorted({name.rpartition(".")[2] for name in names}))
+    return leaves if _selects_exactly(model, leaves, names) else tuple(names)
+
+
+def _selects_exactly(model: nn.Module, targets, names: list[str]) -> bool:
     # peft matches before injecting, so the lora_A/lora_B inside our layers are not candidates.
     inside_lora = tuple(name + "." for name in names)
     modules = [name for name, _ in model.named_modules() if not name.startswith(inside_lora)]
-    for targets in candidates:
-        if sorted(name for name in modules if _matches(targets, name)) == names:
-            return targets
-    raise ValueError(f"target_modules={target_modules!r} does not select exactly the model's LoRA layers")
+    return sorted(name for name in modules if _matches(targets, name)) == sorted(names)
 
 
 def load_adapter(model: nn.Module, adapter_dir: str) -> LoRAConfig:

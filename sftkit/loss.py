@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .architecture import batch_first, call, decoder_stack, output_head
 from .attention import decoder_inputs
-from .data.pipeline import IGNORE_INDEX
+from .data.pipeline import IGNORE_INDEX, IMAGE_KEYS
 from .errors import TrainingError
 from .fused import chunk_loss_and_grad, linear_cross_entropy
 
@@ -84,11 +84,13 @@ def shifted_weights(batch: dict) -> torch.Tensor:
 
 def backbone_hidden(model, batch: dict) -> torch.Tensor | None:
     """Last hidden states of the decoder stack (the model without its output head), batch-first; None when the
-    model has no separate stack or its layout cannot be told."""
+    model has no separate stack or its layout cannot be told. A vision-language model's base merges the image
+    features into the text embeddings from the batch's IMAGE_KEYS."""
     backbone = decoder_stack(model)
     if backbone is None:
         return None
-    output = call(backbone, **decoder_inputs(model, batch), use_cache=False)
+    images = {key: batch[key] for key in IMAGE_KEYS if key in batch}
+    output = call(backbone, **decoder_inputs(model, batch), **images, use_cache=False)
     hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
     return batch_first(model, hidden, batch["input_ids"])
 

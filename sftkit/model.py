@@ -176,16 +176,7 @@ def _check_remote_code(model_dir: str, trust_remote_code: bool) -> bool:
     """Whether the model runs its repository's own Python code; fails early and clearly where that is not allowed."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(path):  # a tokenizer-only folder: AutoTokenizer needs no model code
-        return
-    try:
-        with open(path, encoding="utf-8") as file:
-            config = json.load(file)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelLoadError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object")
+    config = _config_json(model_dir)
     # An auto_map next to a model_type transformers knows (Phi-3, ...) is ignored without trust_remote_code.
     remote = "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING
     if remote and not trust_remote_code:
@@ -302,8 +293,6 @@ def load_model(
     With `quantization` bits (bitsandbytes) or a GPTQ checkpoint, the base comes back quantized, frozen and
     prepared for training adapters on it (QLoRA); `dtype` is then the dtype of the layers left unquantized.
     """
-    from transformers import AutoModelForCausalLM
-
     if _check_remote_code(model_dir, trust_remote_code) or attn_implementation == "sdpa":
         # transformers refuses to build a class that lacks the implementation asked for (Bloom has no SDPA; remote
         # code, ChatGLM or Baichuan, declares none and runs its own): left to it, it takes SDPA where the class
@@ -314,7 +303,7 @@ def load_model(
     if use_safetensors:
         quantization_kwargs["use_safetensors"] = True
     try:
-        model = (automodel_class or AutoModelForCausalLM).from_pretrained(
+        model = (automodel_class or model_class(model_dir)).from_pretrained(
             model_dir,
             dtype=torch_dtype,
             attn_implementation=attn_implementation,
@@ -332,6 +321,66 @@ def load_model(
     if gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     return model
+
+
+def model_class(model_dir: str):
+    """AutoModelForCausalLM, or AutoModelForImageTextToText for a vision-language model that has no causal-LM
+    class (the Qwen2-VL family): the one that loads the whole model, vision tower included."""
+    import transformers
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+    model_type = _config_json(model_dir).get("model_type")
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
+
+
+def _config_json(model_dir: str) -> dict:
+    """A model folder's config.json as a dict; {} for a tokenizer-only folder (no model code needed there)."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as file:
+            config = json.load(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    return config
+
+
+# What a vision-language model's processor is saved as, beside the weights.
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
+                   "chat_template.json")
+# The model types whose images sftkit drives: one image token per vision feature, patches with (t, h, w) grids.
+IMAGE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def load_processor(model_dir: str, tokenizer):
+    """The image side of a vision-language model's processor (a VisionProcessor), or None for a text model or a
+    vision-language model whose images sftkit does not drive (its text still trains)."""
+    from transformers import AutoConfig, AutoImageProcessor
+
+    from .data.vision import vision_processor
+
+    if _config_json(model_dir).get("model_type") not in IMAGE_MODEL_TYPES:
+        return None
+    config = AutoConfig.from_pretrained(model_dir)
+    if not os.path.isfile(os.path.join(model_dir, PROCESSOR_FILES[0])):
+        raise ModelLoadError(f"{model_dir!r} is a vision-language model ({config.model_type}) without "
+                             f"{PROCESSOR_FILES[0]}: copy it from the published model, which has one")
+    return vision_processor(AutoImageProcessor.from_pretrained(model_dir), tokenizer, config)
+
+
+def copy_processor_files(model_dir: str, folder: str) -> None:
+    """Put the base's processor files (image processor settings) beside weights saved elsewhere, so that folder
+    loads as a whole vision-language model."""
+    for name in PROCESSOR_FILES:
+        source, target = os.path.join(model_dir, name), os.path.join(folder, name)
+        if os.path.isfile(source) and not os.path.exists(target):
+            shutil.copyfile(source, target)
 
 
 def _quantization_kwargs(model_dir: str, quantization, torch_dtype: torch.dtype, device) -> dict:
@@ -431,7 +480,7 @@ def load_model_and_tokenizer(
 
 def empty_model(model_dir: str, *, trust_remote_code: bool = False, automodel_class=None):
     """The model built from its config.json on the meta device: its module names and shapes, no weights read."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     _check_remote_code(model_dir, trust_remote_code)
     try:
@@ -439,7 +488,7 @@ def empty_model(model_dir: str, *, trust_remote_code: bool = False, automodel_cl
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot read {os.path.join(model_dir, 'config.json')} ({error})") from None
     with torch.device("meta"):
-        return (automodel_class or AutoModelForCausalLM).from_config(config, trust_remote_code=trust_remote_code)
+        return (automodel_class or model_class(model_dir)).from_config(config, trust_remote_code=trust_remote_code)
 
 
 def get_model_tokenizer(model_type: str, torch_dtype: str | None = None, model_kwargs: dict | None = None,

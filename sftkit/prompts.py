@@ -4,9 +4,11 @@ Shared by chat, evaluation and serving, so the model sees at inference the ids i
 """
 from __future__ import annotations
 
+from .data.errors import DataError
 from .data.formats import Message, split_agent_text
-from .data.pipeline import encode
+from .data.pipeline import IMAGE_KEYS, encode, expand_images, with_placeholders
 from .data.templates import Template, get_template, render
+from .data.vision import with_pixels
 
 
 def prompt_segments(messages: list[Message], tokenizer, template: "str | Template", system: str | None = None):
@@ -25,6 +27,22 @@ def prompt_segments(messages: list[Message], tokenizer, template: "str | Templat
 
 def prompt_ids(messages: list[Message], tokenizer, template: "str | Template", system: str | None = None) -> list[int]:
     return encode(prompt_segments(messages, tokenizer, template, system), tokenizer).input_ids
+
+
+def prompt_inputs(messages: list[Message], tokenizer, template: "str | Template", system: str | None = None,
+                  processor=None) -> tuple[list[int], dict | None]:
+    """(prompt ids, the prompt's image inputs or None): the images' placeholders expanded and their pixels made,
+    as training encoded them. `processor` (a VisionProcessor) is needed when the messages have images."""
+    images = [reference for message in messages for reference in message.images]
+    if not images:
+        return prompt_ids(messages, tokenizer, template, system), None
+    if processor is None:
+        raise DataError("this model takes no images (a text model, or a vision-language model sftkit does not drive)")
+    segments = prompt_segments(with_placeholders(messages, processor.placeholder), tokenizer, template, system)
+    counts = [processor.tokens_for(reference) for reference in images]
+    ids = expand_images(encode(segments, tokenizer), counts, processor.image_token_id).input_ids
+    example = with_pixels({"input_ids": ids, "images": images, "image_tokens": counts}, processor)
+    return ids, {key: example[key] for key in IMAGE_KEYS}
 
 
 def prompt_text(messages: list[Message], tokenizer, template: "str | Template", system: str | None = None) -> str:

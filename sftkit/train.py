@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import distributed, evaluate, memory, preflight, run, speed
+from . import distributed, evaluate, memory, preflight, run, speed, vlm
 from .attention import use_varlen_attention
 from .backend import build_backend
 from .checkpoint import (TrainState, mark_best, prune, read_train_state, require_shared, restore_rng_states, save,
@@ -29,12 +29,13 @@ from .config import TrainConfig
 from .data.pipeline import collate, collate_packed, pack
 from .data.prepare import prepare_data
 from .data.templates import get_template
+from .data.vision import collate_images
 from .errors import Aborted, OptionError, TrainingError, TrainingStopped
 from .hub import HubError, maybe_push, push_to_hub
 from .logs import RunLog, plot_losses
-from .lora import LoRAConfig, count_parameters, inject_lora, lora_state_dict
+from .lora import LoRAConfig, count_parameters, exact_targets, inject_lora, lora_state_dict
 from .loss import loss_sum
-from .model import attn_implementation, load_model_and_tokenizer, resolve_dtype
+from .model import attn_implementation, load_model_and_tokenizer, load_processor, resolve_dtype
 from .placement import place
 from .quant import QuantizationOptions, is_quantized
 from .registry import EMBEDDED_MODEL_TYPE, get_model_info, infer_model_type, resolve_lora_targets
@@ -62,12 +63,12 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
     # Everything that can be wrong is checked before the weights load (preflight.py), the data included: it is
     # tokenized once up front (every rank tokenizes the same data and takes its own slices).
     resume = preflight.check_setup(config, world, say)
-    tokenizer, model_dir, config = locate_model(config)
-    train_examples, val_examples = prepare_data(config, tokenizer, say, world)
+    tokenizer, model_dir, config, processor = locate_model(config)
+    train_examples, val_examples = prepare_data(config, tokenizer, say, world, processor)
     differences = preflight.check_model(config, model_dir, resume)
     seed_everything(config.seed)
     model, lora_config = setup_model(config, model_dir, tokenizer, devices, say)
-    train_examples, collate_train = training_rows(config, train_examples, say)
+    train_examples, collate_train = training_rows(config, train_examples, say, processor)
     levers, peak = prepare_step(model, config, device, train_examples, world, say)
     global_batch = config.batch_size * world.size
     batches_per_epoch = math.ceil(len(train_examples) / global_batch)
@@ -131,7 +132,7 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
             if val_examples and (state.step % config.eval_steps == 0 or finished):
                 evaluated = {"step": state.step, **evaluate.validation_metrics(model, tokenizer, config, val_examples, device=device,
                                                                       autocast=autocast, world=world,
-                                                                      lockstep=backend.lockstep)}
+                                                                      lockstep=backend.lockstep, processor=processor)}
                 log.write(evaluated)
                 state.log_history.append(evaluated)
                 if world.is_main:
@@ -216,11 +217,16 @@ def open_run_dir(config: TrainConfig, model_dir: str, resume: str | None, val_ex
     return run_dir
 
 
-def training_rows(config: TrainConfig, examples: list[dict], say=print):
-    """The rows batches are drawn from and how to collate them: the examples, or with --packing rows that
-    hold several examples each."""
+def training_rows(config: TrainConfig, examples: list[dict], say=print, processor=None):
+    """The rows batches are drawn from and how to collate them: the examples (a vision-language model's with
+    their pixels made per batch), or with --packing rows that hold several examples each."""
+    if processor is not None and config.packing:
+        raise TrainingError("--packing is refused for vision-language models: packed rows carry 1-D positions that "
+                            "restart per example, but the Qwen2-VL family gives image tokens 3-D (time, height, width) "
+                            "rotary positions, which the model computes per sequence, so packed images would be seen at "
+                            "other positions than in inference. Use --group_by_length true to cut padding instead.")
     if not config.packing:
-        return examples, collate
+        return examples, collate if processor is None else partial(collate_images, processor=processor)
     rows = pack(examples, config.max_length or 2048)
     say(f"[sftkit] packed {len(examples)} examples into {len(rows)} rows of at most {config.max_length or 2048} tokens")
     return rows, collate_packed
@@ -248,8 +254,9 @@ def report_end(config: TrainConfig, state: TrainState, run_dir: str, best: str |
 
 
 def locate_model(config: TrainConfig):
-    """(tokenizer, model folder, config with model type and template resolved): all but the weights, which
-    load only once the data and options have been checked. An unknown template fails here."""
+    """(tokenizer, model folder, config with model type and template resolved, a vision-language model's image
+    processor or None): all but the weights, which load only once the data and options have been checked. An
+    unknown template fails here."""
     model_type = config.model_type or infer_model_type(config.model) or (None if config.model else EMBEDDED_MODEL_TYPE)
     _, tokenizer, model_dir = load_model_and_tokenizer(
         config.model, model_type=model_type, hub=config.hub, revision=config.model_revision,
@@ -257,7 +264,7 @@ def locate_model(config: TrainConfig):
         with_model=False)
     template = config.template or (get_model_info(model_type).template if model_type else "auto")
     get_template(template)
-    return tokenizer, model_dir, replace(config, model_type=model_type, template=template)
+    return tokenizer, model_dir, replace(config, model_type=model_type, template=template), load_processor(model_dir, tokenizer)
 
 
 def model_dtype(config: TrainConfig) -> str:
@@ -268,7 +275,8 @@ def setup_model(config: TrainConfig, model_dir: str, tokenizer, devices: list[st
     """(model ready to train, LoRA config), loaded from the folder locate_model found.
 
     LoRA keeps the frozen base in the compute dtype and its adapters in float32; full fine-tuning keeps
-    float32 master weights. Half precision comes from autocast in both.
+    float32 master weights. Half precision comes from autocast in both. --freeze_vit keeps a vision-language
+    model's vision tower and projector out of both.
     """
     attention, why = attn_implementation(config.use_flash_attn)
     say(f"[sftkit] {why}")
@@ -276,19 +284,25 @@ def setup_model(config: TrainConfig, model_dir: str, tokenizer, devices: list[st
                                        bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
                                        bnb_4bit_compute_dtype=config.bnb_4bit_comp_dtype)
     model = load_model_and_tokenizer(
-        model_dir, model_type=config.model_type, dtype=model_dtype(config), device="cpu" if len(devices) > 1 or config.fsdp else devices[0],
-        attn_implementation=attention, trust_remote_code=config.trust_remote_code, tokenizer=tokenizer,
+        model_dir, model_type=config.model_type, dtype=model_dtype(config),
+        device="cpu" if len(devices) > 1 or config.fsdp else devices[0], attn_implementation=attention, trust_remote_code=config.trust_remote_code, tokenizer=tokenizer,
         gradient_checkpointing=config.gradient_checkpointing, quantization=quantization).model
     if config.sft_type == "full" and is_quantized(model):
         raise TrainingError(f"{model_dir} is quantized: its weights cannot be trained, only LoRA adapters on them (--sft_type lora)")
+    frozen = vlm.frozen_vision(model, config.freeze_vit)
     lora_config = None
     if config.sft_type == "lora":
         lora_config = LoRAConfig(r=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
                                  target_modules=resolve_lora_targets(config.model_type, config.lora_target_modules),
                                  use_rslora=config.use_rslora)
-        inject_lora(model, lora_config)
+        adapted = inject_lora(model, lora_config, exclude=frozen)
+        if frozen:  # the saved adapter must name only the layers it adapts
+            lora_config = replace(lora_config, target_modules=exact_targets(model, adapted))
         for parameter in lora_state_dict(model).values():
             parameter.data = parameter.data.float()
+    vlm.freeze(model, frozen)
+    if frozen:
+        say(f"[sftkit] vision tower and projector frozen ({', '.join(frozen)}); --freeze_vit false trains them too")
     if len(devices) > 1:
         say(f"[sftkit] model parallel over {devices}: {place(model, devices)}")
     trainable, total = count_parameters(model)

@@ -80,3 +80,24 @@ def trained_run(tmp_path_factory, run_config):
     folder = tmp_path_factory.mktemp("trained-run")
     train(run_config(folder))
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def vlm_dir(tmp_path_factory):
+    """Path of a tiny Qwen2-VL saved like a published one (weights, tokenizer, preprocessor_config.json)."""
+    return tiny.save_tiny_vlm(tmp_path_factory.mktemp("tiny-qwen2-vl"))
+
+
+@pytest.fixture(scope="session")
+def vision(vlm_dir):
+    """(tokenizer, VisionProcessor) of the tiny Qwen2-VL, loaded the way training loads them."""
+    from sftkit.model import load_processor, load_tokenizer
+
+    tokenizer = load_tokenizer(vlm_dir)
+    return tokenizer, load_processor(vlm_dir, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def pictures(tmp_path_factory):
+    """Three PNGs: 56x56 (4 image tokens), 84x56 (6) and 112x112 (16)."""
+    return tiny.make_pngs(tmp_path_factory.mktemp("pictures"))

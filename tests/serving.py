@@ -57,3 +57,24 @@ def save_two_adapters(base_model, folder) -> dict[str, str]:
     tiny.randomize_lora_B(theirs, seed=4)
     theirs.save_pretrained(os.path.join(folder, "peft"))
     return {"ours": os.path.join(folder, "ours"), "peft": os.path.join(folder, "peft")}
+
+
+@contextlib.contextmanager
+def serving_files(folder):
+    """Yield the base URL (http://127.0.0.1:PORT) of a static file server over `folder`; stopped on exit."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=30)

@@ -112,7 +112,8 @@ def test_chat_over_a_pipe_streams_replies_and_clear_forgets(run_dir, loaded):
 def test_agent_chat_inserts_the_tool_result_and_continues(monkeypatch, tokenizer):
     prompts = []
 
-    def scripted(model, tokenizer, ids, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), constraint=None):
+    def scripted(model, tokenizer, ids, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), constraint=None,
+                 images=None):
         prompts.append(tokenizer.decode(ids))
         assert stop_after == ("<|endofthink|>",)
         yield from (["<|startofthink|>", CALL, "<|endofthink|>"] if len(prompts) == 1 else ["It is ", "sunny."])
@@ -133,7 +134,8 @@ def test_agent_chat_inserts_the_tool_result_and_continues(monkeypatch, tokenizer
 def test_agent_chat_constrains_calls_to_the_system_prompt_tools(monkeypatch, tokenizer):
     seen = []
 
-    def scripted(model, tokenizer, ids, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), constraint=None):
+    def scripted(model, tokenizer, ids, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), constraint=None,
+                 images=None):
         seen.append(constraint)
         yield "ok"
 
@@ -166,7 +168,7 @@ def test_infer_constrains_rows_that_offer_tools(run_dir, tmp_path, monkeypatch):
     seen = []
 
     def scripted(model, tokenizer, batch, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), all_done=None,
-                 constraint=None, on_tokens=None):
+                 constraint=None, on_tokens=None, images=None):
         seen.append(constraint)
         return ["ok"] * len(batch)
 
@@ -226,7 +228,7 @@ def test_agent_procedure_inserts_reference_results_and_continues(monkeypatch, to
     }
     prompts = []
 
-    def scripted(model, tokenizer, batch, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), all_done=None, constraint=None, on_tokens=None):
+    def scripted(model, tokenizer, batch, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), all_done=None, constraint=None, on_tokens=None, images=None):
         texts = [tokenizer.decode(ids) for ids in batch]
         prompts.extend(texts)
         return [script[(text.split("user\n")[1].split("<|im_end|>")[0], text.count("<|startofexec|>"))] for text in texts]

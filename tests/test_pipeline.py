@@ -70,9 +70,9 @@ def test_build_example_drops_when_truncation_removes_every_answer(tokenizer):
     assert build_example(row, tokenizer=tokenizer, template="chatml", max_length=10) is None
     kept, dropped = build_examples([[Message("user", "a long question " * 20), Message("assistant", "ok")]] * 3,
                                    tokenizer=tokenizer, template="chatml", max_length=10)
-    assert (kept, dropped) == ([], 3)
+    assert (kept, dropped) == ([], {"nothing trainable left after truncation": 3})
     kept, dropped = build_examples([[Message("user", "hi"), Message("assistant", "ok")]], tokenizer=tokenizer, template="chatml")
-    assert dropped == 0 and kept[0]["conversation"][1].content == "ok"
+    assert not dropped and kept[0]["conversation"][1].content == "ok"
 
 
 def test_build_example_loss_scale_survives_truncation(tokenizer):
@@ -134,5 +134,5 @@ def test_build_examples_batched_equals_one_by_one(tokenizer):
     one_by_one = [build_example(row, tokenizer=tokenizer, template="chatml", max_length=40) for row in rows]
     batched, dropped = build_examples([to_messages(row) for row in rows], tokenizer=tokenizer, template="chatml",
                                       max_length=40, chunk=4)
-    assert dropped == sum(example is None for example in one_by_one)
+    assert sum(dropped.values()) == sum(example is None for example in one_by_one)
     assert [{k: e[k] for k in ("input_ids", "labels")} for e in batched] == [e for e in one_by_one if e is not None]

@@ -43,6 +43,9 @@ TODAY_FAMILIES = [
     *(f"gemma3-{size}{kind}" for size in ("1b", "4b", "12b", "27b") for kind in ("-pt", "-it")),
     "phi3-mini-4k-instruct", "phi3-mini-128k-instruct", "phi3-medium-4k-instruct", "phi4", "phi4-mini-instruct",
     *(f"smollm2-{size}{kind}" for size in ("135m", "360m", "1.7b") for kind in ("", "-instruct")),
+    *(f"qwen2-vl-{size}{kind}" for size in ("2b", "7b", "72b") for kind in ("", "-instruct")),
+    *(f"qwen2.5-vl-{size}-instruct" for size in ("3b", "7b", "32b", "72b")),
+    *(f"qwen3-vl-{size}-instruct" for size in ("2b", "4b", "8b", "32b")),
 ]
 
 
@@ -171,8 +174,9 @@ def test_a_remote_sentencepiece_tokenizer_that_loads_its_model_late_loads(tmp_pa
 
 
 def test_refusals_that_need_no_download(no_download):
-    with pytest.raises(UnsupportedModelError, match="vision-language model: training it is out of scope") as error:
+    with pytest.raises(UnsupportedModelError, match="is Qwen-VL v1: its vision tower runs from code in its repository") as error:
         get_model_tokenizer("qwen-vl-chat", trust_remote_code=True)
+    assert "qwen2-vl-2b-instruct" in str(error.value)
     assert isinstance(error.value, NotImplementedError)
     with pytest.raises(ModelLoadError, match="has no ModelScope id: use --hub hf"):
         get_model_tokenizer("polylm-chat-13b")
@@ -363,7 +367,7 @@ def test_list_as_json_and_the_other_registries():
     by_type = {row["model_type"]: row for row in models}
     assert by_type["mistral-7b-instruct"]["aliases"] == "mistral-7b-chat"
     assert by_type["baichuan-7b"]["status"] == "remote code (untested here)"
-    assert by_type["qwen-vl-chat"]["status"].startswith("incompatible: a vision-language model")
+    assert by_type["qwen-vl-chat"]["status"].startswith("incompatible: Qwen-VL v1")
     templates = CliRunner().invoke(list_command, ["templates"]).output
     assert "qwen3 " in templates and "<think>\\n\\n</think>\\n\\n" in templates
     assert "[gMASK]sop<|system|>\\n{{SYSTEM}}<|user|>" in templates  # token pieces read as their tokens

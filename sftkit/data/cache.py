@@ -5,7 +5,8 @@ time, the resolved template's strings, the tokenizer's full definition and the p
 Only runs whose data are all local files are cached: a hub dataset can change under the same name.
 
 An entry is data only, never a pickle: a folder datasets/<key>/ (0700) holding tokens.safetensors (each
-token field of every example, concatenated, with offsets), conversations.jsonl (each example's messages) and
+token field of every example, concatenated, with offsets), conversations.jsonl (each example's messages with their
+image references, and its images' token counts) and
 entry.json (format version, counts, each file's size and sha256), all 0600. An entry is checked before use;
 one that does not match (edited, truncated, planted) is rebuilt.
 """
@@ -27,11 +28,13 @@ from ..paths import cache_dir, private_file, private_folder
 from .formats import Message
 from .templates import get_template
 
-VERSION = 2  # bump when the pipeline's output for the same inputs, or the entry's layout, changes
+VERSION = 3  # bump when the pipeline's output for the same inputs, or the entry's layout, changes
 FORMAT = "sftkit-dataset-cache"
 ENTRY, TOKENS, CONVERSATIONS = "entry.json", "tokens.safetensors", "conversations.jsonl"
 SPLITS = ("train", "val")
 FIELDS = {"input_ids": torch.int32, "labels": torch.int32, "loss_weights": torch.float64}
+# Per-example values kept as JSON beside the messages: an example's image references and their token counts.
+JSON_FIELDS = ("images", "image_tokens")
 
 
 def dataset_key(specs: list[str], template: str, tokenizer, options: dict) -> str | None:
@@ -116,7 +119,9 @@ def _write(folder: str, value: tuple[list[dict], list[dict]]) -> dict:
             for name in fields:
                 tensors[f"{split}.{name}"] = torch.tensor([v for e in examples for v in e[name]], dtype=FIELDS[name])
             for example in examples:
-                handle.write(json.dumps([[m.role, m.content] for m in example["conversation"]], ensure_ascii=False) + "\n")
+                row = {"messages": [[m.role, m.content, list(m.images)] for m in example["conversation"]]}
+                row.update({name: example[name] for name in JSON_FIELDS if name in example})
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     path = os.path.join(folder, TOKENS)
     save_file(tensors, path)
     os.chmod(path, 0o600)
@@ -133,7 +138,8 @@ def _read(folder: str) -> tuple[list[dict], list[dict]]:
             raise ValueError(f"{name} differs from the size and sha256 it was stored with")
     tensors = load_file(os.path.join(folder, TOKENS))
     with open(os.path.join(folder, CONVERSATIONS), encoding="utf-8") as handle:
-        conversations = [[Message(role, content) for role, content in json.loads(line)] for line in handle]
+        rows = [json.loads(line) for line in handle]
+    conversations = [[Message(role, content, tuple(images)) for role, content, images in row["messages"]] for row in rows]
     splits, start = [], 0
     for split in SPLITS:
         count, fields = entry["counts"][split]["examples"], entry["counts"][split]["fields"]
@@ -142,6 +148,7 @@ def _read(folder: str) -> tuple[list[dict], list[dict]]:
         if len(offsets) != count + 1 or any(len(column) != offsets[-1] for column in columns.values()):
             raise ValueError(f"the {split} tensors do not match their offsets")
         splits.append([{**{name: column[offsets[i]:offsets[i + 1]] for name, column in columns.items()},
+                        **{name: rows[start + i][name] for name in JSON_FIELDS if name in rows[start + i]},
                         "conversation": conversations[start + i]} for i in range(count)])
         start += count
     if start != len(conversations):

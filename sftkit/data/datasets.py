@@ -261,12 +261,14 @@ COCO_QUERY = "<image>please describe the image."
 
 
 def coco_caption(row: dict) -> dict:
-    """COCO 2014 captions in ms-swift's multimodal row shape: an <image> tag in the query, the path in `images`."""
+    """COCO 2014 captions in ms-swift's multimodal row shape: an <image> tag in the query, the image in `images`
+    (its path or URL, or the hub's {bytes, path}, whose bytes loading writes to the cache)."""
     image = row.get("image")
-    path = image.get("path") if isinstance(image, dict) else image
-    if not isinstance(path, str) or not path:
-        raise DataError("expected an image path or URL (or {path: ...})", field="image")
-    return {"query": COCO_QUERY, "response": text(row, "caption").split("&&")[0], "images": [path]}
+    if isinstance(image, dict) and not image.get("bytes"):
+        image = image.get("path")
+    if not image or not isinstance(image, (str, dict)):
+        raise DataError("expected an image path or URL (or {bytes, path})", field="image")
+    return {"query": COCO_QUERY, "response": text(row, "caption").split("&&")[0], "images": [image]}
 
 
 MULTI_ALPACA_LANGUAGES = ("ar", "de", "es", "fr", "id", "ja", "ko", "pt", "ru", "th", "vi")

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import DataError
 
 SCHEMAS = ("alpaca", "query_response", "sharegpt", "messages")
 RESPONSE_ROLES = ("assistant", "tool_call", "tool")
+IMAGE_TAG = "<image>"  # where an image goes in a message's text (ms-swift's tag)
 
 # Raw role spellings of each schema -> canonical role.
 _ROLE_ALIASES = {
@@ -37,8 +38,11 @@ _AGENT_MARKERS = ("<|startofthink|>", "<|endofthink|>", "<|startofexec|>", "<|en
 
 @dataclass(frozen=True)
 class Message:
+    """One turn; `images` are the references (path, URL or base64) of the <image> tags in `content`, in order."""
+
     role: str
     content: str
+    images: tuple[str, ...] = ()
 
 
 def detect_schema(record: dict) -> str:
@@ -68,7 +72,7 @@ def to_messages(record: dict, schema: str | None = None, *, require_response: bo
     schema = schema or detect_schema(record)
     if schema not in _CONVERTERS:
         raise DataError(f"unknown schema '{schema}', expected one of {', '.join(SCHEMAS)}")
-    located = _CONVERTERS[schema](record)
+    located = _with_images(_CONVERTERS[schema](record), record)
     validate(located, require_response=require_response)
     return [message for message, _ in located]
 
@@ -138,7 +142,9 @@ def _text(value, field: str) -> str:
         raise DataError("missing value", field=field)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    if isinstance(value, list) and all(isinstance(part, dict) and part.get("type") == "text" for part in value):
+    if isinstance(value, list) and all(isinstance(part, dict) for part in value):
+        if any(part.get("type") != "text" for part in value):
+            raise DataError("only text content parts are allowed here (images go in user messages)", field=field)
         return "".join(part.get("text", "") for part in value)
     if not isinstance(value, str):
         raise DataError(f"expected a string, got {type(value).__name__}", field=field)
@@ -229,7 +235,70 @@ def _located_message(role: str, value, field: str) -> list[tuple[Message, str]]:
         return _response(value, field)
     if role == "tool_call" and isinstance(value, (dict, list)):
         return [(Message(role, json.dumps(value, ensure_ascii=False)), field)]
+    if role == "user":
+        return [(Message(role, *_content(value, field)), field)]
     return [(Message(role, _text(value, field)), field)]
+
+
+def _content(value, field: str) -> tuple[str, tuple[str, ...]]:
+    """A user message's text and images: a string, or OpenAI content parts whose images become <image> tags."""
+    if not isinstance(value, list):
+        return _text(value, field), ()
+    text, images = "", []
+    for index, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            text += _text(part.get("text", ""), f"{field}[{index}].text")
+        elif kind in ("image_url", "image"):
+            reference = part.get(kind)
+            reference = reference.get("url") if isinstance(reference, dict) else reference
+            if not isinstance(reference, str) or not reference:
+                raise DataError("an image part needs a URL, path or data URL", field=f"{field}[{index}].{kind}")
+            text += IMAGE_TAG
+            images.append(reference)
+        else:
+            raise DataError(f"unsupported content part type {kind!r}: expected text or image_url", field=f"{field}[{index}]")
+    return text, tuple(images)
+
+
+def _with_images(located: list[tuple[Message, str]], record: dict) -> list[tuple[Message, str]]:
+    """Give the user messages the row's `images` (ms-swift's list) in the order of their <image> tags.
+
+    A row with images but no tags gets them before its first query, as ms-swift does; in a row without
+    images a tag is plain text.
+    """
+    listed = _listed_images(record)
+    if not listed and not any(message.images for message, _ in located):
+        return located
+    for message, field in located:
+        if message.role != "user" and IMAGE_TAG in message.content:
+            raise DataError(f"an {IMAGE_TAG} tag in a {message.role} message: images go in user messages", field=field)
+    free = [message.content.count(IMAGE_TAG) - len(message.images) for message, _ in located]
+    users = [index for index, (message, _) in enumerate(located) if message.role == "user"]
+    if listed and not any(free) and users:
+        message, field = located[users[0]]
+        first = replace(message, content=IMAGE_TAG * len(listed) + message.content, images=tuple(listed) + message.images)
+        return located[:users[0]] + [(first, field)] + located[users[0] + 1:]
+    if sum(free) != len(listed):
+        raise DataError(f"{sum(free)} {IMAGE_TAG} tag(s) for {len(listed)} image(s): give one image per tag", field="images")
+    result, rest = [], listed
+    for (message, field), count in zip(located, free):
+        if count and message.images:
+            raise DataError(f"{IMAGE_TAG} tags in the text of a message that also has image parts", field=field)
+        if count:
+            message, rest = replace(message, images=tuple(rest[:count])), rest[count:]
+        result.append((message, field))
+    return result
+
+
+def _listed_images(record: dict) -> list[str]:
+    images = record.get("images")
+    if images is None or images == []:
+        return []
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(image, str) and image for image in images):
+        raise DataError("must be a list of image paths, URLs or base64 strings", field="images")
+    return list(images)
 
 
 def _role(raw, field: str) -> str:

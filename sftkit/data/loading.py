@@ -11,11 +11,12 @@ import json
 import os
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 from .errors import DataError
 from .formats import Message, to_messages
+from .images import image_size, resolve_image
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv")
 STRATEGIES = ("error", "warning", "skip")
@@ -128,8 +129,7 @@ class LoadReport:
         lines += [f"  skipped {count}: {reason}" for reason, count in self.skipped.most_common()]
         lines += [f"  e.g. {example}" for example in self.examples]
         if self.with_images:
-            lines.append(f"  note: {self.with_images} kept rows carry images; sftkit trains on their text only for now "
-                         "(the <image> tags stay in the prompt)")
+            lines.append(f"  note: {self.with_images} kept rows carry images")
         return "\n".join(lines)
 
 
@@ -343,15 +343,46 @@ def prepare_row(info: DatasetInfo | None, raw: dict) -> list[dict] | Drop:
     return rows or Drop(f"no examples in the row ({info.name})")
 
 
-def row_images(row: dict) -> tuple[str, ...]:
-    """The image paths or URLs of a canonical row (ms-swift's `images` column), checked."""
+def row_images(row: dict) -> list:
+    """The images of a canonical row (ms-swift's `images` column) as references: strings, with the bytes of a
+    hub image ({bytes, path}) written to the cache."""
     images = row.get("images")
     if images is None or images == []:
-        return ()
-    images = [images] if isinstance(images, str) else images
-    if not isinstance(images, list) or not all(isinstance(image, str) and image for image in images):
-        raise DataError("must be a list of image paths or URLs", field="images")
-    return tuple(images)
+        return []
+    images = [images] if isinstance(images, (str, dict)) else images
+    if not isinstance(images, list):
+        raise DataError("must be a list of image paths, URLs or base64 strings", field="images")
+    references = []
+    for index, image in enumerate(images):
+        try:
+            references.append(resolve_image(image) if isinstance(image, dict) else image)
+        except DataError as error:
+            raise DataError(error.message, field=f"images[{index}]") from None
+    return references
+
+
+def resolved_images(conversation: list[Message], base_dir: str | None) -> list[Message]:
+    """The conversation with every image resolved (relative paths against base_dir, then the current folder)
+    and checked to open; errors name the image as images[k], counted over the conversation."""
+    index, resolved = 0, []
+    for message in conversation:
+        references = []
+        for reference in message.images:
+            try:
+                references.append(resolve_image(reference, base_dir))
+                image_size(references[-1])
+            except DataError as error:
+                raise DataError(error.message, field=f"images[{index}]") from None
+            index += 1
+        resolved.append(replace(message, images=tuple(references)) if references else message)
+    return resolved
+
+
+def _base_dir(source: str) -> str | None:
+    """The folder relative image paths of a local source start from."""
+    if os.path.isfile(source):
+        return os.path.dirname(os.path.abspath(source))
+    return os.path.abspath(source) if os.path.isdir(source) else None
 
 
 def load_conversations(specs: list[str], *, strategy: str = "error", schema: str | None = None,
@@ -381,15 +412,15 @@ def load_conversations(specs: list[str], *, strategy: str = "error", schema: str
                 if isinstance(prepared, Drop):
                     report.drop(prepared.reason)
                     continue
-                converted = [to_messages(canonical, schema) for canonical in prepared]
-                images = [row_images(canonical) for canonical in prepared]
+                converted = [resolved_images(to_messages({**canonical, "images": row_images(canonical)}, schema),
+                                             _base_dir(row.source)) for canonical in prepared]
             except DataError as error:
                 _handle(error.at(row.source, row.line), strategy, report)
                 continue
             conversations += converted
             report.kept += 1
             report.conversations += len(converted)
-            report.with_images += any(images)
+            report.with_images += any(message.images for conversation in converted for message in conversation)
         if report.rows == rows_before:
             header_only = spec.lower().endswith(".csv") and os.path.isfile(spec) and os.path.getsize(spec) > 0
             raise DataError("has a header but no rows" if header_only else "holds no rows", source=spec)

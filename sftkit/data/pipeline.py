@@ -1,18 +1,24 @@
 """encode -> mask -> truncate -> collate, and build_example composing them. Pure functions, in pipeline order."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from bisect import bisect_left, insort
 
 import numpy as np
 
-from .formats import Message, to_messages
+from .errors import DataError
+from .formats import IMAGE_TAG, Message, to_messages
 from .templates import Segment, Template, TokenText, get_template, render
 
 TRAIN_ON = ("assistant", "last", "all")
 TRUNCATION_SIDES = ("right", "left")
 TRAINABLE_ROLES = ("assistant", "tool_call")
+IMAGE_ROLE = "image"  # the tokens an image becomes: never trained
 IGNORE_INDEX = -100
+NOTHING_TO_LEARN = "nothing trainable left after truncation"
+CUT_IMAGE = "truncation would cut inside an image's tokens"
+IMAGE_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
 @dataclass(frozen=True)
@@ -83,17 +89,37 @@ def _with_roles(segments: list[Segment], ids: list[int], offsets) -> Encoded:
     return Encoded(list(ids), [segments[i][1] for i in index.tolist()])
 
 
+def with_placeholders(messages: list[Message], placeholder: str) -> list[Message]:
+    """Each <image> tag of a message with images as the model's placeholder text (one image token, framed)."""
+    return [replace(m, content=m.content.replace(IMAGE_TAG, placeholder)) if m.images else m for m in messages]
+
+
+def expand_images(encoded: Encoded, token_counts: list[int], image_token_id: int) -> Encoded:
+    """Each image token becomes its image's run of tokens (role "image"), as many as the vision encoder
+    yields features for that image; the model puts those features there."""
+    found = [index for index, token in enumerate(encoded.input_ids) if token == image_token_id]
+    if len(found) != len(token_counts):
+        raise DataError(f"the prompt holds {len(found)} image tokens for {len(token_counts)} images "
+                        "(does the text itself contain the model's image token?)")
+    ids, roles, start = [], [], 0
+    for position, count in zip(found, token_counts):
+        ids += encoded.input_ids[start:position] + [image_token_id] * count
+        roles += encoded.roles[start:position] + [IMAGE_ROLE] * count
+        start = position + 1
+    return Encoded(ids + encoded.input_ids[start:], roles + encoded.roles[start:])
+
+
 def mask(encoded: Encoded, train_on: str = "assistant") -> list[int]:
     """Labels: the token id where the model must learn, IGNORE_INDEX elsewhere.
 
     "assistant" trains every answer and tool call, "last" only those after the final user turn,
-    "all" every token. Tool results never train, whatever train_on says.
+    "all" every token. Tool results and image tokens never train, whatever train_on says.
     """
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on must be one of {TRAIN_ON}, got '{train_on}'")
     roles = encoded.roles
     if train_on == "all":
-        keep = [role != "tool" for role in roles]
+        keep = [role not in ("tool", IMAGE_ROLE) for role in roles]
     else:
         keep = [role in TRAINABLE_ROLES for role in roles]
         if train_on == "last":
@@ -118,6 +144,20 @@ def truncate(input_ids: list[int], labels: list[int], max_length: int | None, si
     if all(label == IGNORE_INDEX for label in labels[1:]):
         return None
     return input_ids, labels
+
+
+def surviving_images(token_counts: list[int], roles: list[str | None], kept: range) -> list[int] | None:
+    """The indices of the images whose tokens all lie in the kept positions; None when the cut goes through one."""
+    image_positions = [index for index, role in enumerate(roles) if role == IMAGE_ROLE]
+    survivors, offset = [], 0
+    for image, count in enumerate(token_counts):
+        first, last = image_positions[offset], image_positions[offset + count - 1]
+        offset += count
+        if kept.start <= first and last < kept.stop:
+            survivors.append(image)
+        elif last >= kept.start and first < kept.stop:
+            return None
+    return survivors
 
 
 def trainable_tokens(example: dict) -> int:
@@ -155,7 +195,22 @@ def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | N
             batch["loss_weights"].append(example_weights(example) + [0.0] * padding)
     if not attention_mask:
         del batch["attention_mask"]
-    return {key: torch.tensor(value, dtype=torch.float32 if key == "loss_weights" else torch.long) for key, value in batch.items()}
+    tensors = {key: torch.tensor(value, dtype=torch.float32 if key == "loss_weights" else torch.long) for key, value in batch.items()}
+    return {**tensors, **image_batch(examples, longest)}
+
+
+def image_batch(examples: list[dict], longest: int) -> dict:
+    """The images of a batch for the model's forward: every image's patches in one tensor, their (t, h, w) grids
+    in the same order, and mm_token_type_ids (1 at image tokens) padded like the ids. Empty without images."""
+    import torch
+
+    with_images = [example for example in examples if "pixel_values" in example]
+    if not with_images:
+        return {}
+    types = [list(example.get("mm_token_type_ids") or [0] * len(example["input_ids"])) for example in examples]
+    return {"pixel_values": torch.from_numpy(np.concatenate([e["pixel_values"] for e in with_images])).float(),
+            "image_grid_thw": torch.from_numpy(np.concatenate([e["image_grid_thw"] for e in with_images])).long(),
+            "mm_token_type_ids": torch.tensor([row + [0] * (longest - len(row)) for row in types], dtype=torch.long)}
 
 
 def pad_width(longest: int, multiple: int | None) -> int:
@@ -174,48 +229,73 @@ def build_example(
     system: str | None = None,
     schema: str | None = None,
     loss_scale: dict[str, float] | None = None,
+    processor=None,
 ) -> dict | None:
-    """One raw row (or canonical conversation) -> {"input_ids", "labels"[, "loss_weights"]}, or None when
-    truncation leaves nothing to learn (the caller counts those)."""
+    """One raw row (or canonical conversation) -> {"input_ids", "labels"[, "loss_weights"][, "images",
+    "image_tokens"]}, or None when truncation leaves nothing to learn or would cut an image (the caller counts those).
+
+    `processor` (a VisionProcessor) is needed when the conversation has images.
+    """
     messages = record if isinstance(record, list) else to_messages(record, schema)
-    encoded = encode(_segments(messages, tokenizer, template, system), tokenizer)
-    return _finish(encoded, train_on, max_length, truncation_side, loss_scale)
+    encoded = encode(_segments(messages, tokenizer, template, system, processor), tokenizer)
+    example = _finish(encoded, messages, processor, train_on, max_length, truncation_side, loss_scale)
+    return example if isinstance(example, dict) else None
 
 
 def build_examples(conversations: list[list[Message]], *, tokenizer, template: "str | Template", max_length: int | None = None,
                    train_on: str = "assistant", truncation_side: str = "right", system: str | None = None,
-                   loss_scale: dict[str, float] | None = None, chunk: int = 1024) -> tuple[list[dict], int]:
+                   loss_scale: dict[str, float] | None = None, processor=None, chunk: int = 1024) -> tuple[list[dict], Counter]:
     """build_example over a dataset, tokenizing `chunk` conversations per call: the kept examples, each with
-    its "conversation" (for generation and reports), and how many truncation left with nothing to learn."""
-    kept = []
+    its "conversation" (for generation and reports), and how many were dropped, by reason."""
+    kept, dropped = [], Counter()
     for start in range(0, len(conversations), chunk):
         part = conversations[start:start + chunk]
-        encoded = encode_batch([_segments(messages, tokenizer, template, system) for messages in part], tokenizer)
+        encoded = encode_batch([_segments(messages, tokenizer, template, system, processor) for messages in part], tokenizer)
         for conversation, one in zip(part, encoded):
-            example = _finish(one, train_on, max_length, truncation_side, loss_scale)
-            if example is not None:
+            example = _finish(one, conversation, processor, train_on, max_length, truncation_side, loss_scale)
+            if isinstance(example, dict):
                 kept.append({**example, "conversation": conversation})
-    return kept, len(conversations) - len(kept)
+            else:
+                dropped[example] += 1
+    return kept, dropped
 
 
-def _segments(messages: list[Message], tokenizer, template, system: str | None) -> list[Segment]:
+def _segments(messages: list[Message], tokenizer, template, system: str | None, processor=None) -> list[Segment]:
+    if any(message.images for message in messages):
+        if processor is None:
+            raise DataError("the data has images but the model takes none: it is a text model, or a vision-language "
+                            "model sftkit's image pipeline does not drive (it drives the Qwen2-VL family)")
+        messages = with_placeholders(messages, processor.placeholder)
     return render(messages, get_template(template), bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "",
                   system=system, tokenizer=tokenizer)
 
 
-def _finish(encoded: Encoded, train_on: str, max_length: int | None, side: str, loss_scale: dict | None) -> dict | None:
-    """mask -> (weights) -> truncate for one encoded conversation."""
+def _finish(encoded: Encoded, messages: list[Message], processor, train_on: str, max_length: int | None, side: str,
+            loss_scale: dict | None) -> dict | str:
+    """expand images -> mask -> (weights) -> truncate for one encoded conversation; a drop reason when nothing is left."""
+    images = [reference for message in messages for reference in message.images]
+    token_counts = [processor.tokens_for(reference) for reference in images]
+    if images:
+        encoded = expand_images(encoded, token_counts, processor.image_token_id)
     labels = mask(encoded, train_on)
-    if loss_scale:
-        weights = loss_weights(encoded, labels, loss_scale)
-        kept = truncate(list(range(len(labels))), labels, max_length, side)
-        if kept is None:
-            return None
-        positions, labels = kept
-        return {"input_ids": [encoded.input_ids[i] for i in positions], "labels": labels,
-                "loss_weights": [weights[i] for i in positions]}
-    kept = truncate(encoded.input_ids, labels, max_length, side)
-    return None if kept is None else {"input_ids": kept[0], "labels": kept[1]}
+    if not loss_scale and not images:
+        kept = truncate(encoded.input_ids, labels, max_length, side)
+        return NOTHING_TO_LEARN if kept is None else {"input_ids": kept[0], "labels": kept[1]}
+    weights = loss_weights(encoded, labels, loss_scale) if loss_scale else None
+    kept = truncate(list(range(len(labels))), labels, max_length, side)
+    if kept is None:
+        return NOTHING_TO_LEARN
+    positions, labels = kept
+    example = {"input_ids": [encoded.input_ids[i] for i in positions], "labels": labels}
+    if weights is not None:
+        example["loss_weights"] = [weights[i] for i in positions]
+    if images:
+        survivors = surviving_images(token_counts, encoded.roles, range(positions[0], positions[-1] + 1))
+        if survivors is None:
+            return CUT_IMAGE
+        example["images"] = [images[i] for i in survivors]
+        example["image_tokens"] = [token_counts[i] for i in survivors]
+    return example
 
 
 def pack(examples: list[dict], capacity: int) -> list[dict]:

@@ -14,23 +14,26 @@ KEY_FIELDS = ("dataset_test_ratio", "train_dataset_sample", "system", "max_lengt
               "check_dataset_strategy", "train_on", "loss_scale", "data_seed")
 
 
-def prepare_data(config, tokenizer, say=print,
-                 world: distributed.World = distributed.World()) -> tuple[list[dict], list[dict]]:
+def prepare_data(config, tokenizer, say=print, world: distributed.World = distributed.World(),
+                 processor=None) -> tuple[list[dict], list[dict]]:
     """(training examples, validation examples) of a TrainConfig; prints what was skipped or dropped, and why.
+    `processor` (a VisionProcessor) encodes the images of a vision-language model's data.
 
     With the cache and several ranks, the first rank of each node reads or builds the entry while the node's
     other ranks wait, then read it: one tokenization per node. An entry appears whole or not at all (the
     cache publishes atomically), so nodes sharing one cache folder cannot corrupt it either.
     """
+    options = {name: getattr(config, name) for name in KEY_FIELDS} | {"val": list(config.val_dataset)}
+    if processor is not None:
+        options["processor"] = processor.key()
     key = dataset_cache.dataset_key(list(config.datasets()) + list(config.val_dataset), config.template, tokenizer,
-                                    {name: getattr(config, name) for name in KEY_FIELDS} | {"val": list(config.val_dataset)}) \
-        if config.dataset_cache else None
+                                    options) if config.dataset_cache else None
     if key is None:
-        return tokenize_data(config, tokenizer, say)
+        return tokenize_data(config, tokenizer, say, processor)
     examples, failure = None, None
     if world.local_rank == 0:
         try:
-            examples = cached_or_built(key, config, tokenizer, say)
+            examples = cached_or_built(key, config, tokenizer, say, processor)
         except Exception as error:  # re-raised below, once every rank has heard of it (nobody waits forever)
             failure = error
     reports = distributed.gather(f"{type(failure).__name__}: {failure}" if failure else None, world)
@@ -39,21 +42,21 @@ def prepare_data(config, tokenizer, say=print,
     if any(reports):
         rank = next(rank for rank, report in enumerate(reports) if report)
         raise SftkitError(f"rank {rank} could not prepare the data ({reports[rank]})")
-    return examples or dataset_cache.load(key, say) or tokenize_data(config, tokenizer, say)
+    return examples or dataset_cache.load(key, say) or tokenize_data(config, tokenizer, say, processor)
 
 
-def cached_or_built(key: str, config, tokenizer, say=print) -> tuple[list[dict], list[dict]]:
+def cached_or_built(key: str, config, tokenizer, say=print, processor=None) -> tuple[list[dict], list[dict]]:
     """The cache entry of `key`, or the examples tokenized now and stored under it."""
     cached = dataset_cache.load(key, say)
     if cached is not None:
         say(f"[sftkit] tokenized data from the cache: {dataset_cache.cache_path(key)}")
         return cached
-    examples = tokenize_data(config, tokenizer, say)
+    examples = tokenize_data(config, tokenizer, say, processor)
     say(f"[sftkit] tokenized data cached in {dataset_cache.store(key, examples)}")
     return examples
 
 
-def tokenize_data(config, tokenizer, say=print) -> tuple[list[dict], list[dict]]:
+def tokenize_data(config, tokenizer, say=print, processor=None) -> tuple[list[dict], list[dict]]:
     """Read, split, sample and build the examples (no cache)."""
     conversations, report = load_conversations(list(config.datasets()), strategy=config.check_dataset_strategy)
     if config.val_dataset:
@@ -71,14 +74,14 @@ def tokenize_data(config, tokenizer, say=print) -> tuple[list[dict], list[dict]]
     say(f"[sftkit] training data: {report.summary()}")
     options = dict(tokenizer=tokenizer, template=config.template, max_length=config.max_length,
                    truncation_side=config.truncation_side, train_on=config.train_on, system=config.system,
-                   loss_scale=loss_scale_weights(config.loss_scale))
+                   loss_scale=loss_scale_weights(config.loss_scale), processor=processor)
     train_examples, dropped = build_examples(train_rows, **options)
     val_examples, val_dropped = build_examples(validation, **options)
+    for reason, count in (dropped + val_dropped).items():
+        say(f"[sftkit] dropped {dropped[reason]} training and {val_dropped[reason]} validation examples: "
+            f"{reason} (max_length {config.max_length})")
     if not train_examples:
         raise no_examples(config, train_rows, options)
-    if dropped or val_dropped:
-        say(f"[sftkit] dropped {dropped} training and {val_dropped} validation examples: "
-            f"nothing trainable left after truncation to {config.max_length} tokens")
     return train_examples, val_examples
 
 

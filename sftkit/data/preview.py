@@ -62,18 +62,17 @@ class Preview:
     summary: str
 
 
-def build_preview(config, tokenizer) -> Preview:
-    """Load and encode a PreviewConfig's data: `config.num_examples` truncated examples, all full lengths, statistics."""
+def build_preview(config, tokenizer=None, processor=None) -> Preview:
+    """Load and encode a PreviewConfig's data: `config.num_examples` truncated examples, all full lengths, statistics.
+    A vision-language model's `processor` (loaded with the tokenizer when not given) expands the images."""
     from .loading import load_conversations
     from .pipeline import build_example
 
     if tokenizer is None:
-        from ..model import load_tokenizer, resolve_tokenizer_dir
-
-        tokenizer = load_tokenizer(resolve_tokenizer_dir(config.tokenizer))
+        tokenizer, processor = load_tokenizer_and_processor(config.tokenizer)
     conversations, report = load_conversations(list(config.datasets()), strategy=config.check_dataset_strategy)
     options = dict(tokenizer=tokenizer, template=config.template or default_template(config.tokenizer),
-                   train_on=config.train_on, system=config.system)
+                   train_on=config.train_on, system=config.system, processor=processor)
     # Encode once at full length (for the statistics), then truncate as training would.
     full = [build_example(conversation, **options) for conversation in conversations]
     lengths = [len(example["input_ids"]) for example in full if example is not None]
@@ -89,13 +88,11 @@ def build_preview(config, tokenizer) -> Preview:
     return Preview(shown, lengths, stats, report.summary())
 
 
-def preview(config, tokenizer=None, echo=print) -> dict:
+def preview(config, tokenizer=None, echo=print, processor=None) -> dict:
     """Load, encode and show `config.num_examples` examples of a PreviewConfig; returns the statistics."""
     if tokenizer is None:
-        from ..model import load_tokenizer, resolve_tokenizer_dir
-
-        tokenizer = load_tokenizer(resolve_tokenizer_dir(config.tokenizer))
-    result = build_preview(config, tokenizer)
+        tokenizer, processor = load_tokenizer_and_processor(config.tokenizer)
+    result = build_preview(config, tokenizer, processor)
     for index, example in enumerate(result.examples):
         trainable = trainable_tokens(example)
         echo(f"--- example {index}: {len(example['input_ids'])} tokens, {trainable} trainable ---")
@@ -106,6 +103,16 @@ def preview(config, tokenizer=None, echo=print) -> dict:
     echo("tokens per example: " + ", ".join(f"{key} {value}" for key, value in stats["tokens"].items()))
     echo(f"truncated to {config.max_length}: {stats['truncated']}; dropped with no trainable token left: {stats['dropped_no_trainable_token']}")
     return stats
+
+
+def load_tokenizer_and_processor(name: str | None):
+    """The tokenizer preview encodes with (a tokenizer-only folder will do) and, for a vision-language model, the
+    processor that expands its images."""
+    from ..model import load_processor, load_tokenizer, resolve_tokenizer_dir
+
+    folder = resolve_tokenizer_dir(name)
+    tokenizer = load_tokenizer(folder)
+    return tokenizer, load_processor(folder, tokenizer)
 
 
 def default_template(tokenizer: str | None) -> str:
