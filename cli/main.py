@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from sftkit.config import PreviewConfig, TrainConfig
+from sftkit.config import PreviewConfig, RLHFConfig, TrainConfig
 
 from .options import config_command
 from .registry import list_command
@@ -35,12 +35,23 @@ def preview(config: PreviewConfig):
 @config_command(TrainConfig)
 def train(config: TrainConfig):
     """Fine-tune a causal LM with LoRA or full parameters (default: the embedded SmolLM2 on the bundled data)."""
+    run_training(config)
+
+
+@main.command()
+@config_command(RLHFConfig)
+def rlhf(config: RLHFConfig):
+    """Preference training (DPO, ORPO, SimPO, CPO, KTO) on chosen/rejected or labelled answers, in the loop of train."""
+    run_training(config)
+
+
+def run_training(config: TrainConfig) -> None:
     from sftkit.distributed import relaunch_command
     from sftkit.train import train as run_train
 
     nproc = int(os.environ.get("NPROC_PER_NODE", "1"))
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        # As ms-swift does: NPROC_PER_NODE=N sftkit train ... reruns itself under torchrun.
+        # As ms-swift does: NPROC_PER_NODE=N sftkit train|rlhf ... reruns itself under torchrun.
         sys.exit(subprocess.call(relaunch_command(nproc, sys.argv[1:])))
     run_train(config)
 

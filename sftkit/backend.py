@@ -1,8 +1,8 @@
 """How an optimizer step runs, as one value the loop calls: a single process, DDP, or DeepSpeed.
 
 The loop only ever calls forward / backward / step (and no_sync, full_weights, save, load); which backend
-it is, is decided once in `build_backend`. Every backend shares sftkit's optimizer, schedule and
-token-normalised loss, so they train the same model from the same data.
+it is, is decided once in `build_backend`. Every backend shares sftkit's optimizer, schedule and the
+objective's loss, so they train the same model from the same data.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import torch
 from . import deepspeed, distributed
 from .checkpoint import load_schedule, load_tensors, load_weights, save_schedule
 from .errors import CheckpointError
-from .loss import loss_sum
 from .quant import make_optimizer
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -43,7 +42,7 @@ def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
 class LossModule(torch.nn.Module):
     """The model with its loss as forward, so DDP's and DeepSpeed's hooks wrap exactly what training runs."""
 
-    def __init__(self, model, loss_fn=loss_sum):
+    def __init__(self, model, loss_fn):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
@@ -53,7 +52,7 @@ class LossModule(torch.nn.Module):
 
 
 def build_backend(config, model, *, world: distributed.World, devices: list[str], compute_dtype: torch.dtype,
-                  total_steps: int, loss_fn=loss_sum):
+                  total_steps: int, loss_fn):
     """The one setup branch: optimizer and schedule for the trainable parameters, then the backend that runs them."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(config.optim, parameters, config.lr, betas=(config.adam_beta1, config.adam_beta2),

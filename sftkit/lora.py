@@ -1,6 +1,7 @@
 """LoRA for nn.Linear and quantized linear layers, saved and loaded in peft's adapter format without importing peft."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -181,7 +182,7 @@ class LoRALinear(nn.Module):
 
     def _add_lora(self, base: nn.Module, config: LoRAConfig, *, device: torch.device, dtype: torch.dtype) -> None:
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.scaling, self.merged = config.r, config.scaling, False
+        self.r, self.scaling, self.merged, self.disabled = config.r, config.scaling, False, False
         self.dropout = nn.Dropout(config.dropout)
         self.lora_A = nn.Linear(self.in_features, config.r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(config.r, self.out_features, bias=False, device=device, dtype=dtype)
@@ -189,7 +190,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = F.linear(x, self.weight, self.bias)
-        return result if self.merged else self._add_update(result, x)
+        return result if self.merged or self.disabled else self._add_update(result, x)
 
     def _add_update(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The update runs in the adapter's dtype (or autocast's) and is added in the base output's dtype."""
@@ -233,7 +234,8 @@ class LoRAQuantLinear(LoRALinear):
         self._add_lora(base, config, device=device, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._add_update(self.base_layer(x), x)
+        result = self.base_layer(x)
+        return result if self.disabled else self._add_update(result, x)
 
     def merge(self) -> None:
         raise ValueError(MERGE_QUANTIZED)
@@ -339,6 +341,24 @@ def unmerge_lora(model: nn.Module) -> None:
     """Take the updates back out of the base weights, e.g. to train on after a merged evaluation."""
     for _, layer in _lora_layers(model):
         layer.unmerge()
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Inside, every LoRA layer computes its base layer alone: the model is its own base again, which is the
+    reference model of preference training without a second copy in memory."""
+    layers = [layer for _, layer in _lora_layers(model)]
+    merged = [name for name, layer in _lora_layers(model) if layer.merged]
+    if merged:
+        raise ValueError(f"merged adapters cannot be switched off ({merged[0]}): unmerge_lora first")
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, state in zip(layers, previous):
+            layer.disabled = state
 
 
 def unload_lora(model: nn.Module) -> nn.Module:

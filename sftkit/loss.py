@@ -36,6 +36,24 @@ def loss_sum(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, 
     return total, int(selected.sum())
 
 
+def sequence_log_probs(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each row's summed log-probability of its target tokens, each row's number of target tokens), with logits
+    only at target positions, a chunk at a time: what preference losses compare."""
+    targets = shifted_targets(batch["labels"])
+    selected = targets != IGNORE_INDEX
+    hidden = backbone_hidden(model, batch)
+    selected, targets = selected.to(hidden.device), targets.to(hidden.device)
+    rows = torch.arange(selected.shape[0], device=hidden.device)[:, None].expand_as(selected)[selected]
+    hidden, targets = hidden[selected], targets[selected]
+    head = model.get_output_embeddings()
+    sums = hidden.new_zeros(selected.shape[0], dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        logits = _final_logits(model, head(hidden[start:start + chunk_size])).float()
+        token_log_probs = -F.cross_entropy(logits, targets[start:start + chunk_size], reduction="none")
+        sums = sums.index_add(0, rows[start:start + chunk_size], token_log_probs)
+    return sums, selected.sum(dim=1)
+
+
 def shifted_weights(batch: dict) -> torch.Tensor:
     return F.pad(batch["loss_weights"][:, 1:], (0, 1), value=0.0)
 

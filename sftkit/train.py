@@ -1,9 +1,11 @@
 """train(config): fine-tune a causal LM in one plain torch loop that reads top to bottom.
 
-Setup (processes, model, data, run folder, backend), then one loop over optimizer steps with an inner loop
-over the micro-batches of the accumulation window, then the end of the run. The loss of a window is the
-sum of per-token losses divided by the trainable tokens of the whole window on every rank, so 4 x 1 and
-1 x 4 give one gradient. Which backend runs the step (one process, DDP, DeepSpeed) is a value built once.
+Setup (processes, model, objective, data, run folder, backend), then one loop over optimizer steps with an
+inner loop over the micro-batches of the accumulation window, then the end of the run. The loss of a window is
+the sum of the micro-batch losses divided by the objective's normaliser for the whole window on every rank
+(SFT: trainable tokens, so 4 x 1 and 1 x 4 give one gradient; preference losses: pairs). What is optimised
+(the objective: SFT or a preference loss) and which backend runs the step (one process, DDP, DeepSpeed) are
+values built once; the loop knows neither.
 """
 from __future__ import annotations
 
@@ -24,24 +26,23 @@ from .backend import build_backend
 from .checkpoint import (TrainState, mark_best, prune, read_train_state, require_resumable, resolve_checkpoint,
                          restore_rng_states, save, write_weights)
 from .config import TrainConfig
-from .data.pipeline import collate, collate_packed, pack, trainable_tokens
-from .data.prepare import prepare_data
 from .data.sampler import batch_positions, rank_shard
 from .errors import TrainingError
 from .hub import HubError, maybe_push, push_to_hub
 from .logs import RunLog, plot_losses
 from .lora import LoRAConfig, count_parameters, inject_lora, lora_state_dict
-from .loss import loss_sum
 from .model import attn_implementation, load_model_and_tokenizer, resolve_dtype
+from .objective import build_objective
 from .placement import place
 from .quant import QuantizationOptions, is_quantized
 from .registry import EMBEDDED_MODEL_TYPE, MODELS, infer_model_type, resolve_lora_targets
 
 
-def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], None] = lambda record: None) -> str:
-    """Fine-tune as `config` says; returns the best checkpoint folder (the last one without evaluation).
+def train(config: TrainConfig, *, loss_fn=None, on_record: Callable[[dict], None] = lambda record: None) -> str:
+    """Train as `config` says (a TrainConfig: SFT; an RLHFConfig: preference training); returns the best checkpoint
+    folder (the last one without evaluation).
 
-    loss_fn(model, batch) -> (summed loss, trainable tokens) is what every micro-batch minimises;
+    loss_fn(model, batch) -> (summed loss, normaliser) replaces the objective's loss for every micro-batch;
     on_record(record) sees the start ({step, total_steps, run_dir}), each step's record and each evaluation.
     """
     # --- Setup. One rank per process (torchrun), each owning one device or, for pipeline-style model
@@ -50,14 +51,16 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
     devices = rank_devices(config, world)
     device = torch.device(devices[0])
     compute_dtype = resolve_dtype(config.dtype, device)
+    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
     resume = resolve_checkpoint(config.resume_from_checkpoint) if config.resume_from_checkpoint else None
     say = print if world.is_main else (lambda *args, **kwargs: None)
     seed_everything(config.seed)
     model, tokenizer, model_dir, config, lora_config = setup_model(config, devices, say)
+    objective = build_objective(config, model, device=device, autocast=autocast, world=world, loss_fn=loss_fn)
 
     # Data, tokenized once up front (every rank tokenizes the same data and takes its own slices).
-    train_examples, val_examples = prepare_data(config, tokenizer, say)
-    train_examples, collate_train = training_rows(config, train_examples, say)
+    train_examples, val_examples = objective.examples(config, tokenizer, say)
+    train_examples, collate_train = objective.rows(config, train_examples, say)
     global_batch = config.batch_size * world.size
     batches_per_epoch = math.ceil(len(train_examples) / global_batch)
     total_steps = config.max_steps if config.max_steps > 0 else \
@@ -68,13 +71,12 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
     run_dir = open_run_dir(config, model_dir, resume, val_examples, world)
     log = RunLog(run_dir, config.logging_dir, enabled=world.is_main)
     backend = build_backend(config, model, world=world, devices=devices, compute_dtype=compute_dtype,
-                            total_steps=total_steps, loss_fn=loss_fn)
+                            total_steps=total_steps, loss_fn=objective.loss)
     state = TrainState()
     if resume:
         state = restore(resume, backend, world.rank)
         say(f"[sftkit] resumed from {resume} at step {state.step}")
-    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
-    lengths = [len(example["input_ids"]) for example in train_examples] if config.group_by_length else None
+    lengths = [objective.length(row) for row in train_examples] if config.group_by_length else None
     batches = batch_positions(len(train_examples), global_batch, config.seed, state.epoch, state.batches_in_epoch, lengths)
 
     write_checkpoint_weights = partial(write_weights, model=model, tokenizer=tokenizer, lora_config=lora_config,
@@ -90,11 +92,11 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
             window_started = time.time()
             window = [next(batches) for _ in range(config.gradient_accumulation_steps)]
             shards = [rank_shard([train_examples[i] for i in indices], world.rank, config.batch_size) for _, _, indices in window]
-            counts = window_counts(shards, world)
+            counts = objective.counts(shards, world)
             model.train()
-            window_loss = accumulate(backend, shards, collate_train, tokenizer.pad_token_id, device, autocast,
-                                     counts["trainable_tokens"], world)
-            mean_loss = distributed.sum_floats([window_loss], world)[0] / max(counts["trainable_tokens"], 1)
+            window_loss, window_metrics = accumulate(backend, shards, collate_train, tokenizer.pad_token_id, device,
+                                                     autocast, counts[objective.unit], world)
+            mean_loss = window_loss / max(counts[objective.unit], 1)
             if not math.isfinite(mean_loss):
                 last = run.pointer(run_dir, run.LATEST)
                 raise TrainingError(f"loss is {mean_loss} at step {state.step + 1}; stopped without updating the weights. "
@@ -108,7 +110,8 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
             elapsed = time.time() - window_started
             record = {"step": state.step, "loss": round(mean_loss, 6), "lr": learning_rate, "grad_norm": round(grad_norm, 6),
                       "trainable_tokens_per_s": round(counts["trainable_tokens"] / max(elapsed, 1e-9), 2),
-                      "epoch": round(state.epoch + state.batches_in_epoch / batches_per_epoch, 4), **counts}
+                      "epoch": round(state.epoch + state.batches_in_epoch / batches_per_epoch, 4),
+                      **objective.summarise(window_metrics), **counts}
             progress.update(1)
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{learning_rate:.2e}", tok_s=f"{record['trainable_tokens_per_s']:.0f}")
             if state.step % config.logging_steps == 0 or state.step == total_steps:
@@ -120,9 +123,8 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
             stopping = distributed.sum_int(int(stop.requested), world) > 0
             evaluated = None
             if val_examples and (state.step % config.eval_steps == 0 or finished):
-                evaluated = {"step": state.step, **evaluate.validation_metrics(model, tokenizer, config, val_examples, device=device,
-                                                                      autocast=autocast, world=world,
-                                                                      lockstep=backend.lockstep)}
+                evaluated = {"step": state.step, **objective.evaluate(model, tokenizer, config, val_examples, device=device,
+                                                                      autocast=autocast, world=world, lockstep=backend.lockstep)}
                 log.write(evaluated)
                 state.log_history.append(evaluated)
                 if world.is_main:
@@ -141,7 +143,7 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
             if stopping:
                 progress.close()
                 say(f"[sftkit] stopped by signal after step {state.step}; checkpoint saved.\n"
-                    f"  resume with: sftkit train --resume_from_checkpoint {os.path.join(run_dir, f'checkpoint-{state.step}')} "
+                    f"  resume with: sftkit {config.command} --resume_from_checkpoint {os.path.join(run_dir, f'checkpoint-{state.step}')} "
                     "(and the same options)")
                 log.close()
                 distributed.shutdown(world)
@@ -172,16 +174,6 @@ def open_run_dir(config: TrainConfig, model_dir: str, resume: str | None, val_ex
     return distributed.broadcast(run_dir, world)
 
 
-def training_rows(config: TrainConfig, examples: list[dict], say=print):
-    """The rows batches are drawn from and how to collate them: the examples, or with --packing rows that
-    hold several examples each."""
-    if not config.packing:
-        return examples, collate
-    rows = pack(examples, config.max_length or 2048)
-    say(f"[sftkit] packed {len(examples)} examples into {len(rows)} rows of at most {config.max_length or 2048} tokens")
-    return rows, collate_packed
-
-
 def track_best(state: TrainState, config: TrainConfig, evaluated: dict | None) -> bool:
     """Whether this evaluation beats the best so far by --metric_for_best_model (and remember it if so)."""
     score = evaluated.get(best_metric_key(config)) if evaluated else None
@@ -203,38 +195,25 @@ def report_end(config: TrainConfig, state: TrainState, run_dir: str, best: str |
         maybe_push(config.push_hub_strategy, "end", best, False, partial(upload, config, say))
 
 
-def accumulate(backend, shards, collate_fn, pad_id: int, device, autocast, window_tokens: int,
-               world: distributed.World) -> float:
-    """Forward and backward every micro-batch of one window; gradients sum to those of the window's token mean.
+def accumulate(backend, shards, collate_fn, pad_id: int, device, autocast, normaliser: int,
+               world: distributed.World) -> tuple[float, dict]:
+    """Forward and backward every micro-batch of one window; gradients sum to those of the window's loss divided
+    by its normaliser. Returns the window's summed loss and metric totals, summed over ranks.
 
     DDP averages gradients over ranks, hence the world-size factor; only the last micro-batch all-reduces.
     """
-    window_loss = 0.0
+    window_loss, metrics = 0.0, {}
     for index, (shard, weight) in enumerate(shards):
         batch = {key: value.to(device) for key, value in collate_fn(shard, pad_id).items()}
         with backend.no_sync(index == len(shards) - 1), autocast:
-            summed, _ = backend.forward(batch)
+            summed, _, parts = backend.forward(batch)
             summed = summed * weight
-        backend.backward(summed * world.size / max(window_tokens, 1))
+        backend.backward(summed * world.size / max(normaliser, 1))
         window_loss += summed.item()
-    return window_loss
-
-
-def window_counts(shards, world: distributed.World) -> dict:
-    """What one window holds on all ranks, counted on the host: trainable tokens (the loss's denominator),
-    tokens, padded batch positions, rows and examples (packed rows hold several)."""
-    counts = [0, 0, 0, 0, 0]
-    for shard, weight in shards:
-        if not weight:
-            continue
-        width = max(len(e["input_ids"]) for e in shard)
-        counts[0] += sum(trainable_tokens(e) for e in shard)
-        counts[1] += sum(len(e["input_ids"]) for e in shard)
-        counts[2] += width * len(shard)
-        counts[3] += len(shard)
-        counts[4] += sum(e["position_ids"].count(0) if "position_ids" in e else 1 for e in shard)
-    totals = distributed.sum_floats(counts, world)
-    return dict(zip(("trainable_tokens", "tokens", "batch_positions", "rows", "examples"), map(int, totals)))
+        metrics = evaluate.add_totals(metrics, parts, weight)
+    names = sorted(metrics)  # every rank reports the same metrics, so one reduction sums them all
+    totals = distributed.sum_floats([window_loss] + [value for name in names for value in metrics[name]], world)
+    return totals[0], {name: (totals[1 + 2 * i], totals[2 + 2 * i]) for i, name in enumerate(names)}
 
 
 def setup_model(config: TrainConfig, devices: list[str], say=print):

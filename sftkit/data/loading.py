@@ -11,7 +11,7 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import DataError
 from .formats import Message, to_messages
@@ -200,11 +200,13 @@ def _read_local_dataset(path: str) -> Iterator[Row]:
 
 
 def load_conversations(specs: list[str], *, strategy: str = "error", schema: str | None = None,
-                       hub: str = "modelscope", report: LoadReport | None = None) -> tuple[list[list[Message]], LoadReport]:
+                       hub: str = "modelscope", report: LoadReport | None = None,
+                       convert: Callable[[dict], object] | None = None) -> tuple[list[list[Message]], LoadReport]:
     """Read and convert every row of every spec, concatenated in order.
 
     strategy decides what a bad row does: "error" raises (naming file, line and field), "warning"
-    prints and skips, "skip" skips; every skip is counted in the report.
+    prints and skips, "skip" skips; every skip is counted in the report. `convert` replaces to_messages
+    (e.g. to_preference for preference rows).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"check_dataset_strategy must be one of {STRATEGIES}, got '{strategy}'")
@@ -217,7 +219,7 @@ def load_conversations(specs: list[str], *, strategy: str = "error", schema: str
                 _handle(row.error, strategy, report)
                 continue
             try:
-                conversations.append(to_messages(row.data, schema))
+                conversations.append(convert(row.data) if convert else to_messages(row.data, schema))
                 report.kept += 1
             except DataError as error:
                 _handle(error.at(row.source, row.line), strategy, report)
