@@ -1,4 +1,4 @@
-"""Running sftkit train in several processes (torchrun, gloo on CPU) from tests."""
+"""Running sftkit train (or rlhf) in several processes (torchrun, gloo on CPU) from tests."""
 import json
 import os
 import socket
@@ -16,9 +16,9 @@ def options(model_dir, data_file, output_dir, **extra):
     return values
 
 
-def torchrun(values: dict, nproc: int = 2, timeout: int = 300):
+def torchrun(values: dict, nproc: int = 2, timeout: int = 300, command: str = "train"):
     port = _free_port()
-    argv = ["train"] + [item for key, value in values.items() for item in (f"--{key}", str(value))]
+    argv = [command] + [item for key, value in values.items() for item in (f"--{key}", str(value))]
     command = relaunch_command(nproc, argv)
     command.insert(3, f"--master_port={port}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from .errors import DataError
 from .formats import Message, split_agent_text, to_messages
 
+PROMPT_ROLES = ("system", "user", "human")
 TRUE_LABELS, FALSE_LABELS = ("true", "1", "yes", "desirable"), ("false", "0", "no", "undesirable")
 
 
@@ -132,14 +133,15 @@ def _completion(prompt_raw: list, prompt: list[Message], record: dict, key: str)
         raw, offset = [{"role": "assistant", "content": value}], None
     elif isinstance(value, list):
         raw, offset = value, len(prompt_raw)
+        for index, item in enumerate(raw):
+            if isinstance(item, dict) and str(item.get("role", "")).lower() in PROMPT_ROLES:
+                raise DataError("a completion holds the answer turn only (assistant, tool call and tool messages)",
+                                field=f"{key}[{index}].role")
     else:
         raise DataError(f"expected a string or a list of messages, got {type(value).__name__}", field=key)
     conversation = _converted({"messages": prompt_raw + raw, "tools": record.get("tools")}, key, offset=offset,
                               prompt_length=len(prompt_raw))
-    completion = conversation[len(prompt):]
-    if any(message.role in ("user", "system") for message in completion):
-        raise DataError("a completion holds the answer turn only (assistant, tool call and tool messages)", field=key)
-    return completion
+    return conversation[len(prompt):]
 
 
 def _text_completion(value, field: str) -> list[Message]:
