@@ -1,5 +1,6 @@
 """sftkit rlhf through the training loop: ln 2 at the start, every method learns, the reference three ways,
 exact resume, DDP == one process, best by a reward metric, the CLI."""
+import importlib.util
 import json
 import math
 import os
@@ -131,6 +132,18 @@ def test_two_processes_equal_one_for_dpo(tiny_model_dir, pairs_file, tmp_path):
     single_weights = load_file(str(tmp_path / "single" / "checkpoint-4" / "adapter_model.safetensors"))
     for key in single_weights:
         torch.testing.assert_close(ddp_weights[key], single_weights[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+@pytest.mark.slow
+def test_dpo_under_zero3_matches_one_process(tiny_model_dir, pairs_file, tmp_path):
+    """ZeRO-3 partitions every weight: the reference forward with adapters off gathers them like any other."""
+    torchrun(options(tiny_model_dir, pairs_file, tmp_path / "ds", batch_size=2, deepspeed="zero3"), command="rlhf")
+    train(RLHFConfig(**{**options(tiny_model_dir, pairs_file, tmp_path / "single"), "dataset": (pairs_file,), "batch_size": 4}))
+    for a, b in zip(records(tmp_path / "ds"), records(tmp_path / "single")):
+        for key in ("loss", "eval_loss", "eval_rewards/margins"):
+            if key in b:
+                assert abs(a[key] - b[key]) < 1e-4, (key, a, b)
 
 
 def test_cli_rlhf_trains_and_reports_every_problem(tiny_model_dir, pairs_file, tmp_path):
