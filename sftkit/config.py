@@ -253,9 +253,9 @@ class RLHFConfig(TrainConfig):
     def problems(self) -> list[str]:
         checks = super().problems()
         defaults = {item.name: item.default for item in dataclasses.fields(RLHFConfig)}
-        for name, types in PREFERENCE_OPTIONS.items():
-            if getattr(self, name) != defaults[name] and self.rlhf_type not in types:
-                checks.append(f"{name} applies to rlhf_type {' and '.join(types)}, not {self.rlhf_type}")
+        for name, methods in PREFERENCE_OPTIONS.items():
+            if getattr(self, name) != defaults[name] and self.rlhf_type not in methods:
+                checks.append(f"{name} applies to rlhf_type {' and '.join(methods)}, not {self.rlhf_type}")
         if self.rlhf_type == "dpo" and self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
             checks.append(f"label_smoothing applies to the sigmoid and robust DPO losses, not {self.loss_type}")
         if not 0 <= self.label_smoothing < 0.5:
