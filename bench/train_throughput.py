@@ -1,4 +1,4 @@
-"""Training throughput: sftkit.train against transformers Trainer + peft on the same data, at equal trainable tokens.
+"""Training throughput: sftkit.train against transformers Trainer + peft on the same data and trainable tokens.
 
 Both sides fine-tune the same model with LoRA (r 8, alpha 16, dropout 0, every linear layer but the output
 head) on the same seeded chat rows, with the same schedule (AdamW, warmup, cosine), batch size 4, max
@@ -7,12 +7,21 @@ changes sftkit's step count, not its tokens. The reference's labels come from sf
 so both mask exactly the same tokens, and it batches the HF way: random order, right padding to the
 longest example of the batch (DataCollatorForSeq2Seq).
 
+Three comparisons, each against the same reference run (batch 4, right padding):
+  equal tokens   sftkit:packed   packed rows, as many per step as hold the reference's real tokens per step
+  user defaults  sftkit:padded   sftkit's default flags at the reference's batch size and max length
+  user packing   sftkit:packing  --packing true at the reference's batch size (4 packed rows per step)
+The user's view is what someone comparing the two tools with the same batch size gets; the equal-tokens view
+holds the activations per step equal. Only the hyperparameters are set on the sftkit side (LoRA, schedule,
+seed, dtype); memory and attention options keep their defaults (SDPA on both sides).
+
 Every run is its own child process, so peak RSS (the child's ru_maxrss) belongs to that run alone, and
 runs alternate A B B A ... so that slow drift of the machine cancels in the medians.
 
     python bench/train_throughput.py                       # embedded SmolLM2-135M-Instruct, CPU sized
     python bench/train_throughput.py --model-config 0.5b   # random Qwen2-0.5B-shaped model; MFU on a GPU
     python bench/train_throughput.py --quick               # tiny random model, seconds (used by the tests)
+    python bench/train_throughput.py --examples 64 --sftkit-modes padded,packing   # issue 21's user view only
 """
 from __future__ import annotations
 
@@ -32,7 +41,10 @@ from common import chat_rows, machine_state, save_tiny_model, token_stats, write
 
 IGNORE_INDEX = -100
 REFERENCE = "reference"
-MODES = ("packed", "padded")
+MODES = ("packed", "padded", "packing")
+PACKED = ("sftkit:packed", "sftkit:packing")
+COMPARISONS = {"equal tokens per step": "sftkit:packed", "user view, default flags, same batch": "sftkit:padded",
+               "user view, --packing true, same batch": "sftkit:packing"}
 # Qwen2.5-0.5B / -1.5B shapes; weights random, so nothing is downloaded.
 MODEL_CONFIGS = {
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2),
@@ -53,7 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-examples", type=int, default=None,
                         help="held-out examples whose loss both sides compute after training (default 16; 4 with --quick)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each trainer, alternated A B B A ...")
-    parser.add_argument("--sftkit-modes", default="packed,padded", help="sftkit variants: packed, padded or both")
+    parser.add_argument("--sftkit-modes", default="packed,padded,packing",
+                        help="sftkit runs: packed (equal tokens per step), padded (default flags, same batch), "
+                             "packing (--packing true, same batch); comma-separated")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=None, help="default 1024; 256 with --quick")
     parser.add_argument("--median-tokens", type=int, default=None, help="median example length (default 200; 48 with --quick)")
@@ -120,6 +134,7 @@ def main(argv=None) -> dict | None:
                 runs.append(run)
         summary = summarise(runs, names)
         result = {"benchmark": "train_throughput",
+                  "comparisons": {label: f"{name}/{REFERENCE}" for label, name in COMPARISONS.items() if name in names},
                   "machine": {**machine_before, "load_average_after": machine_state()["load_average"]},
                   "settings": settings_of(args, model_name, model_dir, template, device), "data": data,
                   "flops": {"formula": FLOPS_FORMULA, **shape, "model_flops_per_pass": model_flops, "peak_tflops": peak_tflops},
@@ -261,7 +276,7 @@ def finish_run(run: dict, model_flops: int, peak_tflops: float | None, max_lengt
         achieved_tflops=round(model_flops / loop / 1e12, 4),
         mfu=round(model_flops / loop / (peak_tflops * 1e12), 4) if peak_tflops else None,
     )
-    if run["name"] == "sftkit:packed":
+    if run["name"] in PACKED:
         rows = sum(b["rows"] for b in batches)
         run["packed_rows"] = rows
         run["fill_ratio"] = round(real / max(rows * max_length, 1), 4)
@@ -284,7 +299,8 @@ def tail_loss(losses: list[float], batches: list[dict], examples: int) -> tuple[
 
 COMPARED = ("trainable_tokens_per_s", "trainable_tokens_per_s_after_first_step", "all_tokens_per_s", "seconds_per_step",
             "peak_rss_mb", "peak_gpu_mem_mb", "eval_loss", "loss_last_20pct", "final_loss", "loop_seconds", "total_seconds")
-FIGURES = COMPARED + ("achieved_tflops", "mfu", "steps", "padding_share", "fill_ratio", "rss_after_imports_mb", "trainable_params")
+FIGURES = COMPARED + ("achieved_tflops", "mfu", "steps", "padding_share", "fill_ratio", "rss_after_imports_mb", "trainable_params",
+                      "estimated_peak_mb")
 
 
 def summarise(runs: list[dict], names: list[str]) -> dict:
@@ -319,9 +335,10 @@ def describe(run: dict) -> str:
     extra = f", fill {run['fill_ratio']:.1%}" if "fill_ratio" in run else ""
     gpu = f", GPU peak {run['peak_gpu_mem_mb']:.0f} MB" if run.get("peak_gpu_mem_mb") is not None else ""
     mfu = f", MFU {run['mfu']:.1%}" if run.get("mfu") is not None else ""
+    estimated = f" (sftkit's estimate {run['estimated_peak_mb']:.0f} MB)" if run.get("estimated_peak_mb") else ""
     return (f"[bench] {run['name']}: {run['trainable_tokens_per_s']:.1f} trainable tok/s, {run['all_tokens_per_s']:.1f} tok/s, "
             f"{run['seconds_per_step']:.2f} s/step x {run['steps']} steps (loop {run['loop_seconds']:.1f} s, total "
-            f"{run['total_seconds']:.1f} s), peak RSS {run['peak_rss_mb']:.0f} MB{gpu}, padding {run['padding_share']:.1%}"
+            f"{run['total_seconds']:.1f} s), peak RSS {run['peak_rss_mb']:.0f} MB{estimated}{gpu}, padding {run['padding_share']:.1%}"
             f"{extra}, loss last 20% {run['loss_last_20pct']}, final {run['final_loss']}, held-out {run['eval_loss']}{mfu}")
 
 
@@ -329,8 +346,9 @@ def print_summary(result: dict) -> None:
     print("\n[bench] medians over repeats:")
     for name, figures in result["summary"].items():
         print(f"  {name:16s} " + ", ".join(f"{key} {value}" for key, value in figures.items() if value is not None))
+    labels = {pair: label for label, pair in result["comparisons"].items()}
     for pair, figures in result["ratios"].items():
-        print(f"  {pair}: " + ", ".join(f"{key} {value}" for key, value in figures.items()))
+        print(f"  {labels.get(pair, pair)} ({pair}): " + ", ".join(f"{key} {value}" for key, value in figures.items()))
     print(f"  load average before {result['machine']['load_average']}, after {result['machine']['load_average_after']}")
 
 
@@ -404,12 +422,13 @@ def run_sftkit(spec: dict) -> dict:
 
     imported_rss = peak_rss_so_far_mb()
     started = time.perf_counter()
-    log, clock = BatchLog(), StepClock(spec["device"])
+    log, clock, estimated = BatchLog(), StepClock(spec["device"]), {}
     cuda = spec["device"].startswith("cuda")
 
     def observe(record: dict) -> None:
         if "total_steps" in record:  # the loop starts
             clock.mark()
+            estimated["peak_mb"] = record["estimated_peak_mb"]
         if "loss" not in record:  # the start, or an evaluation
             return
         clock.mark()
@@ -418,7 +437,7 @@ def run_sftkit(spec: dict) -> dict:
 
     config = TrainConfig(
         model=spec["model"], dataset=(spec["data"],), val_dataset=(spec["eval_data"],), eval_batch_size=1, template=spec["template"],
-        max_length=spec["max_length"], packing=spec["name"] == "sftkit:packed", batch_size=spec["batch_size"],
+        max_length=spec["max_length"], packing=spec["name"] in PACKED, batch_size=spec["batch_size"],
         gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=spec["learning_rate"],
         warmup_ratio=spec["warmup_ratio"], lr_scheduler_type="cosine", weight_decay=0.0, max_grad_norm=1.0,
         sft_type="lora", lora_rank=8, lora_alpha=16, lora_dropout=0.0, lora_target_modules=("all-linear",),
@@ -433,8 +452,11 @@ def run_sftkit(spec: dict) -> dict:
     eval_loss = [record["eval_loss"] for record in records if "eval_loss" in record][-1]
     with safe_open(os.path.join(best, "adapter_model.safetensors"), "pt") as adapter:
         trainable = sum(math.prod(adapter.get_slice(key).get_shape()) for key in adapter.keys())
+    flags = {name: getattr(config, name) for name in ("packing", "batch_size", "max_length", "max_memory", "varlen_attention",
+                                                      "gradient_checkpointing")}
     return {**clock.figures(), "total_seconds": round(total, 3), "losses": losses, "eval_loss": eval_loss, "batches": log.batches,
-            "trainable_params": trainable, "rss_after_imports_mb": imported_rss, **gpu_figures(spec["device"])}
+            "trainable_params": trainable, "rss_after_imports_mb": imported_rss, "sftkit_flags": flags,
+            "estimated_peak_mb": estimated.get("peak_mb"), **gpu_figures(spec["device"])}
 
 
 def run_reference(spec: dict) -> dict:

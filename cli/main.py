@@ -10,6 +10,7 @@ import click
 
 from sftkit.config import PreviewConfig, RLHFConfig, TrainConfig
 
+from .deploy import deploy
 from .options import config_command
 from .registry import list_command
 from .use import chat, evaluate, infer, merge
@@ -56,7 +57,7 @@ def run_training(config: TrainConfig) -> None:
     run_train(config)
 
 
-for command in (list_command, chat, infer, evaluate, merge):
+for command in (list_command, chat, infer, evaluate, merge, deploy):
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -47,11 +47,18 @@ def dataset_rows() -> list[dict]:
         "modelscope_id": info.ms_id,
         "hf_id": info.hf_id,
         "path": info.path,
-        "subset": info.subset,
-        "split": info.split,
+        "subsets": ",".join(info.subsets),
+        "split": ",".join(info.splits),
+        "sample": info.sample,
+        "preprocess": _preprocess_name(info.preprocess),
         "columns": ",".join(f"{old}->{new}" for old, new in info.columns.items()),
         "tags": ",".join(info.tags),
     } for info in DATASETS.values()]
+
+
+def _preprocess_name(preprocess) -> str | None:
+    """A function's name, or what a preprocess object says it does (e.g. its column mapping)."""
+    return None if preprocess is None else getattr(preprocess, "__name__", None) or str(preprocess)
 
 
 ROWS = {"models": model_rows, "templates": template_rows, "datasets": dataset_rows}

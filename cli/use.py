@@ -22,7 +22,7 @@ def chat(config: ChatConfig):
     model, tokenizer, settings = load_for_inference(config.ckpt_dir, config.model, template=config.template,
                                                     system=config.system, dtype=config.dtype)
     chat_repl(model, tokenizer, settings.template, settings.system, generation_config(config), agent=config.agent,
-              stream=config.stream)
+              stream=config.stream, constrained=config.constrained_tool_calls)
 
 
 @click.command("infer")
@@ -43,6 +43,7 @@ def evaluate(config: EvalConfig):
     report = evaluate_checkpoint(config)
     rows = [(name, value) for name, value in report["metrics"].items() if not isinstance(value, (list, dict))]
     rows += list(report["counts"].items())
+    rows += [(f"errors.{kind}", count) for kind, count in report.get("errors", {}).get("counts", {}).items()]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         shown = "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)

@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 
+from .constrained import tool_call_guide
 from .data.formats import Message
 from .data.templates import get_template
 from .evaluate import generate_all
@@ -21,18 +22,20 @@ from .lora import load_adapter, unload_lora
 from .model import load_model, load_tokenizer
 from .prompts import prompt_ids, prompt_text, reply_messages, response_text, split_last_turn, tool_call_end
 from .run import read_run_args
+from .tools import conversation_tools
 
 
 # --- chat ---------------------------------------------------------------------------------------------------
 
 
 def chat_repl(model, tokenizer, template, system, gen_config: GenerationConfig, input=None, output=None,
-              agent: bool = False, stream: bool = True) -> list[Message]:
+              agent: bool = False, stream: bool = True, constrained: bool = True) -> list[Message]:
     """Multi-turn chat over text streams; returns the history when the input ends or says exit/quit.
 
     `clear` forgets the history. From a pipe, every line is one message and every reply one block on the
     output, with no prompt markers in between. In agent mode a reply that closes a tool call waits for
-    the tool's result (the next line), which goes in as a tool message before the model continues the turn.
+    the tool's result (the next line), which goes in as a tool message before the model continues the turn,
+    and (with `constrained`) each call is restricted to the tools the system prompt offers.
     """
     input, output = input or sys.stdin, output or sys.stdout
     interactive = bool(getattr(input, "isatty", lambda: False)())
@@ -40,6 +43,7 @@ def chat_repl(model, tokenizer, template, system, gen_config: GenerationConfig, 
     stop_strings, stop_ids = stop_criteria(tokenizer, template)
     call_end = tool_call_end(template) if agent else ""
     stop_after = (call_end,) if call_end else ()
+    guide = tool_call_guide(tokenizer, template) if agent and constrained else None
     history: list[Message] = []
     while True:
         line = _read_line(input, output, "<<< " if interactive else "")
@@ -55,7 +59,9 @@ def chat_repl(model, tokenizer, template, system, gen_config: GenerationConfig, 
         turn = [Message("user", line)]
         while True:
             ids = prompt_ids(history + turn, tokenizer, template, system)
-            pieces = generate_stream(model, tokenizer, ids, gen_config, stop_strings, stop_ids, stop_after=stop_after)
+            constraint = guide.for_conversations([history + turn], system) if guide else None
+            pieces = generate_stream(model, tokenizer, ids, gen_config, stop_strings, stop_ids, stop_after=stop_after,
+                                     constraint=constraint)
             text = _show(pieces, output, stream)
             turn += reply_messages(text)
             if not (call_end and text.endswith(call_end)):
@@ -103,8 +109,11 @@ def infer(config, echo=print) -> list[dict]:
     conversations, _ = dataset_conversations(config, settings)
     cases = [split_last_turn(conversation) for conversation in conversations]
     prompts = [prompt_ids(prompt, tokenizer, settings.template, settings.system) for prompt, _ in cases]
+    guide = tool_call_guide(tokenizer, settings.template) if config.constrained_tool_calls else None
+    tools = [conversation_tools(prompt, settings.system) for prompt, _ in cases]
     predictions = generate_all(model, tokenizer, prompts, generation_config(config),
-                               stop_criteria(tokenizer, get_template(settings.template)), config.batch_size)
+                               stop_criteria(tokenizer, get_template(settings.template)), config.batch_size,
+                               guide=guide, tools=tools)
     rows = [{"prompt": prompt_text(prompt, tokenizer, settings.template, settings.system),
              "reference": response_text(reference, settings.template), "prediction": prediction}
             for (prompt, reference), prediction in zip(cases, predictions)]

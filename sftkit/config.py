@@ -27,6 +27,8 @@ from .quant import BITS, COMPUTE_DTYPES, OPTIMIZER_ALIASES, OPTIMIZERS, QUANT_TY
 
 SFT_TYPES = ("lora", "full")
 LOSS_SCALE_PRESETS = {"agent": {"tool_call": 2.0, "assistant": 1.0}}
+CONSTRAINED_HELP = ("in agent mode (chat --agent, infer, eval --metrics agent), a tool call may only name a tool the "
+                    "conversation offers, with that tool's parameter names and value types (false: free, to compare)")
 TRUE = ("true", "1", "yes", "on")
 FALSE = ("false", "0", "no", "off")
 
@@ -49,7 +51,8 @@ def option(default, help: str, *, aliases: tuple[str, ...] = (), choices: tuple 
 class DataOptions:
     """The fields every command that turns rows into examples shares (not a command itself)."""
 
-    dataset: tuple[str, ...] = option((), "training data: files, registered names, hf::ID or ms::ID (default: the bundled example)",
+    dataset: tuple[str, ...] = option((), "data: files, registered names, NAME=PATH (a registered name's preprocessing on a "
+                                          "local copy), hf::ID or ms::ID (default: the bundled example)",
                                       aliases=("custom_train_dataset_path",))
     template: str | None = option(None, "chat template name, or 'auto' for the tokenizer's own chat_template "
                                         "(default: the model type's template, else auto)", aliases=("template_type",))
@@ -132,6 +135,11 @@ class TrainConfig(DataOptions):
     dtype: str = option("auto", "auto (fp32 on CPU, bf16 on capable GPUs), bf16, fp16 or fp32", aliases=("torch_dtype",),
                         choices=DTYPE_CHOICES)
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    max_memory: str | None = option("auto", "memory budget such as 24GB: when the estimated peak of a micro-batch exceeds it, "
+                                            "recompute the cheapest layer parts (MLP, attention or whole layers) that make "
+                                            "it fit (auto: the device's memory; none: never)")
+    varlen_attention: bool = option(True, "attention without a T x T mask: padded batches run the causal kernel, packed "
+                                          "rows attend within each document (false: transformers' masked SDPA)")
     seed: int = option(42, "seed for data order, splits and initialisation")
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)")
     devices: tuple[str, ...] = option((), "spread the model's layers over these devices, e.g. cpu,cuda:0 "
@@ -147,6 +155,7 @@ class TrainConfig(DataOptions):
     eval_generation_mode: str = option("rouge", "generation evaluation: rouge (text) or agent (tool calls)", choices=GENERATION_MODES)
     eval_generation_limit: int = option(50, "validation conversations to generate for at each evaluation")
     eval_max_new_tokens: int = option(256, "longest generated answer during evaluation")
+    constrained_tool_calls: bool = option(True, CONSTRAINED_HELP + " (with eval_generation_mode agent)")
     save_steps: int | None = option(None, "save every this many steps (default: eval_steps)")
     save_total_limit: int = option(2, "keep at most this many checkpoints besides the best")
     only_save_model: bool = option(False, "checkpoints hold only weights (no optimizer state: cannot resume)")
@@ -185,6 +194,12 @@ class TrainConfig(DataOptions):
             checks.append(f"max_steps must be > 0 or -1, got {self.max_steps}")
         try:
             loss_scale_weights(self.loss_scale)
+        except ValueError as error:
+            checks.append(str(error))
+        from .memory import parse_memory
+
+        try:
+            parse_memory(self.max_memory)
         except ValueError as error:
             checks.append(str(error))
         if self.sft_type == "full" and self.quantization_bit:
@@ -443,6 +458,7 @@ class GenerateOptions:
     top_p: float = option(1.0, "sample among the fewest tokens holding this much probability")
     repetition_penalty: float = option(1.0, "scale down tokens already in the prompt or reply (1: off)")
     seed: int | None = option(None, "seed for sampling, so a sampled run can be repeated")
+    constrained_tool_calls: bool = option(True, CONSTRAINED_HELP)
 
     def problems(self) -> list[str]:
         from .generation import generation_problems
@@ -504,3 +520,50 @@ class MergeConfig:
 
     def problems(self) -> list[str]:
         return [] if self.ckpt_dir else ["ckpt_dir is required: the checkpoint whose LoRA adapter to merge"]
+
+
+INFER_BACKENDS = ("pt", "vllm")
+TOOLS_PROMPTS = ("sftkit", "none")
+
+
+@dataclass(frozen=True)
+class DeployConfig(GenerateOptions):
+    """sftkit deploy: serve a model over the OpenAI API (chat with tool calls, completions, several LoRA adapters).
+
+    The generation fields are the defaults for requests that do not set them (max_new_tokens: max_tokens).
+    """
+
+    adapters: tuple[str, ...] = option((), "more LoRA adapters on the same base, each name=DIR (a checkpoint, run or adapter "
+                                           "folder); a request picks one by its model name", aliases=("lora_modules",))
+    served_model_name: str | None = option(None, "the model name clients ask for (default: the checkpoint's or model's folder name)")
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = option(8000, "port to listen on (0: a free port, printed at start)")
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1 requests (default: no key)")
+    tools_prompt: str = option("sftkit", "how a request's tools enter the prompt: sftkit (the system-prompt text `tools` "
+                                         "training rows get) or none (left out: the system prompt describes them, as in "
+                                         "MSAgent data); generated calls are parsed either way", choices=TOOLS_PROMPTS)
+    infer_backend: str = option("pt", "pt: the built-in batching engine (CPU or GPU); vllm: vLLM (needs vllm and a GPU)",
+                                choices=INFER_BACKENDS)
+    max_num_seqs: int = option(32, "most requests generated together", aliases=("max_batch_size",))
+    max_queue: int = option(128, "requests waiting for a batch slot; beyond it new requests get 429")
+    max_model_len: int | None = option(None, "longest prompt + reply in tokens (default: the model's max_position_embeddings)")
+    shutdown_timeout: int = option(30, "seconds SIGTERM waits for requests in flight before it closes them")
+
+    def problems(self) -> list[str]:
+        checks = [_positive("max_num_seqs", self.max_num_seqs), _positive("max_queue", self.max_queue),
+                  _positive("max_model_len", self.max_model_len), _positive("shutdown_timeout", self.shutdown_timeout, zero_ok=True)]
+        if not 0 <= self.port <= 65535:
+            checks.append(f"port must be in 0..65535, got {self.port}")
+        seen = {self.served_model_name}
+        for item in self.adapters:
+            name, equals, folder = (part.strip() for part in item.partition("="))
+            if not equals or not name or not folder:
+                checks.append(f"adapters takes name=DIR, got '{item}'")
+            elif name in seen:
+                checks.append(f"adapters: the name '{name}' is used twice")
+            seen.add(name)
+        return super().problems() + [check for check in checks if check]
+
+    def adapter_dirs(self) -> dict[str, str]:
+        """--adapters as {name: folder} (validated by problems())."""
+        return {name.strip(): folder.strip() for name, _, folder in (item.partition("=") for item in self.adapters)}

@@ -14,14 +14,16 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed
+from .constrained import tool_call_guide
 from .data.formats import Message
 from .data.pipeline import collate
 from .data.templates import get_template
 from .generation import GenerationConfig, generate_batch, generation_config, stop_criteria
 from .inference import dataset_conversations, load_for_inference, output_path
 from .loss import loss_sum
-from .metrics import GENERATION_MODES, agent_metrics, rouge_l, text_metrics
+from .metrics import GENERATION_MODES, agent_metrics, call_errors, error_counts, rouge_l, text_metrics
 from .prompts import prompt_ids, prompt_text, reply_messages, response_text, split_last_turn, tool_call_end
+from .tools import conversation_tools
 
 WORST_SHOWN = 5
 
@@ -58,7 +60,7 @@ def generation_metrics(model, tokenizer, config, examples: list[dict], *, autoca
                                      mode=config.eval_generation_mode, system=config.system,
                                      gen_config=GenerationConfig(max_new_tokens=config.eval_max_new_tokens),
                                      limit=config.eval_generation_limit, batch_size=config.eval_batch_size,
-                                     world=world, lockstep=lockstep)
+                                     world=world, lockstep=lockstep, constrained_tool_calls=config.constrained_tool_calls)
     return {f"eval_{key}": value for key, value in report["metrics"].items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
@@ -121,8 +123,8 @@ def add_totals(totals: dict, parts: dict, weight: float = 1.0) -> dict:
 
 
 def generate_all(model, tokenizer, prompts: list[list[int]], gen_config: GenerationConfig, stops, batch_size: int = 8,
-                 stop_after=(), lockstep: Lockstep | None = None) -> list[str]:
-    """generate_batch over any number of prompts, batch_size at a time."""
+                 stop_after=(), lockstep: Lockstep | None = None, guide=None, tools=None) -> list[str]:
+    """generate_batch over any number of prompts, batch_size at a time; with a guide, prompt i's calls use tools[i]."""
     stop_strings, stop_ids = stops
     count = -(-len(prompts) // batch_size)
     if lockstep:
@@ -130,22 +132,27 @@ def generate_all(model, tokenizer, prompts: list[list[int]], gen_config: Generat
     replies = []
     for index in range(count):
         part = prompts[index * batch_size:(index + 1) * batch_size]
+        constraint = guide.constraint(tools[index * batch_size:(index + 1) * batch_size]) if guide and part else None
         outputs = generate_batch(model, tokenizer, part or [[tokenizer.pad_token_id]], gen_config, stop_strings, stop_ids,
-                                 stop_after=stop_after, all_done=lockstep.all_done if lockstep else None)
+                                 stop_after=stop_after, all_done=lockstep.all_done if lockstep else None,
+                                 constraint=constraint)
         replies += outputs if part else []
     return replies
 
 
 def agent_replies(model, tokenizer, template, cases, gen_config: GenerationConfig, *, system=None, batch_size=8,
-                  lockstep: Lockstep | None = None):
+                  lockstep: Lockstep | None = None, constrained: bool = True):
     """Answer each (prompt, reference turn) as a user of the agent would see it; returns (replies, results inserted).
 
     Generate until a tool call closes or the turn ends; after a call, insert the reference turn's next tool
     result and continue. Each continuation uses up one reference result, so an example generates at most
     (its reference results + 1) times. A reply holds its calls, the inserted results and the final answer.
+    With `constrained`, calls are restricted to the tools each conversation offers.
     """
     template = get_template(template)
     stops, call_end = stop_criteria(tokenizer, template), tool_call_end(template)
+    guide = tool_call_guide(tokenizer, template) if constrained else None
+    tools = [conversation_tools(prompt, system) for prompt, _ in cases]
     results = [[message for message in reference if message.role == "tool"] for _, reference in cases]
     turns: list[list[Message]] = [[] for _ in cases]
     replies, used = [""] * len(cases), [0] * len(cases)
@@ -153,7 +160,7 @@ def agent_replies(model, tokenizer, template, cases, gen_config: GenerationConfi
     while (lockstep.batches(len(active)) if lockstep else len(active)) > 0:
         prompts = [prompt_ids(cases[i][0] + turns[i], tokenizer, template, system) for i in active]
         outputs = generate_all(model, tokenizer, prompts, gen_config, stops, batch_size, stop_after=(call_end,),
-                               lockstep=lockstep)
+                               lockstep=lockstep, guide=guide, tools=[tools[i] for i in active])
         waiting = []
         for index, text in zip(active, outputs):
             replies[index] += text
@@ -171,12 +178,13 @@ def agent_replies(model, tokenizer, template, cases, gen_config: GenerationConfi
 def evaluate_generation(model, tokenizer, template, conversations: list[list[Message]], *, mode: str = "rouge",
                         gen_config: GenerationConfig, system: str | None = None, limit: int | None = None,
                         batch_size: int = 8, world: distributed.World = distributed.World(),
-                        lockstep: bool = False) -> dict:
+                        lockstep: bool = False, constrained_tool_calls: bool = True) -> dict:
     """Generate an answer to each conversation's last user turn and score it against the reference answer.
 
-    rouge: one generation, ROUGE-L and BLEU-4 over the whole answer. agent: calls, inserted reference
-    results and the final answer (agent_replies), scored with agent_metrics. The report holds the
-    metrics, counts, unparsed calls and the worst examples by ROUGE-L.
+    rouge: one generation, ROUGE-L and BLEU-4 over the whole answer. agent: calls (constrained to the offered
+    tools unless constrained_tool_calls is false), inserted reference results and the final answer
+    (agent_replies), scored with agent_metrics, plus each call error by kind with the worst examples of each.
+    The report holds the metrics, counts, unparsed calls and the worst examples by ROUGE-L.
     """
     if mode not in GENERATION_MODES:
         raise ValueError(f"mode must be one of {GENERATION_MODES}, got {mode!r}")
@@ -194,7 +202,8 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
                                lockstep=sync)
     else:
         outputs, inserted = agent_replies(model, tokenizer, template, [cases[i] for i in mine], gen_config,
-                                          system=system, batch_size=batch_size, lockstep=sync)
+                                          system=system, batch_size=batch_size, lockstep=sync,
+                                          constrained=constrained_tool_calls)
     predictions = [""] * len(cases)
     for shard in distributed.gather(list(zip(mine, outputs)), world):
         for index, text in shard:
@@ -207,8 +216,17 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
         unparsed = metrics.pop("unparsed")
     scores = [rouge_l(prediction, reference) for prediction, reference in zip(predictions, references)]
     worst = sorted(range(len(cases)), key=lambda i: scores[i])[:WORST_SHOWN]
+    agent_part = {}
+    if mode == "agent":
+        offered = [{tool.name for tool in conversation_tools(prompt, system)} or None for prompt, _ in cases]
+        errors = [call_errors(p, r, names) for p, r, names in zip(predictions, references, offered)]
+        agent_part = {"constrained_tool_calls": constrained_tool_calls,
+                      "errors": {"counts": error_counts(errors),
+                                 "worst": _worst_by_kind(errors, scores, cases, predictions, references, tokenizer,
+                                                         template, system)}}
     return {
         "mode": mode,
+        **agent_part,
         "metrics": metrics,
         "counts": {
             "examples": len(cases),
@@ -222,6 +240,18 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
     }
 
 
+def _worst_by_kind(errors, scores, cases, predictions, references, tokenizer, template, system) -> dict:
+    """For each error kind, the examples that have it, most errors first (then lowest ROUGE-L), WORST_SHOWN of them."""
+    worst = {}
+    for kind in error_counts(errors):
+        having = [i for i, found in enumerate(errors) if any(error["kind"] == kind for error in found)]
+        having.sort(key=lambda i: (-len(errors[i]), scores[i]))
+        worst[kind] = [{"index": i, "errors": [error for error in errors[i] if error["kind"] == kind],
+                        "prompt": prompt_text(cases[i][0], tokenizer, template, system), "reference": references[i],
+                        "prediction": predictions[i]} for i in having[:WORST_SHOWN]]
+    return worst
+
+
 def evaluate_checkpoint(config) -> dict:
     """`sftkit eval`: score an EvalConfig's model on its dataset; writes the JSON report and returns it."""
     model, tokenizer, settings = load_for_inference(config.ckpt_dir, config.model, template=config.template,
@@ -229,7 +259,7 @@ def evaluate_checkpoint(config) -> dict:
     conversations, specs = dataset_conversations(config, settings)
     report = evaluate_generation(model, tokenizer, settings.template, conversations, mode=config.metrics,
                                  gen_config=generation_config(config), system=settings.system, limit=config.limit,
-                                 batch_size=config.batch_size)
+                                 batch_size=config.batch_size, constrained_tool_calls=config.constrained_tool_calls)
     report = {"ckpt_dir": settings.ckpt_dir, "model_dir": settings.model_dir, "dataset": specs, **report}
     path = output_path(config, settings, "eval_report.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -72,61 +72,58 @@ def stop_criteria(tokenizer, template) -> tuple[tuple[str, ...], tuple[int, ...]
 
 
 def generate_stream(model, tokenizer, input_ids, config: GenerationConfig, stop_strings=(), stop_token_ids=(),
-                    *, stop_after=()) -> Iterator[str]:
+                    *, stop_after=(), constraint=None) -> Iterator[str]:
     """Yield the reply to one prompt piece by piece as it becomes stable.
 
     Stops at EOS or a stop token (not shown), at a stop string (not shown), or after a `stop_after` string
-    (shown: e.g. the marker that closes a tool call, which belongs to the reply).
+    (shown: e.g. the marker that closes a tool call, which belongs to the reply). `constraint` (one row of
+    constrained.CallConstraint) masks the logits of tool calls.
     """
-    stops = _stop_ids(model, tokenizer, stop_token_ids)
-    decoder = IncrementalDecoder(tokenizer)
-    text, shown = "", 0
-    for tokens in _token_steps(model, *_left_pad([list(input_ids)], _pad_id(tokenizer), model.device), config):
+    stops = stop_token_set(model, tokenizer, stop_token_ids)
+    reply = ReplyText(tokenizer, stop_strings, stop_after)
+    padded = _left_pad([list(input_ids)], pad_token_id(tokenizer), model.device)
+    for tokens in _token_steps(model, *padded, config, constraint):
         token = int(tokens[0])
         if token in stops:
             break
-        text += decoder.push(token)
-        end, stopped = visible_end(text, stop_strings, stop_after)
-        if end > shown:
-            yield text[shown:end]
-            shown = end
-        if stopped:
+        piece = reply.push(token)
+        if piece:
+            yield piece
+        if reply.stopped:
             return
-    # Out of tokens or at EOS: a held-back partial stop string is plain text after all, and an unfinished
-    # UTF-8 character decodes as tokenizer.decode would.
-    rest = text + decoder.flush()
-    if len(rest) > shown:
-        yield rest[shown:]
+    rest = reply.finish()
+    if rest:
+        yield rest
 
 
 def generate_batch(model, tokenizer, batch_input_ids, config: GenerationConfig, stop_strings=(), stop_token_ids=(),
-                   *, stop_after=(), all_done=None) -> list[str]:
+                   *, stop_after=(), all_done=None, constraint=None) -> list[str]:
     """The replies to several prompts at once (left-padded); each row stops on its own, as generate_stream would.
 
     all_done(finished here) -> finished everywhere: ranks that must run the same forwards (ZeRO-3) go on
-    until every rank has finished.
+    until every rank has finished. `constraint` (constrained.CallConstraint, one state per row) masks the
+    logits of tool calls.
     """
     if not batch_input_ids:
         return []
-    stops = _stop_ids(model, tokenizer, stop_token_ids)
-    decoders = [IncrementalDecoder(tokenizer) for _ in batch_input_ids]
-    texts = [""] * len(batch_input_ids)
-    done = [False] * len(batch_input_ids)
-    padded = _left_pad([list(ids) for ids in batch_input_ids], _pad_id(tokenizer), model.device)
-    for tokens in _token_steps(model, *padded, config):
-        for row, token in enumerate(tokens.tolist()):
-            if done[row]:
+    stops = stop_token_set(model, tokenizer, stop_token_ids)
+    replies = [ReplyText(tokenizer, stop_strings, stop_after) for _ in batch_input_ids]
+    padded = _left_pad([list(ids) for ids in batch_input_ids], pad_token_id(tokenizer), model.device)
+    for tokens in _token_steps(model, *padded, config, constraint):
+        for row, (reply, token) in enumerate(zip(replies, tokens.tolist())):
+            if reply.done:
                 continue
             if token in stops:
-                texts[row], done[row] = texts[row] + decoders[row].flush(), True
-                continue
-            texts[row] += decoders[row].push(token)
-            end, stopped = visible_end(texts[row], stop_strings, stop_after)
-            if stopped:
-                texts[row], done[row] = texts[row][:end], True
-        if (all_done or bool)(all(done)):
+                reply.finish()
+            else:
+                reply.push(token)
+            if reply.done and constraint is not None:
+                constraint.drop(row)
+        if (all_done or bool)(all(reply.done for reply in replies)):
             break
-    return [text if finished else text + decoder.flush() for text, finished, decoder in zip(texts, done, decoders)]
+    for reply in replies:
+        reply.finish()  # out of tokens: release what was held back
+    return [reply.text for reply in replies]
 
 
 def visible_end(text: str, stop_strings=(), stop_after=()) -> tuple[int, bool]:
@@ -142,6 +139,39 @@ def visible_end(text: str, stop_strings=(), stop_after=()) -> tuple[int, bool]:
     held = max((size for word in (*stop_strings, *stop_after) for size in range(1, len(word))
                 if text.endswith(word[:size])), default=0)
     return len(text) - held, False
+
+
+class ReplyText:
+    """One reply's text as its tokens arrive: what may be shown so far, and whether a stop string ended it.
+
+    The one place where stop strings are applied, for every generation loop (stream, batch, the server's engine).
+    """
+
+    def __init__(self, tokenizer, stop_strings=(), stop_after=()):
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.stop_strings, self.stop_after = tuple(stop_strings), tuple(stop_after)
+        self.text, self.shown, self.stopped, self.done = "", 0, False, False
+
+    def push(self, token_id: int) -> str:
+        """Add a generated token; returns the newly visible text (a stop string cuts it and ends the reply)."""
+        self.text += self.decoder.push(token_id)
+        end, self.stopped = visible_end(self.text, self.stop_strings, self.stop_after)
+        if self.stopped:
+            self.text, self.done = self.text[:end], True
+        piece, self.shown = self.text[self.shown:end], max(self.shown, end)
+        return piece
+
+    def finish(self) -> str:
+        """End the reply (EOS, a stop token or out of tokens): whatever was held back is released.
+
+        A held-back partial stop string is plain text after all, and an unfinished UTF-8 character decodes as
+        tokenizer.decode would. After a stop string there is nothing more.
+        """
+        if not self.done:
+            self.text += self.decoder.flush()
+            self.done = True
+        piece, self.shown = self.text[self.shown:], len(self.text)
+        return piece
 
 
 class IncrementalDecoder:
@@ -174,7 +204,7 @@ class IncrementalDecoder:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def _stop_ids(model, tokenizer, stop_token_ids) -> set[int]:
+def stop_token_set(model, tokenizer, stop_token_ids=()) -> set[int]:
     """The caller's stop tokens plus every EOS the tokenizer or the model's generation config names (Llama 3 has several)."""
     ids = set(stop_token_ids)
     for eos in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
@@ -182,7 +212,7 @@ def _stop_ids(model, tokenizer, stop_token_ids) -> set[int]:
     return ids
 
 
-def _pad_id(tokenizer) -> int:
+def pad_token_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has no pad or eos token to pad a batch with")
@@ -213,10 +243,13 @@ def evaluating(model):
 
 
 @torch.no_grad()
-def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig):
+def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
+                 constraint=None):
     """Yield the next token of every row, max_new_tokens times; the caller stops early by not asking for more.
 
     Positions count real tokens only, so a left-padded row sees the same positions as when it runs alone.
+    A `constraint` masks each row's logits before the pick (repetition penalty and sampling then see only
+    allowed tokens) and reads the picked tokens after it.
     """
     from transformers import DynamicCache
 
@@ -239,9 +272,13 @@ def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
                            past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache = output.past_key_values
             logits = output.logits[:, -1, :].float()
+            if constraint is not None:
+                logits = constraint.restrict(logits)
             if config.repetition_penalty != 1.0 and seen is None:
                 seen = _seen_tokens(input_ids, attention_mask, logits.shape[-1])
             tokens = next_tokens(logits, config, seen, generator)
+            if constraint is not None:
+                constraint.advance(tokens.tolist())
             yield tokens
 
 

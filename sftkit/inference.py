@@ -39,20 +39,9 @@ def load_for_inference(ckpt_dir: str | None = None, model: str | None = None, *,
     so `sftkit chat` works out of the box. Explicit template/system/dtype win over the run's.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args, checkpoint = {}, None
-    if ckpt_dir is not None:
-        checkpoint = checkpoint_folder(ckpt_dir)
-        args = read_run_args(checkpoint)
+    model_dir, checkpoint, args = model_source(ckpt_dir, model)
     settings_dtype = dtype or args.get("dtype") or "auto"
     adapter = checkpoint is not None and is_adapter(checkpoint)
-    if checkpoint is not None and not adapter:
-        if model is not None:
-            raise CheckpointError(f"{checkpoint} holds full weights; --model only names the base of a LoRA checkpoint")
-        model_dir = checkpoint
-    elif model is not None or checkpoint is None:
-        model_dir = resolve_model_dir(model)
-    else:
-        model_dir = base_model_dir(args)
     # A QLoRA run's adapter is used on the base quantized the same way, as it was trained.
     quantization = QuantizationOptions(
         bits=args.get("quantization_bit") or None, bnb_4bit_quant_type=args.get("bnb_4bit_quant_type", "nf4"),
@@ -71,6 +60,20 @@ def load_for_inference(ckpt_dir: str | None = None, model: str | None = None, *,
         ckpt_dir=checkpoint,
     )
     return loaded.model, loaded.tokenizer, settings
+
+
+def model_source(ckpt_dir: str | None, model: str | None) -> tuple[str, str | None, dict]:
+    """(the folder whose weights load: a LoRA checkpoint's base or a full model, the checkpoint folder or None,
+    the run's arguments): what every inference backend resolves the same way."""
+    if ckpt_dir is None:
+        return resolve_model_dir(model), None, {}
+    checkpoint = checkpoint_folder(ckpt_dir)
+    args = read_run_args(checkpoint)
+    if not is_adapter(checkpoint):
+        if model is not None:
+            raise CheckpointError(f"{checkpoint} holds full weights; --model only names the base of a LoRA checkpoint")
+        return checkpoint, checkpoint, args
+    return (resolve_model_dir(model) if model is not None else base_model_dir(args)), checkpoint, args
 
 
 def dataset_conversations(config, settings: InferenceSettings) -> tuple[list[list], list[str]]:

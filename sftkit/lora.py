@@ -276,7 +276,7 @@ def _target_names(model: nn.Module, target_modules: str | tuple[str, ...]) -> li
     if not names:
         linear = [name for name, module in modules.items() if _is_linear(module)]
         raise ValueError(f"target_modules={target_modules!r} matches no module; Linear modules include {linear[:10]}")
-    unsupported = [f"{name} ({type(modules[name]).__name__})" for name in names if not _is_supported(modules[name])]
+    unsupported = [f"{name} ({type(modules[name]).__name__})" for name in names if not is_adaptable(modules[name])]
     if unsupported:
         raise ValueError(
             f"LoRA supports only nn.Linear and bitsandbytes/GPTQ quantized linears; target_modules={target_modules!r} "
@@ -305,7 +305,7 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_quantized_linear(module)
 
 
-def _is_supported(module: nn.Module) -> bool:
+def is_adaptable(module: nn.Module) -> bool:
     """LoRALinear calls F.linear on the weight, which is wrong for a subclass with its own forward; the quantized
     ones we know go through LoRAQuantLinear, which calls their forward."""
     plain = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward

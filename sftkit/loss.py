@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .attention import decoder_inputs
 from .data.pipeline import IGNORE_INDEX
 
 
@@ -61,8 +62,7 @@ def shifted_weights(batch: dict) -> torch.Tensor:
 def backbone_hidden(model, batch: dict) -> torch.Tensor:
     """Last hidden states of the decoder stack (the model without its output head)."""
     backbone = getattr(model, model.base_model_prefix)
-    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
-    return backbone(**inputs, use_cache=False).last_hidden_state
+    return backbone(**decoder_inputs(model, batch), use_cache=False).last_hidden_state
 
 
 def _final_logits(model, logits: torch.Tensor) -> torch.Tensor:

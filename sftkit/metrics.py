@@ -12,7 +12,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 GENERATION_MODES = ("rouge", "agent")
 TEXT_METRICS = ("rouge-l", "bleu-4")
@@ -159,7 +159,7 @@ class ToolCall:
     arguments: dict
 
 
-def _parse_payload(payload: str) -> ToolCall | None:
+def parse_call_payload(payload: str) -> ToolCall | None:
     """The call in one think block, or None unless it is a JSON object naming a tool with object arguments.
 
     Accepts MSAgent-Bench's {"api_name", "parameters"} and OpenAI's {"name", "arguments"}, where arguments
@@ -187,7 +187,7 @@ def _think_blocks(text: str) -> list[ToolCall | str]:
     blocks: list[ToolCall | str] = []
     for chunk in text.split(THINK_START)[1:]:
         payload, closed, _ = chunk.partition(THINK_END)
-        call = _parse_payload(payload) if closed else None
+        call = parse_call_payload(payload) if closed else None
         blocks.append(call or payload)
     return blocks
 
@@ -307,3 +307,53 @@ def agent_metrics(examples: Sequence[Mapping[str, str]]) -> dict[str, Any]:
         "n_unparsed": len(unparsed),
         "unparsed": unparsed,
     }
+
+
+# Why a call is wrong, one kind per error. A parsed call naming a tool outside the offered list is unknown_tool
+# wherever it stands; wrong_tool is a wrong name when the offered list is not known.
+ERROR_KINDS = ("unparsable_call", "unknown_tool", "wrong_offered_tool", "wrong_tool", "missing_parameter",
+               "extra_parameter", "wrong_value", "missing_call", "extra_call")
+
+
+def call_errors(prediction: str, reference: str, offered: Collection[str] | None = None) -> list[dict[str, Any]]:
+    """Every error of one reply's calls against the reference's, position by position, as {"kind", "call", "detail"}.
+
+    `offered` holds the tool names the conversation offered (None: unknown). Arguments are compared only under
+    the right tool name, with the same normalisation as the scores ("3" == 3).
+    """
+    expected_calls, _ = parse_tool_calls(reference)
+    blocks = _think_blocks(prediction)
+    errors = []
+
+    def error(kind: str, position: int, detail: str) -> None:
+        errors.append({"kind": kind, "call": position, "detail": detail})
+
+    for position in range(max(len(blocks), len(expected_calls))):
+        call = blocks[position] if position < len(blocks) else None
+        expected = expected_calls[position] if position < len(expected_calls) else None
+        if isinstance(call, str):
+            error("unparsable_call", position, call[:200])
+        elif call is None:
+            error("missing_call", position, f"expected {expected.name}")
+        elif offered is not None and call.name not in offered:
+            error("unknown_tool", position, f"{call.name} is not offered" + (f" (expected {expected.name})" if expected else ""))
+        elif expected is None:
+            error("extra_call", position, f"{call.name} where no call was expected")
+        elif call.name != expected.name:
+            error("wrong_tool" if offered is None else "wrong_offered_tool", position, f"{call.name} for {expected.name}")
+        else:
+            for key in sorted(expected.arguments.keys() - call.arguments.keys()):
+                error("missing_parameter", position, f"{call.name}: {key}")
+            for key in sorted(call.arguments.keys() - expected.arguments.keys()):
+                error("extra_parameter", position, f"{call.name}: {key}")
+            for key in sorted(call.arguments.keys() & expected.arguments.keys()):
+                if _normalise(call.arguments[key]) != _normalise(expected.arguments[key]):
+                    error("wrong_value", position, f"{call.name}.{key}: {json.dumps(call.arguments[key], ensure_ascii=False)} "
+                                                   f"for {json.dumps(expected.arguments[key], ensure_ascii=False)}")
+    return errors
+
+
+def error_counts(errors_by_example: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, int]:
+    """How many errors of each kind (every kind listed, zeros included, so reports compare)."""
+    counts = Counter(error["kind"] for errors in errors_by_example for error in errors)
+    return {kind: counts[kind] for kind in ERROR_KINDS}

@@ -34,8 +34,8 @@ class Objective:
 
     unit: str  # the window-count key that normalises the loss
     examples: Callable  # (config, tokenizer, say) -> (training examples, validation examples)
-    rows: Callable  # (config, examples, say) -> (the rows batches are drawn from, collate(rows, pad_id))
-    length: Callable  # row -> its tokens, for --group_by_length
+    rows: Callable  # (config, examples, say) -> (rows batches are drawn from, collate(rows, pad_id), lengths or None)
+    sequences: Callable  # row -> the sequences it puts in a micro-batch (a preference pair: two), for memory planning
     counts: Callable  # (shards, world) -> what a window holds on all ranks, the normaliser under `unit`
     loss: Callable  # (model, batch) -> (summed loss, normaliser, metric totals {name: (sum, count)})
     summarise: Callable  # a window's metric totals -> the logged means
@@ -56,7 +56,7 @@ def build_objective(config, model, *, device, autocast, world: distributed.World
 
 
 def sft_objective() -> Objective:
-    return Objective(unit="trainable_tokens", examples=prepare_data, rows=training_rows, length=lambda row: len(row["input_ids"]),
+    return Objective(unit="trainable_tokens", examples=prepare_data, rows=training_rows, sequences=lambda row: [row],
                      counts=window_counts, loss=partial(without_metrics, loss_sum), summarise=lambda totals: {},
                      evaluate=validation_metrics)
 
@@ -72,13 +72,20 @@ def validation_metrics(*args, **kwargs) -> dict:
 
 
 def training_rows(config, examples: list[dict], say=print):
-    """The rows batches are drawn from and how to collate them: the examples, or with --packing rows that
-    hold several examples each."""
+    """The rows batches are drawn from, how to collate them and, with --group_by_length, their lengths: the
+    examples, or with --packing rows that hold several examples each."""
     if not config.packing:
-        return examples, collate
+        return examples, collate, row_lengths(config, examples, lambda row: [row])
     rows = pack(examples, config.max_length or 2048)
     say(f"[sftkit] packed {len(examples)} examples into {len(rows)} rows of at most {config.max_length or 2048} tokens")
-    return rows, collate_packed
+    return rows, collate_packed, row_lengths(config, rows, lambda row: [row])
+
+
+def row_lengths(config, rows: list[dict], sequences) -> list[int] | None:
+    """Each row's longest sequence, which --group_by_length batches by; None without it."""
+    if not config.group_by_length:
+        return None
+    return [max(len(sequence["input_ids"]) for sequence in sequences(row)) for row in rows]
 
 
 def window_counts(shards, world: distributed.World) -> dict:
@@ -114,10 +121,14 @@ def preference_objective(config: RLHFConfig, model, *, device, autocast, world: 
     return Objective(
         unit=unit,
         examples=partial(preference_examples, reference=precompute, device=device, autocast=autocast, world=world),
-        rows=lambda config, examples, say=print: (examples, collate_preference),
-        length=lambda example: max(len(sequence["input_ids"]) for sequence in example["sequences"]),
+        rows=lambda config, examples, say=print: (examples, collate_preference, row_lengths(config, examples, pair_sequences)),
+        sequences=pair_sequences,
         counts=partial(preference_counts, unit=unit, scored=scored),
         loss=loss, summarise=summarise, evaluate=partial(preference_evaluation, loss=loss))
+
+
+def pair_sequences(example: dict) -> list[dict]:
+    return example["sequences"]
 
 
 def preference_loss(model, batch: dict, *, settings: PreferenceSettings, frozen=None):

@@ -21,7 +21,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import distributed, evaluate, run
+from . import distributed, evaluate, memory, run
+from .attention import use_varlen_attention
 from .backend import build_backend
 from .checkpoint import (TrainState, mark_best, prune, read_train_state, require_resumable, resolve_checkpoint,
                          restore_rng_states, save, write_weights)
@@ -38,12 +39,12 @@ from .quant import QuantizationOptions, is_quantized
 from .registry import EMBEDDED_MODEL_TYPE, MODELS, infer_model_type, resolve_lora_targets
 
 
+@memory.explain_out_of_memory  # an out-of-memory error names the options that lower the need
 def train(config: TrainConfig, *, loss_fn=None, on_record: Callable[[dict], None] = lambda record: None) -> str:
-    """Train as `config` says (a TrainConfig: SFT; an RLHFConfig: preference training); returns the best checkpoint
-    folder (the last one without evaluation).
+    """Train as `config` says (TrainConfig: SFT, RLHFConfig: preference); returns the best (else last) checkpoint.
 
-    loss_fn(model, batch) -> (summed loss, normaliser) replaces the objective's loss for every micro-batch;
-    on_record(record) sees the start ({step, total_steps, run_dir}), each step's record and each evaluation.
+    loss_fn(model, batch) -> (summed loss, normaliser) replaces the objective's loss; on_record(record) sees the
+    start ({step, total_steps, run_dir, estimated_peak_mb}), each step's record and each evaluation.
     """
     # --- Setup. One rank per process (torchrun), each owning one device or, for pipeline-style model
     # parallel, a group of devices its layers are spread over.
@@ -60,7 +61,9 @@ def train(config: TrainConfig, *, loss_fn=None, on_record: Callable[[dict], None
 
     # Data, tokenized once up front (every rank tokenizes the same data and takes its own slices).
     train_examples, val_examples = objective.examples(config, tokenizer, say)
-    train_examples, collate_train = objective.rows(config, train_examples, say)
+    train_examples, collate_train, lengths = objective.rows(config, train_examples, say)
+    peak = memory.prepare_memory(model, config, device, train_examples, say, processes=world.size if device.type == "cpu" else 1,
+                                 sequences=objective.sequences)
     global_batch = config.batch_size * world.size
     batches_per_epoch = math.ceil(len(train_examples) / global_batch)
     total_steps = config.max_steps if config.max_steps > 0 else \
@@ -76,7 +79,6 @@ def train(config: TrainConfig, *, loss_fn=None, on_record: Callable[[dict], None
     if resume:
         state = restore(resume, backend, world.rank)
         say(f"[sftkit] resumed from {resume} at step {state.step}")
-    lengths = [objective.length(row) for row in train_examples] if config.group_by_length else None
     batches = batch_positions(len(train_examples), global_batch, config.seed, state.epoch, state.batches_in_epoch, lengths)
 
     write_checkpoint_weights = partial(write_weights, model=model, tokenizer=tokenizer, lora_config=lora_config,
@@ -85,7 +87,7 @@ def train(config: TrainConfig, *, loss_fn=None, on_record: Callable[[dict], None
         f"{total_steps} steps, world size {world.size}, run folder {run_dir}")
     started = time.time()
     progress = _progress(total_steps, state.step, enabled=world.is_main)
-    on_record({"step": state.step, "total_steps": total_steps, "run_dir": run_dir})
+    on_record({"step": state.step, "total_steps": total_steps, "run_dir": run_dir, "estimated_peak_mb": round(peak / 2**20, 1)})
     with StopOnSignal() as stop:
         # --- The loop: one optimizer step per iteration.
         while state.step < total_steps:
@@ -249,6 +251,8 @@ def setup_model(config: TrainConfig, devices: list[str], say=print):
         say(f"[sftkit] model parallel over {devices}: {place(model, devices)}")
     trainable, total = count_parameters(model)
     say(f"[sftkit] model {model_dir}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+    if config.varlen_attention:  # no T x T attention mask in training (before the memory plan, which counts on it)
+        say(f"[sftkit] {use_varlen_attention(model)}")
     return model, tokenizer, model_dir, config, lora_config
 
 

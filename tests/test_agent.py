@@ -98,3 +98,22 @@ def test_metric_for_best_model_picks_the_right_checkpoint(metric, rule, scores, 
     assert os.path.basename(best) == f"checkpoint-{best_step}"
     state = json.load(open(os.path.join(best, "trainer_state.json")))
     assert state["best_checkpoint"] == f"checkpoint-{best_step}"
+
+
+def test_training_evaluation_passes_constrained_tool_calls(monkeypatch):
+    import contextlib
+    import types
+
+    seen = {}
+
+    def fake_evaluation(model, tokenizer, template, conversations, **options):
+        seen.update(options)
+        return {"metrics": {"tool_name_acc": 1.0, "unparsed": []}}
+
+    monkeypatch.setattr(evaluate, "evaluate_loss", lambda *args: {"eval_loss": 1.0})
+    monkeypatch.setattr(evaluate, "evaluate_generation", fake_evaluation)
+    config = TrainConfig(eval_generation_mode="agent", predict_with_generate=True, constrained_tool_calls=False)
+    metrics = evaluate.validation_metrics(None, types.SimpleNamespace(pad_token_id=0), config, [{"conversation": []}], device="cpu",
+                                          autocast=contextlib.nullcontext())
+    assert seen["constrained_tool_calls"] is False and seen["mode"] == "agent"
+    assert metrics == {"eval_loss": 1.0, "eval_tool_name_acc": 1.0}

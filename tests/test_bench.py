@@ -23,7 +23,7 @@ def test_train_throughput_quick(tmp_path):
     assert {"benchmark", "machine", "settings", "data", "flops", "runs", "summary", "ratios"} <= result.keys()
     assert {"load_average", "load_average_after", "cpu_count", "torch", "transformers"} <= result["machine"].keys()
     names = {run["name"] for run in result["runs"]}
-    assert names == {"sftkit:packed", "sftkit:padded", "reference"}
+    assert names == {"sftkit:packed", "sftkit:padded", "sftkit:packing", "reference"}
     for run in result["runs"]:
         assert {"trainable_tokens_per_s", "all_tokens_per_s", "seconds_per_step", "peak_rss_mb", "peak_gpu_mem_mb",
                 "final_loss", "loss_last_20pct", "padding_share", "achieved_tflops", "mfu", "steps", "losses"} <= run.keys()
@@ -31,10 +31,18 @@ def test_train_throughput_quick(tmp_path):
         # Equal trainable tokens: every run learns each example once, packed or not.
         assert run["examples_seen"] == result["data"]["examples"]
         assert run["trainable_tokens"] == result["data"]["trainable_tokens"]
-    packed = next(run for run in result["runs"] if run["name"] == "sftkit:packed")
-    assert 0 < packed["fill_ratio"] <= 1
-    for pair in ("sftkit:packed/reference", "sftkit:padded/reference"):
-        assert {"trainable_tokens_per_s", "all_tokens_per_s", "peak_rss_mb", "loss_last_20pct"} <= result["ratios"][pair].keys()
+    runs = {run["name"]: run for run in result["runs"]}
+    assert 0 < runs["sftkit:packed"]["fill_ratio"] <= 1 and 0 < runs["sftkit:packing"]["fill_ratio"] <= 1
+    # The user's view: default flags and --packing true, both at the reference's batch size and max length.
+    assert runs["sftkit:padded"]["sftkit_flags"] == {**runs["sftkit:padded"]["sftkit_flags"], "packing": False, "batch_size": 4,
+                                                     "max_memory": "auto", "varlen_attention": True, "gradient_checkpointing": False}
+    assert runs["sftkit:packing"]["sftkit_flags"]["packing"] and runs["sftkit:packing"]["sftkit_flags"]["batch_size"] == 4
+    assert runs["sftkit:packing"]["steps"] < runs["sftkit:padded"]["steps"] == runs["reference"]["steps"]
+    assert all(runs[name]["estimated_peak_mb"] > 0 for name in ("sftkit:packed", "sftkit:padded", "sftkit:packing"))
+    assert set(result["comparisons"].values()) == set(result["ratios"]) == {
+        "sftkit:packed/reference", "sftkit:padded/reference", "sftkit:packing/reference"}
+    for pair in result["ratios"].values():
+        assert {"trainable_tokens_per_s", "all_tokens_per_s", "peak_rss_mb", "loss_last_20pct"} <= pair.keys()
 
 
 @pytest.mark.slow
@@ -51,3 +59,28 @@ def test_preprocess_quick(tmp_path):
     assert result["verification"]["rows_checked"] == 200
     for check in result["verification"]["by_side"].values():
         assert check["input_ids_mismatches"] == 0 and check["trainable_mismatches"] == 0, check["examples"]
+
+
+@pytest.mark.slow
+def test_serve_quick(tmp_path):
+    out = tmp_path / "serve.json"
+    run_script("serve.py", "--quick", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert {"benchmark", "machine", "settings", "levels"} <= result.keys()
+    assert [level["concurrency"] for level in result["levels"]] == [1, 8, 32]
+    for level in result["levels"]:
+        assert level["requests"] == level["concurrency"] and level["generated_tokens"] > 0
+        assert level["tokens_per_s"] > 0 and 0 < level["ttft_s"]["median"] <= level["latency_s"]["median"]
+
+
+def test_constrained_decoding_quick(tmp_path):
+    out = tmp_path / "constrained_decoding.json"
+    run_script("constrained_decoding.py", "--quick", "--rows", "6", "--repeats", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert {"benchmark", "machine", "settings", "guide", "mask_per_token", "generation", "libraries"} <= result.keys()
+    assert result["mask_per_token"]["in_call_us"]["count"] > 0 and result["mask_per_token"]["outside_us"]["count"] > 0
+    assert result["mask_per_token"]["reference_tokens_refused"] == 0  # every reference call fits its grammar
+    assert {run["constrained"] for run in result["generation"]["runs"]} == {True, False}
+    assert set(result["libraries"]) == {"llguidance", "xgrammar", "lm-format-enforcer", "outlines-core"}
+    assert result["libraries"]["llguidance"]["reference_calls_accepted"].split("/")[0] == \
+        result["libraries"]["llguidance"]["reference_calls_accepted"].split("/")[1]

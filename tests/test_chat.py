@@ -112,7 +112,7 @@ def test_chat_over_a_pipe_streams_replies_and_clear_forgets(run_dir, loaded):
 def test_agent_chat_inserts_the_tool_result_and_continues(monkeypatch, tokenizer):
     prompts = []
 
-    def scripted(model, tokenizer, ids, config, stop_strings=(), stop_token_ids=(), *, stop_after=()):
+    def scripted(model, tokenizer, ids, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), constraint=None):
         prompts.append(tokenizer.decode(ids))
         assert stop_after == ("<|endofthink|>",)
         yield from (["<|startofthink|>", CALL, "<|endofthink|>"] if len(prompts) == 1 else ["It is ", "sunny."])
@@ -128,6 +128,22 @@ def test_agent_chat_inserts_the_tool_result_and_continues(monkeypatch, tokenizer
     # The model continues the same turn: no end glue after the result, no new answer opener.
     assert prompts[1] == (f"<|im_start|>user\nweather?<|im_end|>\n<|im_start|>assistant\n"
                           f"<|startofthink|>{CALL}<|endofthink|>\n\n<|startofexec|>{RESULT}<|endofexec|>\n")
+
+
+def test_agent_chat_constrains_calls_to_the_system_prompt_tools(monkeypatch, tokenizer):
+    seen = []
+
+    def scripted(model, tokenizer, ids, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), constraint=None):
+        seen.append(constraint)
+        yield "ok"
+
+    monkeypatch.setattr(sc, "generate_stream", scripted)
+    system = 'Tools:\n1. {"name": "weather", "parameters": [{"name": "city", "required": true}]}'
+    for agent, constrained in [(True, True), (True, False), (False, True)]:
+        chat_repl(None, tokenizer, "chatml", system, GREEDY, input=io.StringIO("hi\n"), output=io.StringIO(),
+                  agent=agent, constrained=constrained)
+    assert seen[0] is not None and seen[0].grammars[0] is not None
+    assert seen[1:] == [None, None]  # switched off, or not in agent mode
 
 
 # --- infer and eval -----------------------------------------------------------------------------------------
@@ -146,6 +162,26 @@ def test_infer_writes_one_line_per_row(run_dir, tmp_path):
     assert len(printed) == 2  # one sample, then where the file went
 
 
+def test_infer_constrains_rows_that_offer_tools(run_dir, tmp_path, monkeypatch):
+    seen = []
+
+    def scripted(model, tokenizer, batch, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), all_done=None,
+                 constraint=None):
+        seen.append(constraint)
+        return ["ok"] * len(batch)
+
+    monkeypatch.setattr(se, "generate_batch", scripted)
+    data = tmp_path / "tools.jsonl"
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    data.write_text(json.dumps({"tools": tools, "messages": [{"role": "user", "content": "Paris?"}, {"role": "assistant", "content": "x"}]}) + "\n"
+                    + json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
+    for constrained in (True, False):
+        infer(InferConfig(ckpt_dir=run_dir, dataset=(str(data),), output=str(tmp_path / "out.jsonl"),
+                          constrained_tool_calls=constrained), echo=lambda _: None)
+    assert [tool.name for tool in seen[0].tools[0]] == ["weather"] and seen[0].grammars[1] is None
+    assert seen[1] is None
+
+
 def test_eval_cli_agent_report(run_dir, tmp_path):
     output = tmp_path / "report.json"
     result = CliRunner().invoke(evaluate, ["--ckpt_dir", run_dir, "--metrics", "agent", "--max_new_tokens", "8",
@@ -157,6 +193,12 @@ def test_eval_cli_agent_report(run_dir, tmp_path):
     assert report["counts"]["examples"] == 3 and report["counts"]["reference_tool_calls"] == 1
     assert report["metrics"]["n_examples"] == 3 and isinstance(report["unparsed_calls"], list)
     assert len(report["worst"]) == 3 and {"prompt", "reference", "prediction", "rouge_l"} <= set(report["worst"][0])
+    assert report["constrained_tool_calls"] is True and "errors.unknown_tool" in result.stdout
+    assert set(report["errors"]["counts"]) == set(report["errors"]["worst"])
+    result = CliRunner().invoke(evaluate, ["--ckpt_dir", run_dir, "--metrics", "agent", "--max_new_tokens", "8",
+                                           "--output", str(output), "--constrained_tool_calls", "false"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(output.read_text())["constrained_tool_calls"] is False
 
 
 def test_eval_rouge_mode_scores_references(loaded):
@@ -184,7 +226,7 @@ def test_agent_procedure_inserts_reference_results_and_continues(monkeypatch, to
     }
     prompts = []
 
-    def scripted(model, tokenizer, batch, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), all_done=None):
+    def scripted(model, tokenizer, batch, config, stop_strings=(), stop_token_ids=(), *, stop_after=(), all_done=None, constraint=None):
         texts = [tokenizer.decode(ids) for ids in batch]
         prompts.extend(texts)
         return [script[(text.split("user\n")[1].split("<|im_end|>")[0], text.count("<|startofexec|>"))] for text in texts]

@@ -7,10 +7,13 @@ import pytest
 from sftkit.metrics import (
     ToolCall,
     _lcs_length,
+    ERROR_KINDS,
     agent_metrics,
     bleu4,
+    call_errors,
     corpus_bleu4,
     corpus_rouge_l,
+    error_counts,
     metric_tokens,
     parse_tool_calls,
     rouge_l,
@@ -393,3 +396,45 @@ def test_agent_metrics_rejects_broken_references():
         agent_metrics([{"prediction": "", "reference": think("{not json")}])
     with pytest.raises(ValueError):
         agent_metrics([])
+
+
+# --- error kinds --------------------------------------------------------------------------------------
+
+
+def test_call_errors_name_each_kind_by_hand():
+    offered = {"book_table", "get_weather", "stock_price"}
+    reference = msagent_call("book_table", {"restaurant": "Nopa", "people": 4, "date": "2026-03-15"}) + exec_result("{}") + \
+        msagent_call("stock_price", {"symbol": "ORCL"}) + exec_result("{}") + "Done."
+    cases = {
+        "invented name": (msagent_call("get_table", {"restaurant": "Nopa"}) + msagent_call("stock_price", {"symbol": "ORCL"}),
+                          [("unknown_tool", 0, "get_table is not offered (expected book_table)")]),
+        "other offered tool": (msagent_call("get_weather", {"city": "Nopa"}) + msagent_call("stock_price", {"symbol": "ORCL"}),
+                               [("wrong_offered_tool", 0, "get_weather for book_table")]),
+        "keys and values": (msagent_call("book_table", {"restaurant": "Nopa", "people": "4", "days": 2, "date": "2026-03-16"})
+                            + msagent_call("stock_price", {"symbol": "Quote"}),
+                            [("extra_parameter", 0, "book_table: days"), ("wrong_value", 0, 'book_table.date: "2026-03-16" for "2026-03-15"'),
+                             ("wrong_value", 1, 'stock_price.symbol: "Quote" for "ORCL"')]),
+        "missing key, broken and absent call": (msagent_call("book_table", {"restaurant": "Nopa", "people": 4}) + think("{oops"),
+                                                [("missing_parameter", 0, "book_table: date"), ("unparsable_call", 1, "{oops")]),
+        "one call short": (msagent_call("book_table", {"restaurant": "Nopa", "people": 4, "date": "2026-03-15"}),
+                           [("missing_call", 1, "expected stock_price")]),
+        "exact": (msagent_call("book_table", {"people": 4.0, "date": "2026-03-15", "restaurant": " Nopa"}) +
+                  msagent_call("stock_price", {"symbol": "ORCL"}), []),
+    }
+    for name, (prediction, expected) in cases.items():
+        found = [(e["kind"], e["call"], e["detail"]) for e in call_errors(prediction, reference, offered)]
+        assert found == expected, name
+
+
+def test_call_errors_without_reference_calls_or_offered_list():
+    assert [e["kind"] for e in call_errors(msagent_call("stock_price", {"symbol": "X"}), "Hello!", {"stock_price"})] == ["extra_call"]
+    # An invented tool is unknown wherever it stands; without the offered list a wrong name is just wrong.
+    assert [e["kind"] for e in call_errors(msagent_call("nope", {}), "Hello!", {"stock_price"})] == ["unknown_tool"]
+    assert [e["kind"] for e in call_errors(msagent_call("nope", {}), msagent_call("stock_price", {}))] == ["wrong_tool"]
+    assert call_errors("Hello!", "Hi!", set()) == []
+
+
+def test_error_counts_list_every_kind():
+    counts = error_counts([[{"kind": "wrong_value"}, {"kind": "wrong_value"}], [], [{"kind": "unknown_tool"}]])
+    assert list(counts) == list(ERROR_KINDS)
+    assert counts["wrong_value"] == 2 and counts["unknown_tool"] == 1 and sum(counts.values()) == 3

@@ -1,248 +1,288 @@
-"""Write train.jsonl and test.jsonl: a six-tool agent task in MSAgent-Bench `conversations` format.
+"""Write train.jsonl, test.jsonl and test_general.jsonl: tool-calling conversations in MSAgent-Bench format.
 
-Built to be learnable by SmolLM2-135M-Instruct with LoRA on a CPU: one fixed short system prompt, arguments
-copied verbatim from the request, tool results computed from the arguments and answers in one fixed
-template per tool and language. Same flags, same bytes; no user text appears in both splits.
+    train.jsonl         seen tools, phrasings and entities, plus augmentation that teaches reading the tool list
+                        and copying arguments from the request: invented entity names, renamed tools and
+                        parameters, shuffled tool lists
+    test.jsonl          in distribution: the training pools, in user texts that training never has
+    test_general.jsonl  generalisation: every row uses phrasings and entities that training never saw, and
+                        about 45% of rows call one of six tools that never appear in training
+
+Every system prompt says what day it is and lists 3 or 4 tools as MSAgent-Bench does (numbered JSON specs with
+typed parameters): the right tool, its similar-named distractor and another, shuffled. Requests give dates
+relative to today, write tickers, currency codes and flight numbers in lower case where the tool wants upper
+case, and some conversations go on with a follow-up ("And in Oslo?"). Same flags, same bytes.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import random
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
-URL = "http://tools/{}"
-# Bare signatures keep the prompt near 80 tokens, which matters on CPU where every prompt token is paid
-# for in every step; types, defaults and the call format are learnt from the data.
-SYSTEM = (
-    "You are sftkit agent. Tools:\n"
-    "weather(city, unit=C|F)\n"
-    "currency_convert(amount, from, to)\n"
-    "translate(text, target_lang)\n"
-    "calculator(expression)\n"
-    "calendar_add(title, date=YYYY-MM-DD, time=HH:MM)\n"
-    "stock_price(symbol)"
-)
+SEEN, HELD_OUT = "seen", "held_out"
+POOL_OF_SPLIT = {"train": SEEN, "test": SEEN, "general": HELD_OUT}
+FILES = {"train": "train.jsonl", "test": "test.jsonl", "general": "test_general.jsonl"}
+# Shares of row kinds; the rest are single-call requests.
+CHITCHAT_SHARE, FOLLOW_UP_SHARE, TWO_CALL_SHARE = 0.08, 0.15, 0.12
+HELD_OUT_TOOL_SHARE = 0.45  # of the tool rows of test_general
+# Training augmentation: invented entities, renamed tools (each tool of a row), renamed parameters.
+SYNTHETIC_SHARE, TOOL_RENAME_SHARE, PARAM_RENAME_SHARE = 0.3, 0.3, 0.3
+LOWER_CASE_SHARE = {"symbol": 0.4, "code": 0.25, "flight": 0.4}
 
-CHITCHAT_SHARE, TWO_CALL_SHARE, ZH_SHARE = 0.10, 0.20, 0.35
+
+def param(name: str, kind: str | None = None, required: bool = True, **extra) -> dict:
+    """One parameter as MSAgent-Bench lists it. Strings (the default) name no type and only required parameters say
+    so: each prompt token is paid for in every training step on a CPU."""
+    return {"name": name, **({"type": kind} if kind else {}), **extra, **({"required": True} if required else {})}
+
+
+CODE = {"pattern": "^[A-Z]{3}$"}
+DATE = {"format": "date"}
+# name -> (description, parameters, [(parameter, kind of value)]), the kinds drawn by `draw_value`.
+TOOLS = {
+    "weather": ("Current weather in a city.", [param("city"), param("unit", enum=["C", "F"], required=False)],
+                [("city", "city"), ("unit", "unit")]),
+    "weather_forecast": ("Weather forecast for the next days.", [param("city"), param("days", "integer")],
+                         [("city", "city"), ("days", "days")]),
+    "currency_convert": ("Convert an amount between currencies.", [param("amount", "number"), param("from", **CODE), param("to", **CODE)],
+                         [("amount", "amount"), ("from", "code"), ("to", "code")]),
+    "currency_rates": ("Exchange rates of one currency.", [param("base", **CODE)], [("base", "code")]),
+    "translate": ("Translate text into a language.", [param("text"), param("target_lang")], [("text", "phrase"), ("target_lang", "language")]),
+    "detect_language": ("Name the language a text is in.", [param("text")], [("text", "foreign")]),
+    "calculator": ("Evaluate an arithmetic expression.", [param("expression")], [("expression", "expression")]),
+    "calculate_tip": ("Tip on a bill at a percentage.", [param("bill", "number"), param("percent", "integer")],
+                      [("bill", "bill"), ("percent", "percent")]),
+    "calendar_add": ("Add an event to the calendar.", [param("title"), param("date", **DATE), param("time", pattern="^[0-2][0-9]:[0-5][0-9]$")],
+                     [("title", "title"), ("date", "date"), ("time", "time")]),
+    "calendar_list": ("List the calendar events of a day.", [param("date", **DATE)], [("date", "date")]),
+    "stock_price": ("Latest price of a stock.", [param("symbol", pattern="^[A-Z]{1,5}$")], [("symbol", "symbol")]),
+    "stock_history": ("Price change of a stock over past days.", [param("symbol", pattern="^[A-Z]{1,5}$"), param("days", "integer")],
+                      [("symbol", "symbol"), ("days", "days")]),
+    # Held out: these six tools appear in test_general only.
+    "book_table": ("Reserve a restaurant table.", [param("restaurant"), param("people", "integer"), param("date", **DATE)],
+                   [("restaurant", "restaurant"), ("people", "people"), ("date", "date")]),
+    "cancel_booking": ("Cancel a restaurant reservation.", [param("restaurant"), param("date", **DATE)], [("restaurant", "restaurant"), ("date", "date")]),
+    "flight_status": ("Status of a flight.", [param("flight", pattern="^[A-Z]{2}[0-9]{1,4}$")], [("flight", "flight")]),
+    "flight_search": ("Search flights between two cities.", [param("origin"), param("destination"), param("date", **DATE)],
+                      [("origin", "city"), ("destination", "city"), ("date", "date")]),
+    "local_time": ("Current local time in a city.", [param("city")], [("city", "city")]),
+    "local_events": ("Events in a city on a day.", [param("city"), param("date", **DATE)], [("city", "city"), ("date", "date")]),
+}
+PAIRS = [("weather", "weather_forecast"), ("currency_convert", "currency_rates"), ("translate", "detect_language"),
+         ("calculator", "calculate_tip"), ("calendar_add", "calendar_list"), ("stock_price", "stock_history"),
+         ("book_table", "cancel_booking"), ("flight_status", "flight_search"), ("local_time", "local_events")]
+DISTRACTOR = {a: b for pair in PAIRS for a, b in (pair, pair[::-1])}
+HELD_OUT_TOOLS = ["book_table", "cancel_booking", "flight_status", "flight_search", "local_time", "local_events"]
+SEEN_TOOLS = [name for name in TOOLS if name not in HELD_OUT_TOOLS]
+# Training only: the same tools under other names, so the model reads names from the list instead of recalling them.
+TOOL_RENAMES = {
+    "weather": ["get_weather", "current_weather"], "weather_forecast": ["get_forecast", "forecast"],
+    "currency_convert": ["convert_currency", "fx_convert"], "currency_rates": ["exchange_rates", "fx_rates"],
+    "translate": ["translate_text", "translator"], "detect_language": ["identify_language", "language_detect"],
+    "calculator": ["calc", "evaluate_math"], "calculate_tip": ["tip_calculator", "compute_tip"],
+    "calendar_add": ["add_event", "create_event"], "calendar_list": ["list_events", "get_events"],
+    "stock_price": ["get_quote", "share_price"], "stock_history": ["price_history", "stock_chart"],
+}
+PARAM_RENAMES = {"city": ["location", "place"], "symbol": ["ticker"], "expression": ["expr"], "target_lang": ["language"],
+                 "title": ["name", "summary"], "from": ["source"], "to": ["target"], "text": ["content"]}
 
 CITIES = {
-    "en": ["Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Sydney", "Toronto", "Chicago", "Boston",
-           "Seattle", "Dubai", "Singapore", "Seoul", "Mumbai", "Cairo", "Lima", "Oslo", "Vienna", "Prague",
-           "Lisbon", "Dublin", "Nairobi", "Bangkok", "Istanbul", "Mexico City", "New York", "San Francisco",
-           "Cape Town", "Buenos Aires", "Helsinki", "Zurich", "Amsterdam", "Athens", "Warsaw"],
-    "zh": ["北京", "上海", "广州", "深圳", "杭州", "成都", "南京", "武汉", "西安", "重庆", "苏州", "天津", "长沙",
-           "青岛", "厦门", "昆明", "哈尔滨", "大连", "香港", "台北", "Paris", "Tokyo", "London", "Seoul"],
+    SEEN: ["Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Sydney", "Toronto", "Chicago", "Boston", "Seattle",
+           "Dubai", "Singapore", "Seoul", "Mumbai", "Cairo", "Lima", "Oslo", "Vienna", "Prague", "Lisbon", "Dublin",
+           "Bangkok", "Istanbul", "Mexico City", "New York", "San Francisco", "Cape Town", "Buenos Aires", "Helsinki",
+           "Zurich", "Amsterdam", "Athens", "Warsaw", "Beijing", "Shanghai"],
+    HELD_OUT: ["Reykjavik", "Montevideo", "Hanoi", "Porto", "Seville", "Tbilisi", "Quito", "Perth", "Auckland",
+               "Marrakesh", "Valletta", "Tallinn", "Ljubljana", "Kyoto", "Nairobi", "Bogota"],
 }
-CONDITIONS = {"sunny": "晴", "cloudy": "多云", "rainy": "有雨", "windy": "有风", "foggy": "有雾", "snowy": "有雪"}
+SYMBOLS = {
+    SEEN: ["AAPL", "MSFT", "GOOGL", "AMZN", "NVDA", "TSLA", "META", "NFLX", "IBM", "INTC", "AMD", "BABA", "TSM",
+           "JD", "BIDU", "DIS", "KO", "PEP", "NKE", "JPM", "WMT"],
+    HELD_OUT: ["ORCL", "ADBE", "CRM", "SHOP", "UBER", "SNOW", "PYPL", "SBUX", "COST", "QCOM"],
+}
 USD_PER_UNIT = {
-    "USD": Decimal("1"), "EUR": Decimal("1.08"), "GBP": Decimal("1.27"), "JPY": Decimal("0.0067"),
-    "CNY": Decimal("0.138"), "CAD": Decimal("0.73"), "AUD": Decimal("0.66"), "CHF": Decimal("1.13"),
-    "HKD": Decimal("0.128"), "SGD": Decimal("0.74"), "KRW": Decimal("0.00074"), "INR": Decimal("0.012"),
+    "USD": Decimal("1"), "EUR": Decimal("1.08"), "GBP": Decimal("1.27"), "JPY": Decimal("0.0067"), "CNY": Decimal("0.138"),
+    "CAD": Decimal("0.73"), "AUD": Decimal("0.66"), "CHF": Decimal("1.13"), "HKD": Decimal("0.128"),
+    "SGD": Decimal("0.74"), "KRW": Decimal("0.00074"), "INR": Decimal("0.012"),
+    "SEK": Decimal("0.095"), "NOK": Decimal("0.093"), "MXN": Decimal("0.058"),
 }
-SMALL_UNIT_CURRENCIES = {"JPY", "KRW", "INR"}  # amounts below 1000 of these round to nothing useful
-LANGUAGES = {
-    "en": {"fr": "French", "es": "Spanish", "de": "German", "ja": "Japanese", "zh": "Chinese"},
-    "zh": {"en": "英语", "fr": "法语", "es": "西班牙语", "de": "德语", "ja": "日语"},
+CURRENCIES = {SEEN: ["USD", "EUR", "GBP", "JPY", "CNY", "CAD", "AUD", "CHF", "HKD", "SGD", "KRW", "INR"],
+              HELD_OUT: ["SEK", "NOK", "MXN"]}
+SMALL_UNIT_CURRENCIES = {"JPY", "KRW", "INR"}
+LANGUAGES = ["French", "Spanish", "German", "Japanese", "Chinese"]
+# English phrase -> its translations, in LANGUAGES order.
+PHRASES = {
+    SEEN: {
+        "good morning": ["bonjour", "buenos días", "guten Morgen", "おはようございます", "早上好"],
+        "thank you": ["merci", "gracias", "danke", "ありがとう", "谢谢"],
+        "see you tomorrow": ["à demain", "hasta mañana", "bis morgen", "また明日", "明天见"],
+        "where is the station": ["où est la gare", "dónde está la estación", "wo ist der Bahnhof", "駅はどこですか", "车站在哪里"],
+        "good night": ["bonne nuit", "buenas noches", "gute Nacht", "おやすみなさい", "晚安"],
+        "how much is this": ["combien ça coûte", "cuánto cuesta esto", "wie viel kostet das", "これはいくらですか", "这个多少钱"],
+        "happy birthday": ["joyeux anniversaire", "feliz cumpleaños", "alles Gute zum Geburtstag", "お誕生日おめでとう", "生日快乐"],
+        "excuse me": ["excusez-moi", "disculpe", "entschuldigung", "すみません", "打扰一下"],
+        "I am hungry": ["j'ai faim", "tengo hambre", "ich habe Hunger", "お腹が空きました", "我饿了"],
+        "welcome": ["bienvenue", "bienvenido", "willkommen", "ようこそ", "欢迎"],
+        "good luck": ["bonne chance", "buena suerte", "viel Glück", "幸運を祈ります", "祝你好运"],
+        "the bill, please": ["l'addition, s'il vous plaît", "la cuenta, por favor", "die Rechnung, bitte", "お会計をお願いします", "请结账"],
+    },
+    HELD_OUT: {
+        "see you soon": ["à bientôt", "hasta pronto", "bis bald", "またね", "回头见"],
+        "how is your day": ["comment se passe ta journée", "cómo va tu día", "wie läuft dein Tag", "今日はどうですか", "你今天过得怎么样"],
+        "I love this city": ["j'adore cette ville", "me encanta esta ciudad", "ich liebe diese Stadt", "この街が大好きです", "我爱这座城市"],
+        "where is the hotel": ["où est l'hôtel", "dónde está el hotel", "wo ist das Hotel", "ホテルはどこですか", "酒店在哪里"],
+        "nice to meet you": ["enchanté", "encantado de conocerte", "freut mich", "はじめまして", "很高兴认识你"],
+    },
 }
-PHRASES = [
-    {"en": "good morning", "zh": "早上好", "fr": "bonjour", "es": "buenos días", "de": "guten Morgen",
-     "ja": "おはようございます"},
-    {"en": "thank you", "zh": "谢谢", "fr": "merci", "es": "gracias", "de": "danke", "ja": "ありがとう"},
-    {"en": "see you tomorrow", "zh": "明天见", "fr": "à demain", "es": "hasta mañana", "de": "bis morgen",
-     "ja": "また明日"},
-    {"en": "where is the station", "zh": "车站在哪里", "fr": "où est la gare", "es": "dónde está la estación",
-     "de": "wo ist der Bahnhof", "ja": "駅はどこですか"},
-    {"en": "good night", "zh": "晚安", "fr": "bonne nuit", "es": "buenas noches", "de": "gute Nacht",
-     "ja": "おやすみなさい"},
-    {"en": "how much is this", "zh": "这个多少钱", "fr": "combien ça coûte", "es": "cuánto cuesta esto",
-     "de": "wie viel kostet das", "ja": "これはいくらですか"},
-    {"en": "happy birthday", "zh": "生日快乐", "fr": "joyeux anniversaire", "es": "feliz cumpleaños",
-     "de": "alles Gute zum Geburtstag", "ja": "お誕生日おめでとう"},
-    {"en": "excuse me", "zh": "打扰一下", "fr": "excusez-moi", "es": "disculpe", "de": "entschuldigung",
-     "ja": "すみません"},
-    {"en": "the weather is nice today", "zh": "今天天气很好", "fr": "il fait beau aujourd'hui",
-     "es": "hoy hace buen tiempo", "de": "heute ist schönes Wetter", "ja": "今日はいい天気です"},
-    {"en": "I am hungry", "zh": "我饿了", "fr": "j'ai faim", "es": "tengo hambre", "de": "ich habe Hunger",
-     "ja": "お腹が空きました"},
-    {"en": "welcome", "zh": "欢迎", "fr": "bienvenue", "es": "bienvenido", "de": "willkommen", "ja": "ようこそ"},
-    {"en": "nice to meet you", "zh": "很高兴认识你", "fr": "enchanté", "es": "encantado de conocerte",
-     "de": "freut mich", "ja": "はじめまして"},
-    {"en": "good luck", "zh": "祝你好运", "fr": "bonne chance", "es": "buena suerte", "de": "viel Glück",
-     "ja": "幸運を祈ります"},
-    {"en": "what time is it", "zh": "现在几点", "fr": "quelle heure est-il", "es": "qué hora es",
-     "de": "wie spät ist es", "ja": "今何時ですか"},
-    {"en": "I don't understand", "zh": "我不明白", "fr": "je ne comprends pas", "es": "no entiendo",
-     "de": "ich verstehe nicht", "ja": "わかりません"},
-    {"en": "the bill, please", "zh": "请结账", "fr": "l'addition, s'il vous plaît", "es": "la cuenta, por favor",
-     "de": "die Rechnung, bitte", "ja": "お会計をお願いします"},
-]
 TITLES = {
-    "en": ["Dentist", "Team meeting", "Lunch with Anna", "Gym", "Project review", "Call Mom", "Flight to Berlin",
-           "Doctor appointment", "Yoga class", "Book club", "Haircut", "Code review", "Birthday party",
-           "Piano lesson", "Quarterly planning"],
-    "zh": ["牙医", "团队周会", "和小王吃午饭", "健身", "项目评审", "给妈妈打电话", "飞往上海", "看医生", "瑜伽课",
-           "读书会", "理发", "家长会", "钢琴课"],
+    SEEN: ["Dentist", "Team meeting", "Lunch with Anna", "Gym", "Project review", "Call Mom", "Flight to Berlin",
+           "Doctor appointment", "Yoga class", "Book club", "Haircut", "Code review", "Birthday party", "Piano lesson"],
+    HELD_OUT: ["Parent-teacher meeting", "Tax advisor", "Dinner with Leo", "Car service", "Vet visit", "Swim lesson"],
 }
-SYMBOLS = ["AAPL", "MSFT", "GOOGL", "AMZN", "NVDA", "TSLA", "META", "NFLX", "IBM", "INTC", "AMD", "ORCL", "BABA",
-           "TSM", "JD", "BIDU", "DIS", "KO", "PEP", "NKE", "JPM", "WMT"]
+RESTAURANTS = {SEEN: [], HELD_OUT: ["Nopa", "Chez Marie", "Blue Lotus", "Osteria Roma", "The Green Fig", "Sakura House"]}
+AIRLINES = {SEEN: [], HELD_OUT: ["BA", "LH", "AF", "UA", "QF", "KL"]}
+SYLLABLES = ["ka", "lo", "ver", "mi", "tan", "do", "rel", "su", "bra", "ny", "qu", "zen", "or", "val", "mar", "ti"]
 
-# Full requests, with {u} the optional unit phrase for weather.
+UNIT_PHRASES = {"C": ["", "", " in Celsius"], "F": [" in Fahrenheit", " in °F"]}
+WHEN = ["today", "tomorrow", "the day after tomorrow", "in {n} days", "on {iso}", "on {iso}"]
+OFFSETS = {"today": 0, "tomorrow": 1, "the day after tomorrow": 2}
+
+# Requests: "{slot}" fields come from draw_value; {u} is the unit phrase, {when} a date relative to today.
 REQUESTS = {
-    ("weather", "en"): [
-        "What's the weather in {city}{u}?", "How is the weather in {city} today{u}?",
-        "Tell me the weather for {city}{u}.", "Is it cold in {city} right now{u}?", "Weather in {city}{u}, please.",
-        "Check the current weather in {city}{u}.", "Can you look up the weather in {city}{u}?",
-        "I'm going to {city}. What's the weather like there{u}?", "How hot is it in {city}{u}?",
-    ],
-    ("weather", "zh"): [
-        "{city}今天天气怎么样？{u}", "查一下{city}的天气。{u}", "{city}现在冷不冷？{u}", "{city}的天气如何？{u}",
-        "我要去{city}，那边天气怎么样？{u}", "帮我看看{city}现在的气温。{u}",
-    ],
-    ("currency_convert", "en"): [
-        "Convert {amount} {src} to {dst}.", "How much is {amount} {src} in {dst}?",
-        "What is {amount} {src} worth in {dst}?", "I have {amount} {src}. How many {dst} is that?",
-        "Change {amount} {src} into {dst}, please.", "{amount} {src} to {dst}?", "Exchange {amount} {src} for {dst}.",
-    ],
-    ("currency_convert", "zh"): [
-        "把 {amount} {src} 换成 {dst}。", "{amount} {src} 等于多少 {dst}？", "{amount} {src} 能换多少 {dst}？",
-        "帮我把 {amount} {src} 兑换成 {dst}。", "我有 {amount} {src}，折合多少 {dst}？",
-    ],
-    ("translate", "en"): [
-        'Translate "{text}" into {lang}.', 'How do you say "{text}" in {lang}?', 'What is "{text}" in {lang}?',
-        'Please translate "{text}" to {lang}.', 'Can you put "{text}" into {lang}?', '{lang} for "{text}"?',
-    ],
-    ("translate", "zh"): [
-        "把“{text}”翻译成{lang}。", "“{text}”用{lang}怎么说？", "请将“{text}”译为{lang}。", "{lang}里“{text}”怎么说？",
-    ],
-    ("calculator", "en"): [
-        "What is {expr}?", "Calculate {expr}.", "Compute {expr} for me.", "Use the calculator: {expr}",
-        "How much is {expr}?", "Evaluate {expr}, please.",
-    ],
-    ("calculator", "zh"): ["计算 {expr}。", "{expr} 等于多少？", "帮我算一下 {expr}。", "请计算 {expr} 的值。"],
-    ("calendar_add", "en"): [
-        'Add "{title}" to my calendar on {date} at {time}.', 'Put "{title}" in my calendar for {date} at {time}.',
-        'Create an event "{title}" on {date} at {time}.', 'Schedule "{title}" on {date} at {time}.',
-        'Remind me of "{title}" on {date} at {time}.', 'Book {date} at {time} for "{title}".',
-    ],
-    ("calendar_add", "zh"): [
-        "在 {date} {time} 添加日程“{title}”。", "帮我把“{title}”加到日历，时间 {date} {time}。",
-        "{date} {time} 有“{title}”，帮我记到日历里。", "新建日程“{title}”，{date} {time}。",
-    ],
-    ("stock_price", "en"): [
-        "What's the stock price of {symbol}?", "How much is {symbol} trading at?",
-        "Get me the current price of {symbol}.", "Quote {symbol}, please.", "What is {symbol} at right now?",
-        "Check {symbol} stock.",
-    ],
-    ("stock_price", "zh"): [
-        "{symbol} 现在股价多少？", "查一下 {symbol} 的股价。", "{symbol} 的最新价格是多少？",
-        "帮我看看 {symbol} 现在多少钱一股。",
-    ],
+    "weather": {SEEN: ["What's the weather in {city}{u}?", "How is the weather in {city} today{u}?", "Tell me the weather for {city}{u}.",
+                       "Is it cold in {city} right now{u}?", "Weather in {city}{u}, please.", "Check the current weather in {city}{u}.",
+                       "I'm going to {city}. What's the weather like there{u}?"],
+                HELD_OUT: ["Any idea what it's like outside in {city} at the moment{u}?", "Could you find out the current conditions in {city}{u}?"]},
+    "weather_forecast": {SEEN: ["What's the forecast for {city} for the next {days} days?", "Give me a {days}-day forecast for {city}.",
+                                "Will it rain in {city} over the next {days} days?", "Forecast {city}, {days} days."],
+                         HELD_OUT: ["What will the weather do in {city} during the coming {days} days?"]},
+    "currency_convert": {SEEN: ["Convert {amount} {from} to {to}.", "How much is {amount} {from} in {to}?", "What is {amount} {from} worth in {to}?",
+                                "I have {amount} {from}. How many {to} is that?", "Change {amount} {from} into {to}, please.", "{amount} {from} to {to}?"],
+                         HELD_OUT: ["If I swap {amount} {from}, how much {to} do I get back?", "Work out the {to} value of {amount} {from}."]},
+    "currency_rates": {SEEN: ["Show me the exchange rates for {base}.", "What are today's rates against {base}?", "List {base} exchange rates."],
+                       HELD_OUT: ["I'd like the current rate table with {base} as the base."]},
+    "translate": {SEEN: ['Translate "{text}" into {target_lang}.', 'How do you say "{text}" in {target_lang}?', 'What is "{text}" in {target_lang}?',
+                         'Please translate "{text}" to {target_lang}.', '{target_lang} for "{text}"?'],
+                  HELD_OUT: ['Render "{text}" in {target_lang} for me.', 'I need "{text}" written in {target_lang}.']},
+    "detect_language": {SEEN: ['Which language is "{text}"?', 'Detect the language of "{text}".', 'What language is this: "{text}"?'],
+                        HELD_OUT: ['Can you tell what language "{text}" is written in?']},
+    "calculator": {SEEN: ["What is {expression}?", "Calculate {expression}.", "Compute {expression} for me.", "Use the calculator: {expression}",
+                          "How much is {expression}?", "Evaluate {expression}, please."],
+                   HELD_OUT: ["Crunch the numbers: {expression}", "What do you get from {expression}?"]},
+    "calculate_tip": {SEEN: ["What's a {percent}% tip on {bill}?", "Calculate the tip for a bill of {bill} at {percent}%.", "Tip {percent} percent on {bill}?"],
+                      HELD_OUT: ["Our check came to {bill}; how much is {percent}% on top?"]},
+    "calendar_add": {SEEN: ['Add "{title}" to my calendar {when} at {time}.', 'Put "{title}" in my calendar {when} at {time}.',
+                            'Create an event "{title}" {when} at {time}.', 'Schedule "{title}" {when} at {time}.', 'Remind me of "{title}" {when} at {time}.'],
+                     HELD_OUT: ['Block {time} {when} for "{title}".', 'Pencil in "{title}" {when}, {time}.']},
+    "calendar_list": {SEEN: ["What's on my calendar {when}?", "List my events {when}.", "Do I have anything scheduled {when}?"],
+                      HELD_OUT: ["Read me my schedule {when}."]},
+    "stock_price": {SEEN: ["What's the stock price of {symbol}?", "How much is {symbol} trading at?", "Get me the current price of {symbol}.",
+                           "Quote {symbol}, please.", "What is {symbol} at right now?", "Check {symbol} stock."],
+                    HELD_OUT: ["Quote for {symbol}, please.", "Where is {symbol} trading today?", "Latest share price for {symbol}?"]},
+    "stock_history": {SEEN: ["Show {symbol} prices for the last {days} days.", "How has {symbol} done over the past {days} days?",
+                             "{days}-day price history of {symbol}."],
+                      HELD_OUT: ["Chart {symbol} across the previous {days} days."]},
+    "book_table": {HELD_OUT: ["Book a table for {people} at {restaurant} {when}.", "Reserve {restaurant} for {people} people {when}.",
+                              "Can you get us a table at {restaurant} {when}? We are {people}."]},
+    "cancel_booking": {HELD_OUT: ["Cancel my reservation at {restaurant} {when}.", "Please call off the booking at {restaurant} {when}."]},
+    "flight_status": {HELD_OUT: ["Is flight {flight} on time?", "What's the status of {flight}?", "Has {flight} landed yet?"]},
+    "flight_search": {HELD_OUT: ["Find flights from {origin} to {destination} {when}.", "Any flights {origin} to {destination} {when}?"]},
+    "local_time": {HELD_OUT: ["What time is it in {city}?", "Tell me the local time in {city}.", "Current time in {city}?"]},
+    "local_events": {HELD_OUT: ["What's happening in {city} {when}?", "Any events in {city} {when}?"]},
 }
-# Short clauses for requests that need two calls; joined by TWO_CALL_REQUESTS.
+# A second request in the same conversation that changes one argument of the first call.
+FOLLOW_UPS = {
+    "weather": ("city", {SEEN: ["And in {city}?", "What about {city}?"], HELD_OUT: ["How about {city}?", "Same for {city}, please."]}),
+    "stock_price": ("symbol", {SEEN: ["And {symbol}?", "What about {symbol}?"], HELD_OUT: ["How about {symbol}?", "Now {symbol}."]}),
+    "currency_convert": ("to", {SEEN: ["And in {to}?", "What about {to}?"], HELD_OUT: ["How much in {to}?"]}),
+    "translate": ("target_lang", {SEEN: ["And in {target_lang}?", "What about {target_lang}?"], HELD_OUT: ["Now in {target_lang}, please."]}),
+    "local_time": ("city", {HELD_OUT: ["How about {city}?", "Same for {city}, please."]}),
+    "flight_status": ("flight", {HELD_OUT: ["How about {flight}?", "Now {flight}."]}),
+}
 CLAUSES = {
-    ("weather", "en"): "check the weather in {city}{u}", ("weather", "zh"): "查一下{city}的天气{u}",
-    ("currency_convert", "en"): "convert {amount} {src} to {dst}",
-    ("currency_convert", "zh"): "把 {amount} {src} 换成 {dst}",
-    ("translate", "en"): 'translate "{text}" into {lang}', ("translate", "zh"): "把“{text}”翻译成{lang}",
-    ("calculator", "en"): "calculate {expr}", ("calculator", "zh"): "算一下 {expr}",
-    ("calendar_add", "en"): 'add "{title}" to my calendar on {date} at {time}',
-    ("calendar_add", "zh"): "在 {date} {time} 添加日程“{title}”",
-    ("stock_price", "en"): "get the price of {symbol}", ("stock_price", "zh"): "查 {symbol} 的股价",
+    "weather": {SEEN: "check the weather in {city}{u}", HELD_OUT: "look up the conditions in {city}{u}"},
+    "stock_price": {SEEN: "get the price of {symbol}", HELD_OUT: "find where {symbol} is trading"},
+    "currency_convert": {SEEN: "convert {amount} {from} to {to}", HELD_OUT: "work out {amount} {from} in {to}"},
+    "translate": {SEEN: 'translate "{text}" into {target_lang}', HELD_OUT: 'render "{text}" in {target_lang}'},
+    "calculator": {SEEN: "calculate {expression}", HELD_OUT: "crunch {expression}"},
+    "local_time": {HELD_OUT: "tell me the time in {city}"},
+    "flight_status": {HELD_OUT: "check whether {flight} is on time"},
 }
-# Pairs that would push a row past ~400 tokens are left out: calendar_add has the longest arguments, and
-# Chinese (and Japanese) text costs two to three tokens a character.
-TWO_CALL_TOOLS = {
-    "en": ["calculator", "currency_convert", "stock_price", "translate", "weather"],
-    "zh": ["calculator", "currency_convert", "stock_price", "weather"],
-}
-TWO_CALL_REQUESTS = {
-    "en": ["Please {a} and {b}.", "Can you {a}, then {b}?", "Two things: {a}, and {b}.", "First {a}, then {b}.",
-           "I need you to {a} and also {b}."],
-    "zh": ["请{a}，然后{b}。", "帮我{a}，再{b}。", "先{a}，接着{b}。", "麻烦{a}，另外{b}。"],
-}
-UNIT_PHRASES = {
-    ("request", "en", "C"): ["", "", " in Celsius", " in °C"], ("request", "en", "F"): [" in Fahrenheit", " in °F"],
-    ("request", "zh", "C"): ["", "", "请用摄氏度。", "温度用摄氏度表示。"],
-    ("request", "zh", "F"): ["请用华氏度。", "温度用华氏度表示。"],
-    ("clause", "en", "C"): ["", "", " in Celsius"], ("clause", "en", "F"): [" in Fahrenheit"],
-    ("clause", "zh", "C"): ["", "", "（摄氏度）"], ("clause", "zh", "F"): ["（华氏度）"],
-}
+TWO_CALL_REQUESTS = {SEEN: ["Please {a} and {b}.", "Can you {a}, then {b}?", "First {a}, then {b}."],
+                     HELD_OUT: ["Two things: {a}, and {b}.", "Could you {a}? Also {b}."]}
 ANSWERS = {
-    ("weather", "en"): "It is {temperature}°{unit} and {condition} in {city}.",
-    ("weather", "zh"): "{city}现在{temperature}°{unit}，{condition_zh}。",
-    ("currency_convert", "en"): "{amount} {src} = {result} {dst}.",
-    ("currency_convert", "zh"): "{amount} {src} 约合 {result} {dst}。",
-    ("translate", "en"): 'In {lang}, "{text}" is "{translation}".',
-    ("translate", "zh"): "用{lang}说是“{translation}”。",
-    ("calculator", "en"): "{expression} = {result}.", ("calculator", "zh"): "{expression} 的结果是 {result}。",
-    ("calendar_add", "en"): 'Added "{title}" on {date} at {time}.',
-    ("calendar_add", "zh"): "已添加日程“{title}”：{date} {time}。",
-    ("stock_price", "en"): "{symbol} is trading at {price} USD.",
-    ("stock_price", "zh"): "{symbol} 当前股价为 {price} USD。",
+    "weather": "It is {temperature}°{unit} and {condition} in {city}.",
+    "weather_forecast": "{city} over the next {days} days: {summary}.",
+    "currency_convert": "{amount} {from} = {result} {to}.",
+    "currency_rates": "1 {base} buys {USD} USD or {EUR} EUR.",
+    "translate": 'In {target_lang}, "{text}" is "{translation}".',
+    "detect_language": '"{text}" is {language}.',
+    "calculator": "{expression} = {result}.",
+    "calculate_tip": "A {percent}% tip on {bill} is {tip}.",
+    "calendar_add": 'Added "{title}" on {date} at {time}.',
+    "calendar_list": "On {date} you have: {events}.",
+    "stock_price": "{symbol} is trading at {price} USD.",
+    "stock_history": "{symbol} moved {change}% over the last {days} days.",
+    "book_table": "Booked a table for {people} at {restaurant} on {date}.",
+    "cancel_booking": "Cancelled your booking at {restaurant} on {date}.",
+    "flight_status": "Flight {flight} is {status}.",
+    "flight_search": "The cheapest flight from {origin} to {destination} on {date} costs {price} USD.",
+    "local_time": "It is {time} in {city}.",
+    "local_events": "In {city} on {date}: {event}.",
 }
 CHITCHAT = {
-    "en": {
-        "greeting": (["Hi!", "Hello there.", "Good morning!", "Hey, how are you?", "Hello!", "Good evening."],
-                     "Hello! I can check the weather, convert currency, translate, calculate, add calendar events "
-                     "and look up stock prices."),
-        "abilities": (["What can you do?", "Which tools do you have?", "How can you help me?", "What are you for?"],
-                      "I can check the weather, convert currency, translate, calculate, add calendar events and "
-                      "look up stock prices."),
-        "thanks": (["Thanks!", "Thank you so much.", "Great, thanks for the help.", "Perfect, thank you."],
-                   "You're welcome! Anything else?"),
-        "bye": (["Bye!", "See you later.", "Goodbye.", "That's all for now, bye."], "Goodbye! Have a nice day."),
-        "identity": (["Who are you?", "What are you?", "Are you a bot?", "What's your name?"],
-                     "I am sftkit agent, an assistant that uses tools to answer."),
-    },
-    "zh": {
-        "greeting": (["你好！", "嗨，你好吗？", "早上好！", "晚上好。", "哈喽！"],
-                     "你好！我可以查天气、换算货币、翻译、计算、添加日程和查询股价。"),
-        "abilities": (["你能做什么？", "你有哪些工具？", "你可以帮我什么？", "你有什么功能？"],
-                      "我可以查天气、换算货币、翻译、计算、添加日程和查询股价。"),
-        "thanks": (["谢谢！", "非常感谢。", "好的，谢谢你的帮助。", "太好了，谢谢。"], "不客气！还有什么需要帮忙的吗？"),
-        "bye": (["再见！", "回头见。", "先这样，拜拜。", "没事了，再见。"], "再见，祝你愉快！"),
-        "identity": (["你是谁？", "你是机器人吗？", "你叫什么名字？", "你是什么？"], "我是 sftkit agent，一个会使用工具的助手。"),
-    },
+    SEEN: {"greeting": (["Hi!", "Hello there.", "Good morning!", "Hey, how are you?", "Hello!", "Good evening."],
+                        "Hello! I can help with the tools listed above."),
+           "abilities": (["What can you do?", "Which tools do you have?", "How can you help me?"],
+                         "I can use the tools listed above: ask me something they can answer."),
+           "thanks": (["Thanks!", "Thank you so much.", "Great, thanks for the help.", "Perfect, thank you."],
+                      "You're welcome! Anything else?"),
+           "bye": (["Bye!", "See you later.", "Goodbye.", "That's all for now, bye."], "Goodbye! Have a nice day."),
+           "identity": (["Who are you?", "What are you?", "Are you a bot?", "What's your name?"],
+                        "I am sftkit agent, an assistant that uses tools to answer.")},
+    HELD_OUT: {"greeting": (["Howdy!", "Yo, good day."], "Hello! I can help with the tools listed above."),
+               "thanks": (["Cheers, that helped.", "Much appreciated!"], "You're welcome! Anything else?"),
+               "bye": (["Catch you later!", "I'm off, bye."], "Goodbye! Have a nice day.")},
 }
-# Openers and closers multiply the small-talk phrasings so both splits can hold distinct ones.
-CHITCHAT_OPENERS = {"en": ["", "", "Ok. ", "Hmm, ", "Well, ", "So, "], "zh": ["", "", "嗯，", "那个，", "好的，"]}
-CHITCHAT_CLOSERS = {"en": ["", "", " :)", " Just curious."], "zh": ["", "", "😊", "随便问问。"]}
+CHITCHAT_OPENERS = ["", "", "Ok. ", "Well, ", "So, "]
+CHITCHAT_CLOSERS = {SEEN: ["", "", " :)", " Just curious."], HELD_OUT: [""]}  # more distinct small talk to train on
 
 
-def number_text(value: int | float) -> str:
-    """The number exactly as the JSON payloads spell it, so answers copy the tool result digit for digit."""
+def number_text(value) -> str:
+    """A number exactly as the JSON payloads spell it, so answers copy the tool result digit for digit."""
     return json.dumps(value)
 
 
-def to_number(value: Decimal) -> int | float:
+def to_number(value: Decimal):
     return int(value) if value == value.to_integral_value() else float(value)
 
 
-def weather_slots(rng: random.Random, lang: str, style: str) -> tuple[dict, dict]:
-    unit = "F" if rng.random() < 0.25 else "C"
-    city = rng.choice(CITIES[lang])
-    return {"city": city, "unit": unit}, {"city": city, "u": rng.choice(UNIT_PHRASES[style, lang, unit])}
+def synthetic_name(rng: random.Random, avoid: set[str]) -> str:
+    """An invented proper name (two or three syllables) that no real pool holds."""
+    while True:
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+        if name not in avoid:
+            return name
 
 
-def currency_slots(rng: random.Random, lang: str, style: str) -> tuple[dict, dict]:
-    src, dst = rng.sample(sorted(USD_PER_UNIT), 2)
-    if src in SMALL_UNIT_CURRENCIES:
-        amount = Decimal(rng.randrange(1000, 100000, 50))
-    elif rng.random() < 0.2:
-        amount = Decimal(rng.randint(11, 999)) / 10
-    else:
-        amount = Decimal(rng.choice([rng.randint(1, 100), rng.randint(1, 100) * 10, rng.randint(1, 50) * 100]))
-    amount = to_number(amount)
-    return {"amount": amount, "from": src, "to": dst}, {"amount": number_text(amount), "src": src, "dst": dst}
+REAL_NAMES = {name for pool in (CITIES, TITLES, RESTAURANTS) for names in pool.values() for name in names}
 
 
-def translate_slots(rng: random.Random, lang: str, style: str) -> tuple[dict, dict]:
-    phrase = rng.choice(PHRASES)
-    target = rng.choice(sorted(LANGUAGES[lang]))
-    text, lang_name = phrase[lang], LANGUAGES[lang][target]
-    return {"text": text, "target_lang": lang_name}, {"text": text, "lang": lang_name}
+def when_text(rng: random.Random, today: datetime.date) -> tuple[str, str]:
+    """(how the request says the day, the YYYY-MM-DD it means)."""
+    form = rng.choice(WHEN)
+    if form == "in {n} days":
+        offset = rng.randint(3, 9)
+        return form.format(n=offset), (today + datetime.timedelta(days=offset)).isoformat()
+    if form == "on {iso}":
+        day = today + datetime.timedelta(days=rng.randint(3, 60))
+        return form.format(iso=day.isoformat()), day.isoformat()
+    return form, (today + datetime.timedelta(days=OFFSETS[form])).isoformat()
+
+
+def maybe_lower(rng: random.Random, text: str, kind: str) -> str:
+    return text.lower() if rng.random() < LOWER_CASE_SHARE[kind] else text
 
 
 def expression(rng: random.Random) -> str:
@@ -250,61 +290,139 @@ def expression(rng: random.Random) -> str:
     shape = rng.choice(["a+b", "a-b", "a*b", "a/b", "a*b+c", "(a+b)*c", "a-b*c"])
     a, b, c = rng.randint(2, 999), rng.randint(2, 999), rng.randint(2, 20)
     small_a, small_b = rng.randint(2, 99), rng.randint(2, 99)
-    return {
-        "a+b": f"{a} + {b}", "a-b": f"{a} - {b}", "a*b": f"{small_a} * {small_b}",
-        "a/b": f"{small_b * c} / {small_b}", "a*b+c": f"{small_a} * {c} + {small_b}",
-        "(a+b)*c": f"({small_a} + {small_b}) * {c}", "a-b*c": f"{a} - {small_b} * {c}",
-    }[shape]
+    return {"a+b": f"{a} + {b}", "a-b": f"{a} - {b}", "a*b": f"{small_a} * {small_b}", "a/b": f"{small_b * c} / {small_b}",
+            "a*b+c": f"{small_a} * {c} + {small_b}", "(a+b)*c": f"({small_a} + {small_b}) * {c}",
+            "a-b*c": f"{a} - {small_b} * {c}"}[shape]
 
 
-def calculator_slots(rng: random.Random, lang: str, style: str) -> tuple[dict, dict]:
-    expr = expression(rng)
-    return {"expression": expr}, {"expr": expr}
+def draw_value(rng: random.Random, kind: str, pool: str, today: datetime.date, synthetic: bool, taken: dict) -> tuple:
+    """(the argument value, {request field: how the request writes it}) for one kind of value.
+
+    `taken` holds the values already drawn for this call, so that from/to and origin/destination differ.
+    """
+    if kind == "city":
+        city = synthetic_name(rng, REAL_NAMES) if synthetic else rng.choice([c for c in CITIES[pool] if c not in taken.values()])
+        return city, city
+    if kind == "unit":
+        unit = "F" if rng.random() < 0.25 else "C"
+        return unit, rng.choice(UNIT_PHRASES[unit])
+    if kind in ("days", "people"):
+        count = rng.randint(2, 7 if kind == "days" else 8)
+        return count, str(count)
+    if kind == "amount":
+        amount = Decimal(rng.choice([rng.randint(1, 100), rng.randint(1, 100) * 10, rng.randint(1, 50) * 100]))
+        if rng.random() < 0.2:
+            amount = Decimal(rng.randint(11, 999)) / 10
+        return to_number(amount), number_text(to_number(amount))
+    if kind == "code":
+        # The first code of a call comes from the pool; a second one may be any other (a held-out call has one new code).
+        first = not any(value in USD_PER_UNIT for value in taken.values() if isinstance(value, str))
+        codes = CURRENCIES[pool] if first else CURRENCIES[SEEN] + CURRENCIES[pool]
+        code = rng.choice(sorted({c for c in codes if c not in taken.values()}))
+        return code, maybe_lower(rng, code, "code")
+    if kind == "phrase":
+        phrase = rng.choice(sorted(PHRASES[pool]))
+        return phrase, phrase
+    if kind == "language":
+        language = rng.choice(LANGUAGES)
+        return language, language
+    if kind == "foreign":
+        translations = PHRASES[pool][rng.choice(sorted(PHRASES[pool]))]
+        text = translations[rng.randrange(len(LANGUAGES))]
+        return text, text
+    if kind == "expression":
+        expr = expression(rng)
+        return expr, expr
+    if kind == "bill":
+        bill = to_number(Decimal(rng.randint(800, 25000)) / 100)
+        return bill, number_text(bill)
+    if kind == "percent":
+        percent = rng.choice([10, 12, 15, 18, 20, 25])
+        return percent, str(percent)
+    if kind == "title":
+        title = "Meet " + synthetic_name(rng, REAL_NAMES) if synthetic else rng.choice(TITLES[pool])
+        return title, title
+    if kind == "date":
+        text, iso = when_text(rng, today)
+        return iso, text
+    if kind == "time":
+        time = f"{rng.randint(7, 21):02d}:{rng.choice([0, 15, 30, 45]):02d}"
+        return time, time
+    if kind == "symbol":
+        if synthetic:
+            symbol = "".join(rng.choice("ABCDEFGHKLMNPRSTVWXZ") for _ in range(rng.randint(3, 4)))
+            symbol = symbol if symbol not in SYMBOLS[HELD_OUT] else symbol + "X"
+        else:
+            symbol = rng.choice(SYMBOLS[pool])
+        return symbol, maybe_lower(rng, symbol, "symbol")
+    if kind == "restaurant":
+        restaurant = rng.choice(RESTAURANTS[pool])
+        return restaurant, restaurant
+    if kind == "flight":
+        flight = rng.choice(AIRLINES[pool]) + str(rng.randint(10, 2999))
+        return flight, maybe_lower(rng, flight, "flight")
+    raise ValueError(f"unknown kind of value {kind!r}")
 
 
-def calendar_slots(rng: random.Random, lang: str, style: str) -> tuple[dict, dict]:
-    title = rng.choice(TITLES[lang])
-    date = f"{rng.choice([2025, 2026])}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
-    time = f"{rng.randint(7, 21):02d}:{rng.choice([0, 15, 30, 45]):02d}"
-    return {"title": title, "date": date, "time": time}, {"title": title, "date": date, "time": time}
-
-
-def stock_slots(rng: random.Random, lang: str, style: str) -> tuple[dict, dict]:
-    symbol = rng.choice(SYMBOLS)
-    return {"symbol": symbol}, {"symbol": symbol}
-
-
-# Each draws (tool arguments, template fields); `style` is "request" or "clause" (part of a two-call
-# request), and only the weather unit phrase depends on it.
-SLOTS = {
-    "weather": weather_slots, "currency_convert": currency_slots, "translate": translate_slots,
-    "calculator": calculator_slots, "calendar_add": calendar_slots, "stock_price": stock_slots,
-}
+def draw_call(rng: random.Random, tool: str, pool: str, today: datetime.date, synthetic: bool) -> tuple[dict, dict]:
+    """(arguments, request fields) of one call; a date's field is `when`, a unit's is `u`."""
+    arguments, fields = {}, {}
+    for name, kind in TOOLS[tool][2]:
+        value, text = draw_value(rng, kind, pool, today, synthetic and kind in ("city", "title", "symbol"), arguments)
+        arguments[name] = value
+        fields[{"date": "when", "unit": "u"}.get(kind, name)] = text
+    return arguments, fields
 
 
 def execute(tool: str, arguments: dict) -> dict:
-    """The fake tool: a pure function of the arguments, returning only what the answer needs."""
+    """The fake tool: a pure function of its name and arguments (renamed ones are read as the originals)."""
+    tool, arguments = canonical_call(tool, arguments)
     fixed = random.Random(json.dumps([tool, arguments], ensure_ascii=False, sort_keys=True))
     if tool == "weather":
         celsius = fixed.randint(-10, 35)
-        condition = fixed.choice(["snowy", "cloudy", "foggy"] if celsius <= 0 else
-                                 ["sunny", "cloudy", "rainy", "windy", "foggy"])
-        temperature = celsius if arguments["unit"] == "C" else round(celsius * 9 / 5 + 32)
-        return {"temperature": temperature, "condition": condition}
+        condition = fixed.choice(["snowy", "cloudy", "foggy"] if celsius <= 0 else ["sunny", "cloudy", "rainy", "windy", "foggy"])
+        return {"temperature": celsius if arguments["unit"] == "C" else round(celsius * 9 / 5 + 32), "condition": condition}
+    if tool == "weather_forecast":
+        return {"summary": ", then ".join(fixed.sample(["sunny", "cloudy", "rain", "wind", "showers", "clear skies"], 2))}
     if tool == "currency_convert":
         rate = USD_PER_UNIT[arguments["from"]] / USD_PER_UNIT[arguments["to"]]
-        result = (Decimal(str(arguments["amount"])) * rate).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
-        return {"result": to_number(result)}
+        return {"result": to_number((Decimal(str(arguments["amount"])) * rate).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))}
+    if tool == "currency_rates":
+        base = USD_PER_UNIT[arguments["base"]]
+        return {"USD": to_number(base.quantize(Decimal("0.0001"))),
+                "EUR": to_number((base / USD_PER_UNIT["EUR"]).quantize(Decimal("0.0001"), rounding=ROUND_HALF_UP))}
     if tool == "translate":
-        source = next(phrase for phrase in PHRASES if arguments["text"] in phrase.values())
-        code = next(code for names in LANGUAGES.values() for code, name in names.items()
-                    if name == arguments["target_lang"])
-        return {"translation": source[code]}
+        translations = {**PHRASES[SEEN], **PHRASES[HELD_OUT]}[arguments["text"]]
+        return {"translation": translations[LANGUAGES.index(arguments["target_lang"])]}
+    if tool == "detect_language":
+        return {"language": next(LANGUAGES[translations.index(arguments["text"])] for pool in PHRASES.values()
+                                 for translations in pool.values() if arguments["text"] in translations)}
     if tool == "calculator":
         return {"result": evaluate(arguments["expression"])}
-    if tool == "calendar_add":
-        return {"status": "ok"}
-    return {"price": to_number(Decimal(fixed.randint(1000, 90000)) / 100)}
+    if tool == "calculate_tip":
+        tip = (Decimal(str(arguments["bill"])) * arguments["percent"] / 100).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+        return {"tip": to_number(tip)}
+    if tool == "calendar_list":
+        return {"events": fixed.choice(["nothing", "Gym at 07:00", "Team meeting at 10:00", "Lunch at 12:30"])}
+    if tool in ("stock_price", "flight_search"):
+        return {"price": to_number(Decimal(fixed.randint(1000, 90000)) / 100)}
+    if tool == "stock_history":
+        return {"change": to_number(Decimal(fixed.randint(-1500, 1500)) / 100)}
+    if tool == "flight_status":
+        return {"status": fixed.choice(["on time", "delayed by 20 minutes", "boarding", "landed"])}
+    if tool == "local_time":
+        return {"time": f"{fixed.randint(0, 23):02d}:{fixed.randint(0, 59):02d}"}
+    if tool == "local_events":
+        return {"event": fixed.choice(["a jazz concert", "a food market", "a football match", "a night run"])}
+    return {"status": "ok"}  # calendar_add, book_table, cancel_booking
+
+
+def canonical_call(tool: str, arguments: dict) -> tuple[str, dict]:
+    """A renamed tool and its renamed parameters as the original names."""
+    original = next((name for name, renames in TOOL_RENAMES.items() if tool in renames), tool)
+    names = {rename: name for name, renames in PARAM_RENAMES.items() for rename in renames}
+    declared = {name for name, _ in TOOLS[original][2]}
+    return original, {key if key in declared else names[key]: value for key, value in arguments.items()}
 
 
 def evaluate(expr: str) -> int:
@@ -326,73 +444,137 @@ def evaluate(expr: str) -> int:
     return total
 
 
-def answer(tool: str, lang: str, arguments: dict, result: dict) -> str:
-    fields = {
-        "weather": lambda: {**arguments, "temperature": number_text(result["temperature"]),
-                            "condition": result["condition"], "condition_zh": CONDITIONS[result["condition"]]},
-        "currency_convert": lambda: {"amount": number_text(arguments["amount"]), "src": arguments["from"],
-                                     "dst": arguments["to"], "result": number_text(result["result"])},
-        "translate": lambda: {"text": arguments["text"], "lang": arguments["target_lang"], **result},
-        "calculator": lambda: {"expression": arguments["expression"], "result": number_text(result["result"])},
-        "calendar_add": lambda: arguments,
-        "stock_price": lambda: {"symbol": arguments["symbol"], "price": number_text(result["price"])},
-    }[tool]()
-    return ANSWERS[tool, lang].format(**fields)
+def answer(tool: str, arguments: dict, result: dict) -> str:
+    values = {key: number_text(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+              for key, value in {**arguments, **result}.items()}
+    return ANSWERS[tool].format(**values)
 
 
-def call_text(tool: str, arguments: dict, result: dict) -> str:
-    """One think/exec pair exactly as MSAgent-Bench writes it inside the assistant value."""
-    call = json.dumps({"api_name": tool, "url": URL.format(tool), "parameters": arguments}, ensure_ascii=False)
-    return (
-        f"<|startofthink|>```JSON\n{call}\n```<|endofthink|>\n\n"
-        f"<|startofexec|>```JSON\n{json.dumps(result, ensure_ascii=False)}\n```<|endofexec|>\n"
-    )
+def call_text(name: str, arguments: dict, result: dict) -> str:
+    """One think/exec pair as MSAgent-Bench writes it inside the assistant value (api_name and parameters)."""
+    call = json.dumps({"api_name": name, "parameters": arguments}, ensure_ascii=False)
+    return (f"<|startofthink|>```JSON\n{call}\n```<|endofthink|>\n\n"
+            f"<|startofexec|>```JSON\n{json.dumps(result, ensure_ascii=False)}\n```<|endofexec|>\n")
 
 
-def tool_turn(rng: random.Random, lang: str, calls: int) -> tuple[str, str]:
-    tools = [rng.choice(sorted(SLOTS) if calls == 1 else TWO_CALL_TOOLS[lang]) for _ in range(calls)]
-    style = "request" if calls == 1 else "clause"
-    drawn = [SLOTS[tool](rng, lang, style) for tool in tools]
-    if calls == 1:
-        request = rng.choice(REQUESTS[tools[0], lang]).format(**drawn[0][1])
+class Offer:
+    """The tools one conversation lists, each under the name (and parameter names) this row gives it."""
+
+    def __init__(self, rng: random.Random, tools: list[str], augment: bool):
+        self.names = {tool: rng.choice(TOOL_RENAMES[tool]) if augment and tool in TOOL_RENAMES and rng.random() < TOOL_RENAME_SHARE
+                      else tool for tool in tools}
+        self.params = {tool: {name: rng.choice(PARAM_RENAMES[name]) if augment and name in PARAM_RENAMES and rng.random() < PARAM_RENAME_SHARE
+                              else name for name, _ in TOOLS[tool][2]} for tool in tools}
+        self.order = list(tools)
+        rng.shuffle(self.order)
+
+    def system(self, today: datetime.date) -> str:
+        lines = [f"You are sftkit agent. Today is {today.isoformat()}.", "Tools:"]
+        for index, tool in enumerate(self.order, 1):
+            description, parameters, _ = TOOLS[tool]
+            renamed = [{**spec, "name": self.params[tool][spec["name"]]} for spec in parameters]
+            spec = {"name": self.names[tool], "description": description, "parameters": renamed}
+            lines.append(f"{index}. {json.dumps(spec, ensure_ascii=False)}")
+        return "\n".join(lines)
+
+    def call(self, tool: str, arguments: dict) -> str:
+        """The think/exec text of a call as this row names it; results and answers use the original names."""
+        return call_text(self.names[tool], {self.params[tool][key]: value for key, value in arguments.items()},
+                         execute(tool, arguments))
+
+
+def offered(rng: random.Random, targets: list[str], pool: str) -> list[str]:
+    """The targets and each one's distractor, then one other tool when that makes fewer than four."""
+    tools = list(dict.fromkeys(tool for target in targets for tool in (target, DISTRACTOR[target])))
+    others = [tool for tool in (SEEN_TOOLS + (HELD_OUT_TOOLS if pool == HELD_OUT else [])) if tool not in tools]
+    return tools + (rng.sample(others, 1) if len(tools) < 4 else [])
+
+
+def pick_tool(rng: random.Random, split: str, choices=None) -> str:
+    """A target tool: a held-out one for HELD_OUT_TOOL_SHARE of test_general's tool rows, else a seen one."""
+    held_out = split == "general" and rng.random() < HELD_OUT_TOOL_SHARE
+    pool = [tool for tool in (HELD_OUT_TOOLS if held_out else SEEN_TOOLS) if choices is None or tool in choices]
+    return rng.choice(pool or [tool for tool in SEEN_TOOLS if tool in choices])
+
+
+def single_turn(rng, split, today, augment):
+    pool = POOL_OF_SPLIT[split]
+    tool = pick_tool(rng, split)
+    arguments, fields = draw_call(rng, tool, pool, today, augment and rng.random() < SYNTHETIC_SHARE)
+    offer = Offer(rng, offered(rng, [tool], pool), augment)
+    request = rng.choice(REQUESTS[tool][pool]).format(**fields)
+    return offer, [(request, offer.call(tool, arguments) + answer(tool, arguments, execute(tool, arguments)))]
+
+
+def follow_up(rng, split, today, augment):
+    pool = POOL_OF_SPLIT[split]
+    tool = pick_tool(rng, split, [name for name, (_, phrasings) in FOLLOW_UPS.items() if pool in phrasings])
+    synthetic = augment and rng.random() < SYNTHETIC_SHARE
+    arguments, fields = draw_call(rng, tool, pool, today, synthetic)
+    name, phrasings = FOLLOW_UPS[tool]
+    kind = dict(TOOLS[tool][2])[name]
+    changed, changed_text = arguments[name], fields[name]
+    while changed == arguments[name]:
+        changed, changed_text = draw_value(rng, kind, pool, today, synthetic and kind in ("city", "symbol"),
+                                           {key: value for key, value in arguments.items() if key != name})
+    second = {**arguments, name: changed}
+    offer = Offer(rng, offered(rng, [tool], pool), augment)
+    turns = [(rng.choice(REQUESTS[tool][pool]).format(**fields), offer.call(tool, arguments) + answer(tool, arguments, execute(tool, arguments))),
+             (rng.choice(phrasings[pool]).format(**{name: changed_text}), offer.call(tool, second) + answer(tool, second, execute(tool, second)))]
+    return offer, turns
+
+
+def two_calls(rng, split, today, augment):
+    pool = POOL_OF_SPLIT[split]
+    choices = [tool for tool, clauses in CLAUSES.items() if pool in clauses]
+    first = pick_tool(rng, split, choices)
+    second = rng.choice([tool for tool in choices if tool != first and tool not in HELD_OUT_TOOLS])
+    synthetic = augment and rng.random() < SYNTHETIC_SHARE
+    drawn = [draw_call(rng, tool, pool, today, synthetic) for tool in (first, second)]
+    if rng.random() < 0.5:
+        drawn, tools = drawn[::-1], [second, first]
     else:
-        clauses = [CLAUSES[tool, lang].format(**slots) for tool, (_, slots) in zip(tools, drawn)]
-        request = rng.choice(TWO_CALL_REQUESTS[lang]).format(a=clauses[0], b=clauses[1])
-    calls_text, answers = "", []
-    for tool, (arguments, _) in zip(tools, drawn):
-        result = execute(tool, arguments)
-        calls_text += call_text(tool, arguments, result)
-        answers.append(answer(tool, lang, arguments, result))
-    return request, calls_text + ("" if lang == "zh" else " ").join(answers)
+        tools = [first, second]
+    offer = Offer(rng, offered(rng, tools, pool), augment)
+    clauses = [CLAUSES[tool][pool].format(**fields) for tool, (_, fields) in zip(tools, drawn)]
+    request = rng.choice(TWO_CALL_REQUESTS[pool]).format(a=clauses[0], b=clauses[1])
+    calls = "".join(offer.call(tool, arguments) for tool, (arguments, _) in zip(tools, drawn))
+    answers = " ".join(answer(tool, arguments, execute(tool, arguments)) for tool, (arguments, _) in zip(tools, drawn))
+    return offer, [(request[0].upper() + request[1:], calls + answers)]
 
 
-def chitchat_turn(rng: random.Random, lang: str) -> tuple[str, str]:
-    questions, reply = CHITCHAT[lang][rng.choice(sorted(CHITCHAT[lang]))]
-    opener, question = rng.choice(CHITCHAT_OPENERS[lang]), rng.choice(questions)
-    if opener.endswith(", ") and lang == "en":
+def chitchat(rng, split, today, augment):
+    pool = POOL_OF_SPLIT[split]
+    questions, reply = CHITCHAT[pool][rng.choice(sorted(CHITCHAT[pool]))]
+    opener, question = rng.choice(CHITCHAT_OPENERS), rng.choice(questions)
+    if opener.endswith(", "):
         question = question[0].lower() + question[1:]
-    return opener + question + rng.choice(CHITCHAT_CLOSERS[lang]), reply
+    tools = rng.sample(SEEN_TOOLS + (HELD_OUT_TOOLS if pool == HELD_OUT else []), 3)
+    return Offer(rng, tools, augment), [(opener + question + rng.choice(CHITCHAT_CLOSERS[pool]), reply)]
 
 
-def make_split(rng: random.Random, size: int, taken: set[str]) -> list[dict]:
-    """`size` rows whose user text is new to `taken` (which grows), so the splits cannot overlap."""
+def make_split(rng: random.Random, size: int, split: str, taken: set[str]) -> list[dict]:
+    """`size` conversations whose user texts are new to `taken` (which grows), so no two splits share one."""
     rows, misses = [], 0
+    augment = split == "train"
     while len(rows) < size:
         if misses > 10_000:
-            raise SystemExit(f"only {len(rows)} distinct requests found; ask for fewer rows")
-        lang = "zh" if rng.random() < ZH_SHARE else "en"
+            raise SystemExit(f"only {len(rows)} distinct {split} conversations found; ask for fewer rows")
+        today = datetime.date(2025, 1, 1) + datetime.timedelta(days=rng.randrange(3 * 365))
         kind = rng.random()
-        if kind < CHITCHAT_SHARE:
-            request, reply = chitchat_turn(rng, lang)
-        else:
-            request, reply = tool_turn(rng, lang, calls=2 if kind < CHITCHAT_SHARE + TWO_CALL_SHARE else 1)
-        if request in taken:
+        build = (chitchat if kind < CHITCHAT_SHARE else follow_up if kind < CHITCHAT_SHARE + FOLLOW_UP_SHARE
+                 else two_calls if kind < CHITCHAT_SHARE + FOLLOW_UP_SHARE + TWO_CALL_SHARE else single_turn)
+        offer, turns = build(rng, split, today, augment)
+        key = "\n".join(request for request, _ in turns)
+        if key in taken:
             misses += 1
             continue
         misses = 0
-        taken.add(request)
-        rows.append({"conversations": [{"from": "system", "value": SYSTEM}, {"from": "user", "value": request},
-                                       {"from": "assistant", "value": reply}]})
+        taken.add(key)
+        conversation = [{"from": "system", "value": offer.system(today)}]
+        for request, reply in turns:
+            conversation += [{"from": "user", "value": request}, {"from": "assistant", "value": reply}]
+        rows.append({"conversations": conversation})
     return rows
 
 
@@ -403,20 +585,22 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", type=int, default=1200, help="rows in train.jsonl")
-    parser.add_argument("--test", type=int, default=100, help="rows in test.jsonl")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", type=int, default=1600, help="rows in train.jsonl")
+    parser.add_argument("--test", type=int, default=100, help="rows in test.jsonl (in distribution)")
+    parser.add_argument("--general", type=int, default=100, help="rows in test_general.jsonl (held-out phrasings, entities, tools)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="output directory")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
-    # The test split is drawn first from its own stream, so --train never changes it.
-    test = make_split(random.Random(f"test-{args.seed}"), args.test, taken)
-    train = make_split(random.Random(f"train-{args.seed}"), args.train, taken)
-    write_jsonl(args.out / "train.jsonl", train)
-    write_jsonl(args.out / "test.jsonl", test)
-    print(f"wrote {len(train)} train and {len(test)} test rows to {args.out}")
+    # The test splits are drawn first, each from its own stream, so --train never changes them.
+    splits = {split: make_split(random.Random(f"{split}-{args.seed}"), getattr(args, split), split, taken)
+              for split in ("general", "test", "train")}
+    for split, rows in splits.items():
+        write_jsonl(args.out / FILES[split], rows)
+    print(f"wrote {len(splits['train'])} train, {len(splits['test'])} test and {len(splits['general'])} "
+          f"test_general rows to {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
-"""Reproduce the README's agent table: regenerate the data, score the base model, fine-tune, score again.
+"""Reproduce the README's agent tables: regenerate the data, score the base model, fine-tune, score again on the
+in-distribution split (test.jsonl) and the generalisation split (test_general.jsonl), with calls constrained to
+the offered tools and without.
 
     python examples/agent/reproduce.py [--device cpu|cuda] [--out output/agent-report]
+                                       [--splits test,general] [--constrained both|on|off]
+                                       [--train_dataset_sample N] [--skip_before] [--limit N]
 
-Writes <out>/before.json, <out>/after.json and <out>/table.md (the README's table).
+Writes <out>/<when>-<split>-<constrained|free>.json (sftkit eval reports) and <out>/table.md.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
+SPLIT_FILES = {"test": "test.jsonl", "general": "test_general.jsonl"}
 ROWS = [("tool-name accuracy", "tool_name_acc"), ("argument exact match", "args_exact_match"),
         ("argument F1", "args_f1"), ("answer ROUGE-L", "answer_rouge_l"), ("no-call accuracy (chit-chat)", "no_call_acc")]
 
@@ -25,10 +30,11 @@ def run(command: list[str]) -> None:
     subprocess.run(command, check=True, cwd=ROOT)
 
 
-def evaluate(out: Path, name: str, extra: list[str]) -> dict:
-    report = out / f"{name}.json"
-    run(["sftkit", "eval", "--dataset", "examples/agent/test.jsonl", "--metrics", "agent", "--max_new_tokens", "160",
-         "--batch_size", "20", "--output", str(report), *extra])
+def evaluate(out: Path, name: str, split: str, constrained: bool, extra: list[str], limit: int | None) -> dict:
+    report = out / f"{name}-{split}-{'constrained' if constrained else 'free'}.json"
+    run(["sftkit", "eval", "--dataset", str(HERE / SPLIT_FILES[split]), "--metrics", "agent", "--max_new_tokens", "160",
+         "--batch_size", "20", "--constrained_tool_calls", str(constrained).lower(), "--output", str(report),
+         *(["--limit", str(limit)] if limit else []), *extra])
     return json.loads(report.read_text())
 
 
@@ -36,27 +42,49 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--out", default="output/agent-report")
+    parser.add_argument("--splits", default="test,general", help="test (in distribution) and/or general (held out)")
+    parser.add_argument("--constrained", default="both", choices=("both", "on", "off"),
+                        help="score the tuned model with constrained tool calls, free ones, or both")
+    parser.add_argument("--train_dataset_sample", type=int, default=None, help="override the recipe's training rows")
+    parser.add_argument("--skip_before", action="store_true", help="do not score the base model")
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N rows of each split")
     args = parser.parse_args()
+    splits = [split.strip() for split in args.splits.split(",") if split.strip()]
+    modes = {"both": [True, False], "on": [True], "off": [False]}[args.constrained]
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     run([sys.executable, str(HERE / "make_dataset.py"), "--out", str(HERE)])
-    before = evaluate(out, "before", [])
+    columns: list[tuple[str, dict]] = []
+    if not args.skip_before:
+        columns += [(f"before, {split}", evaluate(out, "before", split, True, [], args.limit)) for split in splits]
     started = time.time()
-    device = ["--device", args.device] if args.device else []
-    run(["sftkit", "train", "--config", str(HERE / "recipe.yaml"), "--output_dir", str(out / "run"), *device])
+    train = ["sftkit", "train", "--config", str(HERE / "recipe.yaml"), "--output_dir", str(out / "run")]
+    train += ["--device", args.device] if args.device else []
+    train += ["--train_dataset_sample", str(args.train_dataset_sample)] if args.train_dataset_sample else []
+    run(train)
     wall = time.time() - started
     run_dir = max((p for p in (out / "run").glob("*/v*") if p.is_dir()), key=os.path.getmtime)
     best = run_dir / (run_dir / "best").read_text().strip()
-    after = evaluate(out, "after", ["--ckpt_dir", str(best)])
+    after = [(f"after, {split}, {'constrained' if constrained else 'free'}",
+              evaluate(out, "after", split, constrained, ["--ckpt_dir", str(best)], args.limit))
+             for split in splits for constrained in modes]
+    columns += after
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     throughput = [m["trainable_tokens_per_s"] for m in metrics if "trainable_tokens_per_s" in m]
-    lines = ["| metric (100 test conversations) | before | after |", "| --- | --- | --- |"]
-    for label, key in ROWS:
-        lines.append(f"| {label} | {_fmt(before['metrics'].get(key))} | {_fmt(after['metrics'].get(key))} |")
+    lines = table(["metric"] + [name for name, _ in columns],
+                  [[label] + [_fmt(report["metrics"].get(key)) for _, report in columns] for label, key in ROWS])
+    kinds = list(after[0][1]["errors"]["counts"])
+    lines += [""] + table(["call errors (tuned model)"] + [name for name, _ in after],
+                          [[kind] + [str(report["errors"]["counts"][kind]) for _, report in after] for kind in kinds])
     lines += ["", f"Training: {wall / 60:.1f} min wall time (model load, tokenization, evaluation and saves included), "
-              f"median {sorted(throughput)[len(throughput) // 2]:.0f} trainable tokens/s, best checkpoint `{best.relative_to(ROOT)}`."]
+              f"median {sorted(throughput)[len(throughput) // 2]:.0f} trainable tokens/s, best checkpoint "
+              f"`{best.relative_to(ROOT)}`."]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def _fmt(value) -> str:

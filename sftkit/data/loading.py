@@ -10,7 +10,7 @@ import json
 import os
 import random
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from .errors import DataError
@@ -31,53 +31,104 @@ class Row:
 
 
 @dataclass(frozen=True)
+class Drop:
+    """What a dataset's preprocess returns for a raw row it leaves out on purpose (a filter), with the reason."""
+
+    reason: str
+
+
+# A pure function from one raw row to the canonical row (a dict of a known schema), several canonical
+# rows (one raw row can hold several examples), None or Drop(reason) to leave the row out.
+Preprocess = Callable[[dict], "dict | list[dict] | Drop | None"]
+SAMPLE_SEED = 42  # a registered sample is the same rows on every run and machine
+
+
+@dataclass(frozen=True)
 class DatasetInfo:
-    """A named dataset: where it lives on each hub (or on this machine) and how its columns map to a known schema."""
+    """A named dataset: where it lives on each hub (or on this machine), which subsets and splits make it
+    (loaded and concatenated), and how one raw row becomes a canonical one."""
 
     name: str
     ms_id: str | None = None
     hf_id: str | None = None
-    subset: str | None = None
-    split: str = "train"
+    subsets: tuple[str, ...] = ()
+    splits: tuple[str, ...] = ("train",)
+    preprocess: Preprocess | None = None
+    sample: int | None = None
     columns: dict = field(default_factory=dict)
     tags: tuple[str, ...] = ()
     path: str | None = None
+    hf_subsets: tuple[str, ...] | None = None
+    hf_splits: tuple[str, ...] | None = None
+
+    def parts(self, hub: str) -> list[tuple[str | None, str]]:
+        """The (subset, split) pairs to load from this hub, in order; subset None is the hub's default."""
+        subsets = self.hf_subsets if hub == "hf" and self.hf_subsets is not None else self.subsets
+        splits = self.hf_splits if hub == "hf" and self.hf_splits is not None else self.splits
+        return [(subset, split) for subset in (subsets or (None,)) for split in splits]
 
 
 DATASETS: dict[str, DatasetInfo] = {}
 
 
-def register_dataset(name: str, ms_id: str | None = None, hf_id: str | None = None, *, subset: str | None = None,
-                     split: str = "train", columns: dict | None = None, tags: tuple[str, ...] = (),
-                     path: str | None = None, exist_ok: bool = False) -> DatasetInfo:
-    """Add a dataset name for hub ids or a local `path` (file or `datasets` folder); `columns` renames raw
-    columns to a known schema's (e.g. {"question": "query"})."""
+def register_dataset(name: str, ms_id: str | None = None, hf_id: str | None = None, *,
+                     subsets: str | tuple[str, ...] | list[str] = (), split: str | tuple[str, ...] | list[str] = "train",
+                     preprocess: Preprocess | None = None, sample: int | None = None, columns: dict | None = None,
+                     tags: tuple[str, ...] = (), path: str | None = None, hf_subsets: tuple[str, ...] | list[str] | None = None,
+                     hf_split: str | tuple[str, ...] | list[str] | None = None, exist_ok: bool = False) -> DatasetInfo:
+    """Add a dataset name for hub ids or a local `path` (file or `datasets` folder).
+
+    Every subset x split is loaded and concatenated; `sample` keeps that many raw rows (seeded) before
+    `preprocess`; `columns` renames raw columns first (e.g. {"question": "query"}). `hf_subsets`/`hf_split`
+    name the parts on Hugging Face where they differ from ModelScope's.
+    """
     if name in DATASETS and not exist_ok:
         raise ValueError(f"dataset '{name}' is already registered")
     if not (ms_id or hf_id or path):
         raise ValueError(f"dataset '{name}' needs a ModelScope id, a Hugging Face id or a local path")
-    DATASETS[name] = DatasetInfo(name, ms_id, hf_id, subset, split, dict(columns or {}), tuple(tags), path)
+    if preprocess is not None and not callable(preprocess):
+        raise ValueError(f"dataset '{name}': preprocess must be a function of one raw row")
+    if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample <= 0):
+        raise ValueError(f"dataset '{name}': sample must be a positive number of rows, got {sample!r}")
+    DATASETS[name] = DatasetInfo(name, ms_id, hf_id, _names(subsets), _names(split) or ("train",), preprocess, sample,
+                                 dict(columns or {}), tuple(tags), path,
+                                 None if hf_subsets is None else _names(hf_subsets),
+                                 None if hf_split is None else _names(hf_split))
     return DATASETS[name]
+
+
+def _names(value) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value or ())
 
 
 @dataclass
 class LoadReport:
-    """What loading kept and what it skipped, with reasons: nothing is dropped without a count."""
+    """What loading kept and what it left out, with reasons: nothing is dropped without a count."""
 
     rows: int = 0
     kept: int = 0
+    conversations: int = 0
     skipped: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
+    with_images: int = 0
 
     def skip(self, error: DataError) -> None:
         self.skipped[error.message] += 1
         if len(self.examples) < 5:
             self.examples.append(str(error))
 
+    def drop(self, reason: str, count: int = 1) -> None:
+        """Rows a dataset leaves out on purpose (its filter or its sample): counted, never an error."""
+        self.skipped[reason] += count
+
     def summary(self) -> str:
-        lines = [f"{self.kept} of {self.rows} rows kept"]
+        lines = [f"{self.kept} of {self.rows} rows kept"
+                 + (f" ({self.conversations} conversations)" if self.conversations != self.kept else "")]
         lines += [f"  skipped {count}: {reason}" for reason, count in self.skipped.most_common()]
         lines += [f"  e.g. {example}" for example in self.examples]
+        if self.with_images:
+            lines.append(f"  note: {self.with_images} kept rows carry images; sftkit trains on their text only for now "
+                         "(the <image> tags stay in the prompt)")
         return "\n".join(lines)
 
 
@@ -133,29 +184,48 @@ def _json_rows(text: str, path: str) -> Iterator[Row]:
 
 
 def read_hub(info: DatasetInfo, hub: str = "modelscope") -> Iterator[Row]:
-    """Rows of a registered or hub dataset, downloaded through ModelScope (default) or Hugging Face."""
+    """Raw rows of a registered or hub dataset, every subset x split in order, downloaded through ModelScope
+    (default) or Hugging Face."""
     use_hf = hub == "hf" or not info.ms_id
     dataset_id = info.hf_id if use_hf else info.ms_id
-    source = f"{'hf' if use_hf else 'ms'}::{dataset_id}[{info.split}]"
+    for subset, split in info.parts("hf" if use_hf else "modelscope"):
+        source = f"{'hf' if use_hf else 'ms'}::{dataset_id}{f':{subset}' if subset else ''}[{split}]"
+        table = _without_image_decoding(_hub_table(dataset_id, subset, split, use_hf, source))
+        for index, row in enumerate(table):
+            yield Row(source, index, dict(row))
+
+
+def _hub_table(dataset_id: str, subset: str | None, split: str, use_hf: bool, source: str):
     try:
         if use_hf:
             import datasets
 
-            table = datasets.load_dataset(dataset_id, info.subset, split=info.split)
-        else:
-            try:
-                from modelscope.msdatasets import MsDataset
-            except ImportError as error:
-                raise DataError(f"ModelScope datasets need modelscope with its dataset extras ({error}): "
-                                "pip install 'modelscope[datasets]' (or use --hub hf)", source=source) from None
-            table = MsDataset.load(dataset_id, subset_name=info.subset or "default", split=info.split)
-            table = table.to_hf_dataset() if hasattr(table, "to_hf_dataset") else table
+            return datasets.load_dataset(dataset_id, subset, split=split)
+        try:
+            from modelscope.msdatasets import MsDataset
+        except ImportError as error:
+            raise DataError(f"ModelScope datasets need modelscope with its dataset extras ({error}): "
+                            "pip install 'modelscope[datasets]' (or use --hub hf)", source=source) from None
+        table = MsDataset.load(dataset_id, subset_name=subset or "default", split=split)
+        return table.to_hf_dataset() if hasattr(table, "to_hf_dataset") else table
     except DataError:
         raise
     except Exception as error:  # hubs raise many types; the user needs the id and the reason
-        raise DataError(f"could not load from the hub: {type(error).__name__}: {error}. Offline? Pass a local file instead.", source=source) from None
-    for index, row in enumerate(table):
-        yield Row(source, index, _renamed(dict(row), info.columns))
+        raise DataError(f"could not load from the hub: {type(error).__name__}: {error}. Offline? Pass a local copy "
+                        "instead (NAME=PATH for a registered name).", source=source) from None
+
+
+def _without_image_decoding(table):
+    """Image columns as {path, bytes} instead of decoded pictures: rows carry a reference, as ms-swift's did."""
+    features = getattr(table, "features", None)
+    if not features:
+        return table
+    import datasets
+
+    for name, feature in features.items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            table = table.cast_column(name, datasets.Image(decode=False))
+    return table
 
 
 def _renamed(row: dict, columns: dict) -> dict:
@@ -165,47 +235,112 @@ def _renamed(row: dict, columns: dict) -> dict:
     return row
 
 
-def read_dataset(spec: str, hub: str = "modelscope") -> Iterator[Row]:
-    """Rows of one dataset spec: a local file, a local `datasets` folder, a registered name, or hf::id / ms::id."""
+def open_dataset(spec: str, hub: str = "modelscope") -> tuple[DatasetInfo | None, Iterator[Row]]:
+    """The registered entry a spec names (None for a plain file, folder or hub id) and its raw rows.
+
+    A spec is a local .jsonl/.json/.csv file, a saved `datasets` folder, a registered name, NAME=PATH
+    (a registered name's preprocessing on a local copy of its raw rows), or hf::ID / ms::ID.
+    """
+    name, equals, path = spec.partition("=")
+    if equals and not os.path.exists(spec):
+        if name not in DATASETS:
+            close = difflib.get_close_matches(name, DATASETS, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else " See sftkit list datasets."
+            raise DataError(f"'{name}' in '{spec}' is not a registered dataset (and no file has that name).{hint}")
+        if not path:
+            raise DataError(f"'{spec}': give the path of a local copy of {name}'s raw rows after '='")
+        return DATASETS[name], _read_local(path, DATASETS[name].splits)
     if spec.lower().endswith(FILE_SUFFIXES) or os.path.isfile(spec):
-        return read_file(spec)
-    if spec in DATASETS and DATASETS[spec].path:
-        return _read_registered_path(DATASETS[spec])
+        return None, read_file(spec)
     if spec in DATASETS:
-        return read_hub(DATASETS[spec], hub)
+        info = DATASETS[spec]
+        return info, _read_local(info.path, info.splits) if info.path else read_hub(info, hub)
     prefix, _, dataset_id = spec.partition("::")
     if dataset_id and prefix in ("hf", "ms"):
-        return read_hub(DatasetInfo(spec, ms_id=dataset_id if prefix == "ms" else None, hf_id=dataset_id if prefix == "hf" else None),
-                        "hf" if prefix == "hf" else "modelscope")
+        return None, read_hub(DatasetInfo(spec, ms_id=dataset_id if prefix == "ms" else None,
+                                          hf_id=dataset_id if prefix == "hf" else None), "hf" if prefix == "hf" else "modelscope")
     if os.path.isdir(spec):
-        return _read_local_dataset(spec)
+        return None, _read_local_dataset(spec)
     close = difflib.get_close_matches(spec, DATASETS, n=3)
-    hint = f" Did you mean {', '.join(close)}?" if close else " Use a .jsonl/.json/.csv path, a registered name (sftkit list datasets), hf::ID or ms::ID."
+    hint = f" Did you mean {', '.join(close)}?" if close else (
+        " Use a .jsonl/.json/.csv path, a registered name (sftkit list datasets), NAME=PATH, hf::ID or ms::ID.")
     raise DataError(f"unknown dataset '{spec}'.{hint}")
 
 
-def _read_registered_path(info: DatasetInfo) -> Iterator[Row]:
-    for row in read_dataset(info.path):
-        yield row if row.data is None else replace(row, data=_renamed(dict(row.data), info.columns))
+def read_dataset(spec: str, hub: str = "modelscope") -> Iterator[Row]:
+    """Raw rows of one dataset spec (see open_dataset), before any registered preprocessing."""
+    return open_dataset(spec, hub)[1]
 
 
-def _read_local_dataset(path: str) -> Iterator[Row]:
+def _read_local(path: str, splits: tuple[str, ...]) -> Iterator[Row]:
+    return _read_local_dataset(path, splits) if os.path.isdir(path) else read_file(path)
+
+
+def _read_local_dataset(path: str, splits: tuple[str, ...] = ("train",)) -> Iterator[Row]:
     import datasets
 
-    table = datasets.load_from_disk(path)
+    try:
+        table = datasets.load_from_disk(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise DataError(f"not a saved datasets folder: {error}", source=path) from None
     if isinstance(table, datasets.DatasetDict):
-        table = table["train"]
-    for index, row in enumerate(table):
+        present = [split for split in splits if split in table]
+        if not present:
+            raise DataError(f"the folder holds the splits {', '.join(table)}, none of {', '.join(splits)}", source=path)
+        for split in present:
+            source = f"{path}[{split}]" if len(table) > 1 else path
+            for index, row in enumerate(_without_image_decoding(table[split])):
+                yield Row(source, index, dict(row))
+        return
+    for index, row in enumerate(_without_image_decoding(table)):
         yield Row(path, index, dict(row))
+
+
+def prepare_row(info: DatasetInfo | None, raw: dict) -> list[dict] | Drop:
+    """One raw row as canonical rows: a registered dataset's columns renamed, then its preprocess; or a Drop."""
+    if info is None:
+        return [raw]
+    row = _renamed(dict(raw), info.columns) if info.columns else raw
+    if info.preprocess is None:
+        return [row]
+    try:
+        result = info.preprocess(row)
+    except DataError:
+        raise
+    except KeyError as error:
+        raise DataError("missing field", field=str(error.args[0]) if error.args else None) from None
+    except (TypeError, ValueError, AttributeError, IndexError) as error:  # a row the function did not expect
+        raise DataError(f"{info.name}'s preprocessing failed: {type(error).__name__}: {error}") from None
+    if result is None:
+        return Drop(f"left out by {info.name}'s preprocessing")
+    if isinstance(result, Drop):
+        return result
+    rows = [result] if isinstance(result, dict) else result
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise DataError(f"{info.name}'s preprocess must return a dict, a list of dicts, None or Drop, "
+                        f"got {type(result).__name__}")
+    return rows or Drop(f"no examples in the row ({info.name})")
+
+
+def row_images(row: dict) -> tuple[str, ...]:
+    """The image paths or URLs of a canonical row (ms-swift's `images` column), checked."""
+    images = row.get("images")
+    if images is None or images == []:
+        return ()
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(image, str) and image for image in images):
+        raise DataError("must be a list of image paths or URLs", field="images")
+    return tuple(images)
 
 
 def load_conversations(specs: list[str], *, strategy: str = "error", schema: str | None = None,
                        hub: str = "modelscope", report: LoadReport | None = None,
                        convert: Callable[[dict], object] | None = None) -> tuple[list[list[Message]], LoadReport]:
-    """Read and convert every row of every spec, concatenated in order.
+    """Read, preprocess and convert every row of every spec, concatenated in order.
 
     strategy decides what a bad row does: "error" raises (naming file, line and field), "warning"
-    prints and skips, "skip" skips; every skip is counted in the report. `convert` replaces to_messages
+    prints and skips, "skip" skips; every skip is counted in the report, and so is every row a
+    registered dataset leaves out on purpose (its filter or its sample). `convert` replaces to_messages
     (e.g. to_preference for preference rows).
     """
     if strategy not in STRATEGIES:
@@ -213,17 +348,49 @@ def load_conversations(specs: list[str], *, strategy: str = "error", schema: str
     report = report or LoadReport()
     conversations = []
     for spec in specs:
-        for row in read_dataset(spec, hub):
+        info, rows = open_dataset(spec, hub)
+        if info is not None and info.sample is not None:
+            rows = _sampled(rows, info, report)
+        for row in rows:
             report.rows += 1
             if row.error is not None:
                 _handle(row.error, strategy, report)
                 continue
             try:
-                conversations.append(convert(row.data) if convert else to_messages(row.data, schema))
-                report.kept += 1
+                prepared = prepare_row(info, row.data)
+                if isinstance(prepared, Drop):
+                    report.drop(prepared.reason)
+                    continue
+                converted = [convert(canonical) if convert else to_messages(canonical, schema) for canonical in prepared]
+                images = [row_images(canonical) for canonical in prepared]
             except DataError as error:
                 _handle(error.at(row.source, row.line), strategy, report)
+                continue
+            conversations += converted
+            report.kept += 1
+            report.conversations += len(converted)
+            report.with_images += any(images)
     return conversations, report
+
+
+def _sampled(rows: Iterator[Row], info: DatasetInfo, report: LoadReport) -> list[Row]:
+    """A registered dataset's seeded sample of its raw rows, in their order (ms-swift's "mini" variants).
+
+    One pass with a reservoir, so a large hub dataset never sits in memory whole.
+    """
+    generator = random.Random(SAMPLE_SEED)
+    reservoir: list[tuple[int, Row]] = []
+    total = 0
+    for index, row in enumerate(rows):
+        total = index + 1
+        if index < info.sample:
+            reservoir.append((index, row))
+        elif (slot := generator.randrange(index + 1)) < info.sample:
+            reservoir[slot] = (index, row)
+    if total > info.sample:
+        report.rows += total - info.sample
+        report.drop(f"outside {info.name}'s sample of {info.sample} rows", total - info.sample)
+    return [row for _, row in sorted(reservoir, key=lambda pair: pair[0])]
 
 
 def _handle(error: DataError, strategy: str, report: LoadReport) -> None:
@@ -250,50 +417,4 @@ def split_and_sample(items: list, *, test_ratio: float = 0.0, sample: int | None
     return train, validation
 
 
-# The datasets the ms-swift README names. Columns map each to a known schema where its raw
-# columns differ; hub ids as published on ModelScope (and Hugging Face where a copy exists).
-_BUILTIN = [
-    ("alpaca-en", "AI-ModelScope/alpaca-gpt4-data-en", "vicgalle/alpaca-gpt4", {}),
-    ("alpaca-zh", "AI-ModelScope/alpaca-gpt4-data-zh", "llm-wizard/alpaca-gpt4-data-zh", {}),
-    ("multi-alpaca-all", "damo/nlp_polylm_multialpaca_sft", None, {}),
-    ("instinwild-en", "wyj123456/instinwild", None, {}),
-    ("instinwild-zh", "wyj123456/instinwild", None, {}),
-    ("cot-en", "YorickHe/CoT", None, {}),
-    ("cot-zh", "YorickHe/CoT_zh", None, {}),
-    ("firefly-all-zh", "wyj123456/firefly", "YeungNLP/firefly-train-1.1M", {"input": "query", "target": "response"}),
-    ("instruct-en", "wyj123456/instruct", None, {"prompt": "query", "completion": "response"}),
-    ("gpt4all-en", "wyj123456/GPT4all", None, {"prompt": "query", "response": "response"}),
-    ("sharegpt-en", "huangjintao/sharegpt", None, {}),
-    ("sharegpt-zh", "huangjintao/sharegpt", None, {}),
-    ("sharegpt", "huangjintao/sharegpt", None, {}),
-    ("damo-agent-zh", "damo/MSAgent-Bench", None, {}),
-    ("damo-agent-mini-zh", "damo/MSAgent-Bench", None, {}),
-    ("agent-instruct-all-en", "huangjintao/AgentInstruct_copy", "THUDM/AgentInstruct", {}),
-    ("code-alpaca-en", "wyj123456/code_alpaca_en", "sahil2801/CodeAlpaca-20k", {}),
-    ("leetcode-python-en", "AI-ModelScope/leetcode-solutions-python", None, {"code_with_problem": "query", "explanation_only": "response"}),
-    ("codefuse-python-en", "codefuse-ai/CodeExercise-Python-27k", None, {}),
-    ("codefuse-evol-instruction-zh", "codefuse-ai/Evol-instruction-66k", None, {}),
-    ("medical-en", "huangjintao/medical_zh", None, {}),
-    ("medical-zh", "huangjintao/medical_zh", None, {}),
-    ("medical-mini-zh", "huangjintao/medical_zh", None, {}),
-    ("lawyer-llama-zh", "AI-ModelScope/lawyer_llama_data", None, {}),
-    ("tigerbot-law-zh", "AI-ModelScope/tigerbot-law-plugin", None, {"content": "response"}),
-    ("blossom-math-zh", "AI-ModelScope/blossom-math-v2", "Azure99/blossom-math-v2", {"input": "query", "output": "response"}),
-    ("school-math-zh", "AI-ModelScope/school_math_0.25M", "BelleGroup/school_math_0.25M", {}),
-    ("text2sql-en", "AI-ModelScope/texttosqlv2_25000_v2", None, {}),
-    ("sql-create-context-en", "AI-ModelScope/sql-create-context", "b-mc2/sql-create-context",
-     {"question": "instruction", "context": "input", "answer": "output"}),
-    ("advertise-gen-zh", "lvjianjin/AdvertiseGen", "shibing624/AdvertiseGen", {"content": "query", "summary": "response"}),
-    ("dureader-robust-zh", "modelscope/DuReader_robust-QG", None, {"text1": "query", "text2": "response"}),
-    ("cmnli-zh", "clue", "clue", {}),
-    ("jd-sentiment-zh", "DAMO_NLP/jd", None, {}),
-    ("hc3-zh", "simpleai/HC3-Chinese", "Hello-SimpleAI/HC3-Chinese", {}),
-    ("hc3-en", "simpleai/HC3", "Hello-SimpleAI/HC3", {}),
-    ("ms-bench", "iic/ms_bench", None, {}),
-]
-
-_SUBSETS = {"instinwild-en": "subset", "instinwild-zh": "default", "sharegpt-en": "common-en", "sharegpt-zh": "common-zh",
-            "medical-en": "en", "medical-zh": "zh", "medical-mini-zh": "zh", "cmnli-zh": "cmnli"}
-
-for _name, _ms, _hf, _columns in _BUILTIN:
-    register_dataset(_name, _ms, _hf, subset=_SUBSETS.get(_name), columns=_columns)
+from . import datasets as _builtin  # noqa: E402,F401  (registers the built-in datasets)
