@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -107,6 +108,15 @@ def test_dpo_resume_is_bit_exact(tiny_model_dir, pairs_file, tmp_path):
     untimed = [[{k: v for k, v in r.items() if k != "trainable_tokens_per_s"} for r in run] for run in
                (steps(tmp_path / "straight")[2:], steps(copy))]
     assert untimed[0] == untimed[1] and len(untimed[1]) == 2
+
+
+def test_sigterm_saves_and_names_the_rlhf_resume_command(tiny_model_dir, pairs_file, tmp_path, capsys):
+    def signal_at_step_1(record):
+        if record.get("step") == 1 and "loss" in record:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    saved = train(config(tiny_model_dir, pairs_file, tmp_path, max_steps=20, eval_steps=100), on_record=signal_at_step_1)
+    assert saved.endswith("checkpoint-1") and "resume with: sftkit rlhf --resume_from_checkpoint" in capsys.readouterr().out
 
 
 def test_accumulation_normalises_by_pairs(tiny_model_dir, pairs_file, tmp_path):

@@ -63,7 +63,8 @@ def _chosen_rejected(record: dict) -> PreferenceRow:
         return _implicit_prompt(record)
     prompt_raw = _prompt_messages(record)
     prompt = _prompt(prompt_raw, record)
-    return PreferenceRow(prompt, _completion(prompt_raw, prompt, record, "chosen"), _completion(prompt_raw, prompt, record, "rejected"))
+    chosen, rejected = (_completion(prompt_raw, prompt, record, key) for key in ("chosen", "rejected"))
+    return PreferenceRow(prompt, chosen, rejected)
 
 
 def _implicit_prompt(record: dict) -> PreferenceRow:
