@@ -247,7 +247,7 @@ class SftkitSide:
         from sftkit.config import TrainConfig
         from sftkit.data.pipeline import collate_packed
         from sftkit.lora import LoRAConfig, inject_lora, lora_state_dict
-        from sftkit.loss import loss_sum
+        from sftkit.loss import SFT_LOSS
 
         self.window, self.world, self.device = window, distributed.World(), device
         self.model = shared_copy(base)
@@ -263,7 +263,7 @@ class SftkitSide:
         config = TrainConfig(learning_rate=2e-4, max_grad_norm=1.0, lr_scheduler_type="constant", warmup_ratio=0.0)
         self.backend = build_backend(config, self.model, world=self.world, devices=[str(device)],
                                      compute_dtype=torch.bfloat16 if cuda else torch.float32, total_steps=10**6,
-                                     loss_fn=speed.training_loss(loss_sum, self.levers), fused_optimizer=self.levers.asynchronous)
+                                     loss_fn=speed.training_loss(SFT_LOSS, self.levers), fused_optimizer=self.levers.asynchronous)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
         self.collate = speed.training_collate(collate_packed, self.levers, self.model)
         self.source = None
@@ -281,9 +281,9 @@ class SftkitSide:
         rows, batch = self.source()
         trainable = sum(sum(label != IGNORE_INDEX for label in row["labels"][1:]) for row in rows)
         self.model.train()
-        loss = self.window.accumulate(self.backend, [(rows, 1.0)], [batch], self.device, self.autocast, trainable, self.world,
+        loss, _ = self.window.accumulate(self.backend, [(rows, 1.0)], [batch], self.device, self.autocast, trainable, self.world,
                                       non_blocking=self.levers.asynchronous)
-        mean, _ = self.window.settle(loss, self.backend.clip_gradients(), trainable, self.world)
+        mean, _, _ = self.window.settle(loss, self.backend.clip_gradients(), {}, trainable, self.world)
         self.backend.step()
         return mean
 

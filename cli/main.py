@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from sftkit.config import PreviewConfig, TrainConfig
+from sftkit.config import PreviewConfig, RLHFConfig, TrainConfig
 
 from .deploy import deploy
 from .options import DEBUG_ENV, ConfigCommand, config_command
@@ -44,13 +44,24 @@ def preview(config: PreviewConfig):
 @config_command(TrainConfig)
 def train(config: TrainConfig):
     """Fine-tune a causal LM with LoRA or full parameters (default: the embedded SmolLM2 on the bundled data)."""
+    run_training(config)
+
+
+@main.command(cls=ConfigCommand)
+@config_command(RLHFConfig)
+def rlhf(config: RLHFConfig):
+    """Preference training (DPO, ORPO, SimPO, CPO, KTO) on chosen/rejected or labelled answers, in the loop of train."""
+    run_training(config)
+
+
+def run_training(config: TrainConfig) -> None:
     from sftkit.distributed import launch_command
     from sftkit.train import train as run_train
 
     command = launch_command(os.environ, sys.argv[1:])
     if command:
-        # As ms-swift does: NPROC_PER_NODE=N [NNODES=M NODE_RANK=i MASTER_ADDR=...] sftkit train ... reruns itself
-        # under torchrun; a process that torchrun, deepspeed or srun started runs here.
+        # As ms-swift does: NPROC_PER_NODE=N [NNODES=M NODE_RANK=i MASTER_ADDR=...] sftkit train|rlhf ... reruns
+        # itself under torchrun; a process that torchrun, deepspeed or srun started runs here.
         sys.exit(subprocess.call(command))
     run_train(config)
 

@@ -1,8 +1,8 @@
 """How an optimizer step runs, as one value the loop calls: a single process, DDP, DeepSpeed or FSDP2.
 
 The loop only ever calls forward / backward / step (and no_sync, full_weights, save, load); which backend
-it is, is decided once in `build_backend`. Every backend shares sftkit's optimizer, schedule and
-token-normalised loss, so they train the same model from the same data.
+it is, is decided once in `build_backend`. Every backend shares sftkit's optimizer, schedule and the
+objective's loss, so they train the same model from the same data.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
 class LossModule(torch.nn.Module):
     """The model with its loss as forward, so DDP's and DeepSpeed's hooks wrap exactly what training runs."""
 
-    def __init__(self, model, loss_fn=loss_sum):
+    def __init__(self, model, loss_fn):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn

@@ -12,6 +12,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .backend import SCHEDULES
 from .deepspeed import QUANTIZED_ZERO3, deepspeed_stage
@@ -24,6 +25,7 @@ from .hub import STRATEGIES as HUB_STRATEGIES
 from .metrics import AGENT_METRICS, GENERATION_METRICS, GENERATION_MODES, TEXT_METRICS
 from .model import DTYPE_CHOICES, HUBS
 from .paths import bundled
+from .preference import DEFAULT_BETA, DPO_LOSS_TYPES, RLHF_TYPES, PreferenceSettings
 from .quant import BITS, COMPUTE_DTYPES, OPTIMIZER_ALIASES, OPTIMIZERS, QUANT_TYPES
 
 SFT_TYPES = ("lora", "full")
@@ -95,6 +97,7 @@ class PreviewConfig(DataOptions):
 class TrainConfig(DataOptions):
     """sftkit train: fine-tune a causal LM with LoRA or full parameters (ms-swift sft spellings accepted)."""
 
+    command: ClassVar[str] = "train"  # the CLI command that runs (and resumes) this config
     # model and data
     model: str | None = option(None, "local model dir or hub id (default: the embedded SmolLM2-135M-Instruct)",
                                aliases=("model_id_or_path",))
@@ -295,6 +298,73 @@ class TrainConfig(DataOptions):
         """The seed of the validation split and row sampling."""
         return self.seed if self.dataset_seed is None else self.dataset_seed
 
+
+
+PREFERENCE_METRICS = ("rewards/accuracies", "rewards/margins", "rewards/chosen")
+# Which preference methods each method-specific option applies to; set for another one, it is an error.
+PREFERENCE_OPTIONS = {"loss_type": ("dpo",), "rpo_alpha": ("dpo",), "cpo_alpha": ("cpo", "simpo"), "simpo_gamma": ("simpo",),
+                      "label_smoothing": ("dpo", "cpo", "simpo"), "desirable_weight": ("kto",),
+                      "undesirable_weight": ("kto",), "precompute_ref_log_probs": ("dpo", "kto")}
+
+
+@dataclass(frozen=True)
+class RLHFConfig(TrainConfig):
+    """sftkit rlhf: preference training (DPO, ORPO, SimPO, CPO, KTO) in the loop of sftkit train, with all its options."""
+
+    command: ClassVar[str] = "rlhf"
+
+    rlhf_type: str = option("dpo", "dpo (with a reference), or the reference-free orpo, simpo, cpo; kto for labelled "
+                                   "single answers", choices=RLHF_TYPES)
+    beta: float | None = option(None, "the loss's beta: DPO/KTO's KL strength, ORPO's lambda, SimPO/CPO's reward scale "
+                                      "(default: 2.0 for simpo, 0.1 otherwise)")
+    loss_type: str = option("sigmoid", "DPO's loss: sigmoid, ipo, hinge or robust", choices=DPO_LOSS_TYPES)
+    label_smoothing: float = option(0.0, "assumed share of pairs with flipped labels (dpo sigmoid/robust, cpo, simpo)")
+    rpo_alpha: float = option(0.0, "weight of the chosen answer's per-token NLL added to DPO (RPO); 0: off")
+    cpo_alpha: float = option(1.0, "weight of the chosen answer's per-token NLL in CPO and SimPO (0: pure SimPO)")
+    simpo_gamma: float = option(1.0, "SimPO's target reward margin gamma")
+    desirable_weight: float = option(1.0, "KTO's weight of desirable answers (lambda_D)")
+    undesirable_weight: float = option(1.0, "KTO's weight of undesirable answers (lambda_U)")
+    precompute_ref_log_probs: bool = option(False, "score every example with the reference once before training instead of "
+                                                   "in every step (dpo, kto)")
+    train_on: str = option("last", "preference losses score the last answer turn", choices=("last",))
+    metric_for_best_model: str = option("loss", "what picks the best checkpoint: loss, rewards/accuracies, rewards/margins, "
+                                                "rewards/chosen, or a generation metric against the chosen answer",
+                                        choices=("loss",) + PREFERENCE_METRICS + GENERATION_METRICS)
+
+    def problems(self) -> list[str]:
+        checks = super().problems()
+        defaults = {item.name: item.default for item in dataclasses.fields(RLHFConfig)}
+        for name, methods in PREFERENCE_OPTIONS.items():
+            if getattr(self, name) != defaults[name] and self.rlhf_type not in methods:
+                checks.append(f"{name} applies to rlhf_type {' and '.join(methods)}, not {self.rlhf_type}")
+        if self.rlhf_type == "dpo" and self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
+            checks.append(f"label_smoothing applies to the sigmoid and robust DPO losses, not {self.loss_type}")
+        if not 0 <= self.label_smoothing < 0.5:
+            checks.append(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.beta is not None and self.beta <= 0:
+            checks.append(f"beta must be > 0, got {self.beta}")
+        checks += [f"{name} must be >= 0, got {getattr(self, name)}" for name in
+                   ("rpo_alpha", "cpo_alpha", "desirable_weight", "undesirable_weight") if getattr(self, name) < 0]
+        if self.packing:
+            checks.append("packing does not apply to preference training: a pair's two answers are scored side by side")
+        if self.loss_scale:
+            checks.append("loss_scale does not apply to preference training: the losses compare whole answers")
+        if self.rlhf_type == "kto" and self.generates:
+            checks.append("generation metrics need a chosen answer as reference; KTO rows may hold an undesirable one")
+        return checks
+
+    def preference_settings(self) -> PreferenceSettings:
+        return PreferenceSettings(rlhf_type=self.rlhf_type, beta=self.resolved_beta, loss_type=self.loss_type,
+                                  label_smoothing=self.label_smoothing, rpo_alpha=self.rpo_alpha, cpo_alpha=self.cpo_alpha,
+                                  simpo_gamma=self.simpo_gamma, desirable_weight=self.desirable_weight,
+                                  undesirable_weight=self.undesirable_weight)
+
+    @property
+    def resolved_beta(self) -> float:
+        return self.beta if self.beta is not None else DEFAULT_BETA[self.rlhf_type]
+
+    def run_arguments(self, model_dir: str) -> dict:
+        return {**super().run_arguments(model_dir), "beta": self.resolved_beta}
 
 
 def loss_scale_weights(value: str | None) -> dict[str, float] | None:

@@ -1,7 +1,7 @@
 """The DeepSpeed backend: the only module that imports deepspeed, lazily.
 
 The training loop stays the same: the engine runs forward/backward/step of the same loss module,
-the schedule and token-normalised loss are sftkit's, and checkpoints hold DeepSpeed's own state
+the schedule and normalised loss are sftkit's, and checkpoints hold DeepSpeed's own state
 (for resume) beside the usual adapter or safetensors export.
 """
 from __future__ import annotations

@@ -39,11 +39,11 @@ class TrainingStopped(TrainingError):
     """A run stopped by SIGINT/SIGTERM after saving: not a finished run, so the exit code is 128 + the signal
     (130, 143) and `sftkit train && sftkit merge` does not merge a half-trained model."""
 
-    def __init__(self, signal_number: int, checkpoint: str):
+    def __init__(self, signal_number: int, checkpoint: str, command: str = "train"):
         self.signal_number, self.checkpoint = signal_number, checkpoint
         self.exit_code = 128 + signal_number
-        super().__init__(f"stopped by {signal.Signals(signal_number).name}; checkpoint saved: {checkpoint} "
-                         f"(resume with --resume_from_checkpoint {checkpoint})")
+        super().__init__(f"stopped by {signal.Signals(signal_number).name}; checkpoint saved: {checkpoint}. Resume with: "
+                         f"sftkit {command} --resume_from_checkpoint {checkpoint} (and the same options)")
 
 
 class Aborted(KeyboardInterrupt):

@@ -49,8 +49,14 @@ def validation_metrics(model, tokenizer, config, examples: list[dict], *, device
     same split, as eval_<name>. `processor` takes a vision-language model's images."""
     metrics = evaluate_loss(model, examples, config.eval_batch_size, tokenizer.pad_token_id, device, autocast, world,
                             lockstep, processor)
-    if not config.generates:
-        return metrics
+    return {**metrics, **generation_metrics(model, tokenizer, config, examples, autocast=autocast, world=world,
+                                            lockstep=lockstep, processor=processor)} if config.generates else metrics
+
+
+def generation_metrics(model, tokenizer, config, examples: list[dict], *, autocast,
+                       world: distributed.World = distributed.World(), lockstep: bool = False, processor=None) -> dict:
+    """The metrics of `sftkit eval` on the examples' conversations (answers generated for their last user
+    message), as eval_<name>."""
     with torch.no_grad(), autocast:
         report = evaluate_generation(model, tokenizer, config.template, [e["conversation"] for e in examples],
                                      mode=config.eval_generation_mode, system=config.system,
@@ -58,8 +64,8 @@ def validation_metrics(model, tokenizer, config, examples: list[dict], *, device
                                      limit=config.eval_generation_limit, batch_size=config.eval_batch_size,
                                      world=world, lockstep=lockstep, constrained_tool_calls=config.constrained_tool_calls,
                                      processor=processor)
-    return {**metrics, **{f"eval_{key}": value for key, value in report["metrics"].items()
-                          if isinstance(value, (int, float)) and not isinstance(value, bool)}}
+    return {f"eval_{key}": value for key, value in report["metrics"].items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 @torch.no_grad()
@@ -104,6 +110,40 @@ class Throughput:
 
     def close(self) -> None:
         self.bar.close()
+
+
+@torch.no_grad()
+def loss_totals(loss_fn, collate_fn, model, examples: list[dict], batch_size: int, pad_id: int, device, autocast,
+                world: distributed.World = distributed.World(), lockstep: bool = False) -> tuple[float, float, dict]:
+    """An objective's loss over the examples on every rank: (summed loss, its normaliser, metric totals
+    {name: (sum, count)}), each summed over batches and ranks."""
+    model.eval()
+    shard = examples[world.rank::world.size]
+    batches = -(-len(shard) // batch_size)
+    if lockstep:
+        batches = distributed.max_int(batches, world)
+    total, normaliser, metrics = 0.0, 0.0, {}
+    for index in range(batches):
+        part = shard[index * batch_size:(index + 1) * batch_size]
+        batch = {key: value.to(device) for key, value in collate_fn(part or examples[:1], pad_id).items()}
+        with autocast:
+            summed, count, parts = loss_fn(model, batch)
+        if part:  # else a throwaway forward, so that every rank joined it
+            total, normaliser = total + summed.item(), normaliser + float(count)
+            metrics = add_totals(metrics, parts)
+    totals = [0.0, 0.0, {}]
+    for rank_total, rank_normaliser, rank_metrics in distributed.gather((total, normaliser, metrics), world):
+        totals = [totals[0] + rank_total, totals[1] + rank_normaliser, add_totals(totals[2], rank_metrics)]
+    return tuple(totals)
+
+
+def add_totals(totals: dict, parts: dict, weight: float = 1.0) -> dict:
+    """Metric totals {name: (sum, count)} plus another batch's (tensors or numbers), weighted."""
+    added = dict(totals)
+    for name, (value, count) in parts.items():
+        previous = added.get(name, (0.0, 0.0))
+        added[name] = (previous[0] + weight * float(value), previous[1] + weight * float(count))
+    return added
 
 
 def generate_all(model, tokenizer, prompts: list[list[int]], gen_config: GenerationConfig, stops, batch_size: int = 8,

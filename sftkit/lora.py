@@ -2,6 +2,7 @@
 without importing peft."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -188,7 +189,7 @@ class LoRALinear(nn.Module):
     def _add_lora(self, in_features: int, out_features: int, config: LoRAConfig, *, device: torch.device,
                   dtype: torch.dtype) -> None:
         self.in_features, self.out_features = in_features, out_features
-        self.r, self.scaling, self.merged = config.r, config.scaling, False
+        self.r, self.scaling, self.merged, self.disabled = config.r, config.scaling, False, False
         self.dropout = nn.Dropout(config.dropout)
         self.fused = None  # None: eager autograd; "compute" or "fp32": fused.lora_linear with that update dtype
         self.lora_A = nn.Linear(self.in_features, config.r, bias=False, device=device, dtype=dtype)
@@ -196,11 +197,11 @@ class LoRALinear(nn.Module):
         _init_lora(self.lora_A.weight, self.lora_B.weight, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and not self.merged:
+        if self.fused and not self.merged and not self.disabled:
             return lora_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
                                self.dropout.p, self.training, self.fused)
         result = F.linear(x, self.weight, self.bias)
-        return result if self.merged else self._add_update(result, x)
+        return result if self.merged or self.disabled else self._add_update(result, x)
 
     def _add_update(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The update runs in the adapter's dtype (or autocast's) and is added in the base output's dtype."""
@@ -250,7 +251,8 @@ class LoRAQuantLinear(LoRALinear):
         self._add_lora(base.in_features, base.out_features, config, device=device, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._add_update(self.base_layer(x), x)
+        result = self.base_layer(x)
+        return result if self.disabled else self._add_update(result, x)
 
     def merge(self) -> None:
         raise ValueError(MERGE_QUANTIZED)
@@ -270,7 +272,7 @@ class LoRAConv1D(LoRALinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Conv1D's own computation, so the unmerged layer gives exactly the base's output plus the update.
         result = torch.addmm(self.bias, x.reshape(-1, self.in_features), self.weight).view(*x.shape[:-1], self.out_features)
-        return result if self.merged else self._add_update(result, x)
+        return result if self.merged or self.disabled else self._add_update(result, x)
 
     def delta_weight(self) -> torch.Tensor:
         return super().delta_weight().T
@@ -406,6 +408,24 @@ def unmerge_lora(model: nn.Module) -> None:
     """Take the updates back out of the base weights, e.g. to train on after a merged evaluation."""
     for _, layer in _lora_layers(model):
         layer.unmerge()
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Inside, every LoRA layer computes its base layer alone: the model is its own base again, which is the
+    reference model of preference training without a second copy in memory."""
+    layers = [layer for _, layer in _lora_layers(model)]
+    merged = [name for name, layer in _lora_layers(model) if layer.merged]
+    if merged:
+        raise ValueError(f"merged adapters cannot be switched off ({merged[0]}): unmerge_lora first")
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, state in zip(layers, previous):
+            layer.disabled = state
 
 
 def unload_lora(model: nn.Module) -> nn.Module:

@@ -7,6 +7,8 @@ trains on its own full logits instead, still cast to float32 a chunk at a time.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -30,10 +32,7 @@ def loss_sum(model, batch: dict, chunk_size: int = 1024, fused: bool = False,
     backward), each chunk's loss and logit gradient by chunk_kernel; heads that transform their logits
     (soft-capping, scaling), models whose head cannot be split off and plain forwards take the eager path.
     """
-    head = output_head(model)
-    hidden = backbone_hidden(model, batch) if head is not None else None
-    if hidden is None or hidden.shape[-1] != getattr(head, "in_features", None):
-        hidden, head = _model_logits(model, batch), None
+    hidden, head = hidden_and_head(model, batch)
     hidden, targets, weights = trainable_rows(hidden, batch)
     if fused and head is not None and torch.is_grad_enabled() and hidden.requires_grad and _plain_head(model, head):
         return linear_cross_entropy(hidden, head.weight, targets, weights, chunk_size, chunk_kernel), targets.shape[0]
@@ -78,8 +77,45 @@ def _plain_head(model, head) -> bool:
             and not getattr(config, "logit_scale", None))
 
 
+def sequence_log_probs(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each row's summed log-probability of its target tokens, each row's number of target tokens), with logits
+    only at target positions, a chunk at a time: what preference losses compare."""
+    targets = shifted_targets(batch["labels"])
+    selected = targets != IGNORE_INDEX
+    hidden, head = hidden_and_head(model, batch)
+    selected, targets = selected.to(hidden.device), targets.to(hidden.device)
+    rows = torch.arange(selected.shape[0], device=hidden.device)[:, None].expand_as(selected)[selected]
+    hidden, targets = hidden[selected], targets[selected]
+    sums = hidden.new_zeros(selected.shape[0], dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        part = hidden[start:start + chunk_size]
+        logits = (part if head is None else _final_logits(model, head(part))).float()
+        token_log_probs = -F.cross_entropy(logits, targets[start:start + chunk_size], reduction="none")
+        sums = sums.index_add(0, rows[start:start + chunk_size], token_log_probs)
+    return sums, selected.sum(dim=1)
+
+
 def shifted_weights(batch: dict) -> torch.Tensor:
     return F.pad(batch["loss_weights"][:, 1:], (0, 1), value=0.0)
+
+
+def hidden_and_head(model, batch: dict):
+    """(the decoder stack's last hidden states, the output head) of a batch, batch-first; for a model whose head
+    cannot be split off, (its own logits, None)."""
+    head = output_head(model)
+    hidden = backbone_hidden(model, batch) if head is not None else None
+    if hidden is None or hidden.shape[-1] != getattr(head, "in_features", None):
+        return _model_logits(model, batch), None
+    return hidden, head
+
+
+def without_metrics(loss_fn, model, batch: dict):
+    """A (summed loss, normaliser) loss as a training objective's loss, which also reports metric totals (none)."""
+    summed, normaliser = loss_fn(model, batch)
+    return summed, normaliser, {}
+
+
+SFT_LOSS = partial(without_metrics, loss_sum)  # the supervised objective's loss, which the speed levers may fuse
 
 
 def backbone_hidden(model, batch: dict) -> torch.Tensor | None:

@@ -274,9 +274,11 @@ def limit_heap_fragmentation(threshold: int = 2**20) -> bool:
 
 
 def prepare_memory(model, config, device: torch.device, examples: list[dict], say=print, processes: int = 1,
-                   fused_loss: bool = False) -> int:
+                   fused_loss: bool = False, sequences=lambda example: [example]) -> int:
     """Before the first step: on CPU tune the allocator, print the estimated peak of a micro-batch and, when it
-    exceeds --max_memory, checkpoint what makes it fit. Returns the estimated peak in bytes."""
+    exceeds --max_memory, checkpoint what makes it fit. Returns the estimated peak in bytes.
+
+    sequences(example) are the rows an example puts in a micro-batch (a preference pair: its two answers)."""
     from .attention import VARLEN
 
     shape = ModelShape.from_config(model.config)
@@ -284,11 +286,12 @@ def prepare_memory(model, config, device: torch.device, examples: list[dict], sa
         say(f"[sftkit] no memory estimate: {type(model.config).__name__} does not name its layers and sizes as "
             "transformers' models do")
         return 0
-    longest = max(len(example["input_ids"]) for example in examples)
-    most_trainable = max(sum(label != -100 for label in example["labels"][1:]) for example in examples)
+    rows = [sequence for example in examples for sequence in sequences(example)]
+    longest = max(len(row["input_ids"]) for row in rows)
+    most_trainable = max(sum(label != -100 for label in row["labels"][1:]) for row in rows)
     half = config.dtype in ("bf16", "fp16") or (config.dtype == "auto" and device.type == "cuda")
     implementation = model.config._attn_implementation
-    batch = min(config.batch_size, len(examples))
+    batch = min(config.batch_size * len(rows) // len(examples), len(rows))
     estimate = estimate_activations(
         shape, batch * longest, batch * most_trainable, element_bytes=2 if half else 4,
         lora_rank=config.lora_rank if config.sft_type == "lora" else 0,

@@ -22,7 +22,7 @@ import torch
 from .attention import uses_varlen
 from .data.pipeline import collate
 from .fused import chunk_loss_and_grad
-from .loss import loss_sum, trainable_positions
+from .loss import SFT_LOSS, loss_sum, trainable_positions, without_metrics
 from .lora import use_fused_lora
 from .memory import decoder_layers
 
@@ -98,12 +98,12 @@ def compile_regions(model, *, cuda_graphs: bool = False, backend: str = "inducto
 
 
 def training_loss(loss_fn, levers: Levers, backend: str = "inductor"):
-    """The loss the backend runs: sftkit's own with the fused head when asked (its elementwise part compiled with
-    the layers); a caller's own as given."""
-    if not (levers.fused_loss and loss_fn is loss_sum):
+    """The objective's loss the backend runs: SFT's with the fused head when asked (its elementwise part compiled
+    with the layers); any other as given."""
+    if not (levers.fused_loss and loss_fn is SFT_LOSS):
         return loss_fn
     kernel = torch.compile(chunk_loss_and_grad, dynamic=True, backend=backend) if levers.compile else chunk_loss_and_grad
-    return partial(loss_sum, fused=True, chunk_kernel=kernel)
+    return partial(without_metrics, partial(loss_sum, fused=True, chunk_kernel=kernel))
 
 
 def training_collate(collate_fn, levers: Levers, model):
@@ -113,8 +113,10 @@ def training_collate(collate_fn, levers: Levers, model):
     def collate_for_training(rows: list[dict], pad_id: int) -> dict:
         if collate_fn is collate:
             batch = collate(rows, pad_id, pad_to_multiple_of=levers.width_multiple, attention_mask=not uses_varlen(model))
-        else:
+        elif levers.width_multiple:
             batch = collate_fn(rows, pad_id, pad_to_multiple_of=levers.width_multiple)
+        else:
+            batch = collate_fn(rows, pad_id)
         batch["trainable_positions"] = trainable_positions(batch["labels"])
         if levers.documents_per_batch and "document_boundaries" in batch:
             batch["document_boundaries"] = pad_boundaries(batch["document_boundaries"], levers.documents_per_batch)

@@ -1,9 +1,11 @@
 """train(config): fine-tune a causal LM in one plain torch loop that reads top to bottom.
 
-Setup (processes, model, data, run folder, backend), then one loop over optimizer steps with an inner loop
-over the micro-batches of the accumulation window, then the end of the run. The loss of a window is the
-sum of per-token losses divided by the trainable tokens of the whole window on every rank, so 4 x 1 and
-1 x 4 give one gradient. Which backend runs the step (one process, DDP, DeepSpeed) is a value built once.
+Setup (processes, data, model, objective, run folder, backend), then one loop over optimizer steps with an
+inner loop over the micro-batches of the accumulation window, then the end of the run. The loss of a window is
+the sum of the micro-batch losses divided by the objective's normaliser for the whole window on every rank
+(SFT: trainable tokens, so 4 x 1 and 1 x 4 give one gradient; preference losses: pairs). What is optimised
+(the objective: SFT or a preference loss) and which backend runs the step (one process, DDP, DeepSpeed, FSDP2)
+are values built once; the loop knows neither.
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import contextlib
 import math
 import os
 import random
-import signal
 import time
 from dataclasses import replace
 from functools import partial
@@ -20,35 +21,33 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import distributed, evaluate, memory, preflight, run, speed, vlm
+from . import distributed, memory, preflight, run, speed, vlm
 from .attention import use_varlen_attention
 from .backend import build_backend
 from .checkpoint import (TrainState, mark_best, prune, read_train_state, require_shared, restore_rng_states, save,
                          write_weights)
 from .config import TrainConfig
-from .data.pipeline import collate, collate_packed, pack
 from .data.prepare import prepare_data
 from .data.templates import get_template
-from .data.vision import collate_images
-from .errors import Aborted, OptionError, TrainingError, TrainingStopped
+from .errors import OptionError, TrainingError, TrainingStopped
 from .hub import HubError, maybe_push, push_to_hub
 from .logs import RunLog, plot_losses
 from .lora import LoRAConfig, count_parameters, exact_targets, inject_lora, lora_state_dict
-from .loss import loss_sum
 from .model import attn_implementation, load_model_and_tokenizer, load_processor, resolve_dtype
 from .placement import place
 from .quant import QuantizationOptions, is_quantized
 from .registry import EMBEDDED_MODEL_TYPE, get_model_info, infer_model_type, resolve_lora_targets
-from .window import accumulate, settle, window_counts, window_source
+from .signals import StopOnSignal
+from .objective import build_objective, tokenizer_for
+from .window import accumulate, settle, window_source
 
 
 @memory.explain_out_of_memory  # an out-of-memory error names the options that lower the need
-def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], None] = lambda record: None) -> str:
-    """Fine-tune as `config` says; returns the best checkpoint folder (the last one without evaluation).
+def train(config: TrainConfig, *, loss_fn=None, on_record: Callable[[dict], None] = lambda record: None) -> str:
+    """Train as `config` says (TrainConfig: SFT, RLHFConfig: preference); returns the best (else last) checkpoint.
 
-    loss_fn(model, batch) -> (summed loss, trainable tokens) is what every micro-batch minimises;
-    on_record(record) sees the start ({step, total_steps, run_dir, estimated_peak_mb}), each step's record and
-    each evaluation.
+    loss_fn(model, batch) -> (summed loss, normaliser) replaces the objective's loss; on_record(record) sees the
+    start ({step, total_steps, run_dir, estimated_peak_mb}), each step's record and each evaluation.
     """
     # --- Setup. One rank per process (torchrun), each owning one device or, for pipeline-style model
     # parallel, a group of devices its layers are spread over.
@@ -64,12 +63,15 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
     # tokenized once up front (every rank tokenizes the same data and takes its own slices).
     resume = preflight.check_setup(config, world, say)
     tokenizer, model_dir, config, processor = locate_model(config)
-    train_examples, val_examples = prepare_data(config, tokenizer, say, world, processor)
+    train_examples, val_examples = prepare_data(config, tokenizer, say, world, processor, tokenize=tokenizer_for(config))
     differences = preflight.check_model(config, model_dir, resume)
     seed_everything(config.seed)
     model, lora_config = setup_model(config, model_dir, tokenizer, devices, say)
-    train_examples, collate_train = training_rows(config, train_examples, say, processor)
-    levers, peak = prepare_step(model, config, device, train_examples, world, say)
+    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+    objective = build_objective(config, model, device=device, autocast=autocast, world=world, loss_fn=loss_fn)
+    train_examples, val_examples = objective.score((train_examples, val_examples), tokenizer, say)
+    train_examples, collate_train, lengths = objective.rows(config, train_examples, say, processor)
+    levers, peak = prepare_step(model, config, device, train_examples, world, say, objective.sequences)
     global_batch = config.batch_size * world.size
     batches_per_epoch = math.ceil(len(train_examples) / global_batch)
     total_steps = config.max_steps if config.max_steps > 0 else \
@@ -80,14 +82,13 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
     run_dir = open_run_dir(config, model_dir, resume, val_examples, world, differences)
     log = RunLog(run_dir, config.logging_dir, enabled=world.is_main)
     backend = build_backend(config, model, world=world, devices=devices, compute_dtype=compute_dtype, total_steps=total_steps,
-                            loss_fn=speed.training_loss(loss_fn, levers), fused_optimizer=levers.asynchronous)
+                            loss_fn=speed.training_loss(objective.loss, levers), fused_optimizer=levers.asynchronous)
     state = TrainState()
     if resume:
         state = restore(resume, backend, world.rank)
         say(f"[sftkit] resumed from {resume} at step {state.step}")
-    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
     next_window = window_source(train_examples, speed.training_collate(collate_train, levers, model), tokenizer.pad_token_id,
-                                config, state, world, prefetch=levers.asynchronous)
+                                config, state, world, prefetch=levers.asynchronous, lengths=lengths)
 
     write_checkpoint_weights = partial(write_weights, model=model, tokenizer=tokenizer, lora_config=lora_config,
                                        model_dir=model_dir, state=state)
@@ -101,11 +102,12 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
         while state.step < total_steps:
             window_started = time.time()
             window, shards, collated = next_window()
-            counts = window_counts(shards, world)
+            counts = objective.counts(shards, world)
             model.train()
-            window_loss = accumulate(backend, shards, collated, device, autocast, counts["trainable_tokens"], world,
-                                     non_blocking=levers.asynchronous)
-            mean_loss, grad_norm = settle(window_loss, backend.clip_gradients(), counts["trainable_tokens"], world)
+            window_loss, window_metrics = accumulate(backend, shards, collated, device, autocast, counts[objective.unit],
+                                                     world, non_blocking=levers.asynchronous)
+            mean_loss, grad_norm, totals = settle(window_loss, backend.clip_gradients(), window_metrics,
+                                                  counts[objective.unit], world)
             check_finite(mean_loss, state.step + 1, run_dir)
             learning_rate = backend.learning_rate
             backend.step()
@@ -116,7 +118,8 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
             elapsed = time.time() - window_started
             record = {"step": state.step, "loss": round(mean_loss, 6), "lr": learning_rate, "grad_norm": round(grad_norm, 6),
                       "trainable_tokens_per_s": round(counts["trainable_tokens"] / max(elapsed, 1e-9), 2),
-                      "epoch": round(state.epoch + state.batches_in_epoch / batches_per_epoch, 4), **counts,
+                      "epoch": round(state.epoch + state.batches_in_epoch / batches_per_epoch, 4),
+                      **objective.summarise(totals), **counts,
                       # What a watcher needs for progress and ETA (this process's wall time: it restarts on resume).
                       "total_steps": total_steps, "elapsed_s": round(time.time() - started, 3)}
             progress.update(1)
@@ -130,7 +133,7 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
             stopping = distributed.max_int(stop.signal_number, world)  # the signal one rank got, else 0
             evaluated = None
             if val_examples and (state.step % config.eval_steps == 0 or finished):
-                evaluated = {"step": state.step, **evaluate.validation_metrics(model, tokenizer, config, val_examples, device=device,
+                evaluated = {"step": state.step, **objective.evaluate(model, tokenizer, config, val_examples, device=device,
                                                                       autocast=autocast, world=world,
                                                                       lockstep=backend.lockstep, processor=processor)}
                 log.write(evaluated)
@@ -148,7 +151,7 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
                 progress.close()
                 log.close()
                 distributed.shutdown(world)
-                raise TrainingStopped(stopping, checkpoint)
+                raise TrainingStopped(stopping, checkpoint, config.command)
 
     # --- The end: curves, the best checkpoint, what to do next.
     progress.close()
@@ -161,12 +164,13 @@ def train(config: TrainConfig, *, loss_fn=loss_sum, on_record: Callable[[dict], 
     return best
 
 
-def prepare_step(model, config: TrainConfig, device: torch.device, examples: list[dict], world: distributed.World, say=print):
+def prepare_step(model, config: TrainConfig, device: torch.device, examples: list[dict], world: distributed.World, say=print,
+                 sequences=lambda row: [row]):
     """Before the first step: the speed levers for this device, the memory plan, then the levers applied (compiled
     layers include the plan's checkpoints). Returns (levers, estimated peak bytes)."""
     levers = speed.resolve_levers(config, device, examples if config.packing else None)
     peak = memory.prepare_memory(model, config, device, examples, say, processes=world.size if device.type == "cpu" else 1,
-                                 fused_loss=levers.fused_loss)
+                                 fused_loss=levers.fused_loss, sequences=sequences)
     speed.apply_levers(model, levers)
     say(f"[sftkit] {levers.describe()}")
     return levers, peak
@@ -215,21 +219,6 @@ def open_run_dir(config: TrainConfig, model_dir: str, resume: str | None, val_ex
     run_dir = distributed.broadcast(run_dir, world)
     require_shared(run_dir, world)
     return run_dir
-
-
-def training_rows(config: TrainConfig, examples: list[dict], say=print, processor=None):
-    """The rows batches are drawn from and how to collate them: the examples (a vision-language model's with
-    their pixels made per batch), or with --packing rows that hold several examples each."""
-    if processor is not None and config.packing:
-        raise TrainingError("--packing is refused for vision-language models: packed rows carry 1-D positions that "
-                            "restart per example, but the Qwen2-VL family gives image tokens 3-D (time, height, width) "
-                            "rotary positions, which the model computes per sequence, so packed images would be seen at "
-                            "other positions than in inference. Use --group_by_length true to cut padding instead.")
-    if not config.packing:
-        return examples, collate if processor is None else partial(collate_images, processor=processor)
-    rows = pack(examples, config.max_length or 2048)
-    say(f"[sftkit] packed {len(examples)} examples into {len(rows)} rows of at most {config.max_length or 2048} tokens")
-    return rows, collate_packed
 
 
 def track_best(state: TrainState, config: TrainConfig, evaluated: dict | None) -> bool:
@@ -360,34 +349,6 @@ def upload(config: TrainConfig, say, folder: str, path_in_repo: str) -> None:
         push_to_hub(folder, config.hub_model_id, path_in_repo, token=config.hub_token, private=config.hub_private_repo)
     except HubError as error:  # a network blip must not end a long run
         say(f"[sftkit] warning: push to {config.hub_model_id} failed: {error}")
-
-
-class StopOnSignal:
-    """Turn the first SIGINT/SIGTERM into a request to stop after the current step; a second one aborts."""
-
-    def __init__(self):
-        self.signal_number = 0  # the first signal received, 0 while none
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.signal_number:
-            raise Aborted(signum)
-        self.signal_number = signum
-        print(f"\n[sftkit] {signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
-              "(send it again to abort without saving)")
-
-    def __enter__(self):
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: signals cannot be caught here
-            self._previous = {}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
 
 
 def _progress(total: int, done: int, enabled: bool = True):

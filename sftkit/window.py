@@ -1,15 +1,16 @@
 """One accumulation window: its micro-batches drawn and collated, counted on the host, run forward and backward,
 and read back from the device once.
 
-The loss of a window is the sum of per-token losses divided by the trainable tokens of the whole window on
-every rank, so 4 x 1 and 1 x 4 give one gradient. Every count the loop needs is taken from the collated rows
-on the host; the only read from the device is the window's loss and gradient norm, together, before the
-optimizer step (which is then skipped when the loss is not finite).
+The loss of a window is the sum of its micro-batch losses divided by the objective's normaliser for the whole
+window on every rank (SFT: trainable tokens, so 4 x 1 and 1 x 4 give one gradient). Every count the loop needs
+is taken from the collated rows on the host; the only read from the device is the window's loss, gradient norm
+and metric totals, together, before the optimizer step (which is then skipped when the loss is not finite).
 """
 from __future__ import annotations
 
 import queue
 import threading
+from functools import partial
 
 import torch
 
@@ -19,11 +20,10 @@ from .data.sampler import batch_positions, rank_shard
 
 
 def window_source(examples: list[dict], collate_fn, pad_id: int, config, state, world: distributed.World,
-                  prefetch: bool = False):
+                  prefetch: bool = False, lengths: list[int] | None = None):
     """The windows from the run's data position on: calling the result gives the next one, as
     ([(epoch, batch index, indices)], [(shard, weight)], [collated shard]); with prefetch, collated ahead in a
-    thread. Close it at the end."""
-    lengths = [len(example["input_ids"]) for example in examples] if config.group_by_length else None
+    thread. `lengths` (--group_by_length) batch rows of similar length together. Close it at the end."""
     batches = batch_positions(len(examples), config.batch_size * world.size, config.seed, state.epoch, state.batches_in_epoch,
                               lengths)
 
@@ -87,29 +87,40 @@ class Prefetcher:
         self._thread.join(timeout=5)
 
 
-def accumulate(backend, shards, collated: list[dict], device, autocast, window_tokens: int, world: distributed.World,
-               non_blocking: bool = False) -> torch.Tensor:
-    """Forward and backward every micro-batch of one window; gradients sum to those of the window's token mean.
-    Returns the window's summed loss, on the device (not read here).
+def accumulate(backend, shards, collated: list[dict], device, autocast, normaliser: int, world: distributed.World,
+               non_blocking: bool = False) -> tuple[torch.Tensor, dict]:
+    """Forward and backward every micro-batch of one window; gradients sum to those of the window's loss divided
+    by its normaliser. Returns the window's summed loss and metric totals {name: (sum, count)}, on the device (not
+    read here).
 
     DDP averages gradients over ranks, hence the world-size factor; only the last micro-batch all-reduces.
     """
-    window_loss = torch.zeros((), dtype=torch.float32, device=device)
+    window_loss, metrics = torch.zeros((), dtype=torch.float32, device=device), {}
     for index, ((_, weight), batch) in enumerate(zip(shards, collated)):
         batch = {key: value.to(device, non_blocking=non_blocking) for key, value in batch.items()}
         with backend.no_sync(index == len(shards) - 1), autocast:
-            summed, _ = backend.forward(batch)
+            summed, _, parts = backend.forward(batch)
             summed = summed * weight
-        backend.backward(summed * world.size / max(window_tokens, 1))
+        backend.backward(summed * world.size / max(normaliser, 1))
         window_loss += summed.detach().float().to(device)
-    return window_loss
+        for name, (value, count) in parts.items():
+            total, counted = metrics.get(name, (0.0, 0.0))
+            metrics[name] = (total + weight * value.detach().float() if torch.is_tensor(value) else total + weight * value,
+                             counted + weight * float(count))
+    return window_loss, metrics
 
 
-def settle(window_loss: torch.Tensor, grad_norm, window_tokens: int, world: distributed.World) -> tuple[float, float]:
-    """(the window's token-mean loss over every rank, the gradient norm): the window's one read from the device."""
-    values = torch.stack([window_loss.float(), torch.as_tensor(grad_norm, dtype=torch.float32, device=window_loss.device)])
-    loss, norm = values.tolist()
-    return distributed.sum_floats([loss], world)[0] / max(window_tokens, 1), norm
+def settle(window_loss: torch.Tensor, grad_norm, metrics: dict, normaliser: int,
+           world: distributed.World) -> tuple[float, float, dict]:
+    """(the window's loss over every rank divided by its normaliser, the gradient norm, the metric totals summed
+    over ranks): the window's one read from the device."""
+    names = sorted(metrics)  # every rank reports the same metrics, so one reduction sums them all
+    as_tensor = partial(torch.as_tensor, dtype=torch.float32, device=window_loss.device)
+    values = torch.stack([window_loss.float(), as_tensor(grad_norm)] + [as_tensor(metrics[name][0]) for name in names])
+    loss, norm, *sums = values.tolist()
+    totals = distributed.sum_floats([loss] + sums + [metrics[name][1] for name in names], world)
+    return (totals[0] / max(normaliser, 1), norm,
+            {name: (totals[1 + i], totals[1 + len(names) + i]) for i, name in enumerate(names)})
 
 
 def window_counts(shards, world: distributed.World) -> dict:

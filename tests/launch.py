@@ -1,4 +1,4 @@
-"""Running sftkit train in several processes (torchrun, gloo on CPU) from tests: on one node, or on several
+"""Running sftkit train (or rlhf) in several processes (torchrun, gloo on CPU) from tests: on one node, or on several
 simulated nodes of this machine (one `sftkit train` per node, as each node of a cluster would run it)."""
 import json
 import os
@@ -17,8 +17,8 @@ def options(model_dir, data_file, output_dir, **extra):
     return values
 
 
-def torchrun(values: dict, nproc: int = 2, timeout: int = 300, **env):
-    command = launch_command({"NPROC_PER_NODE": str(nproc), "MASTER_PORT": str(_free_port())}, _argv(values))
+def torchrun(values: dict, nproc: int = 2, timeout: int = 300, command: str = "train", **env):
+    command = launch_command({"NPROC_PER_NODE": str(nproc), "MASTER_PORT": str(_free_port())}, _argv(values, command))
     result = subprocess.run(command, capture_output=True, text=True, env={**_env(), **env}, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -47,8 +47,8 @@ def nodes(values: dict, count: int = 2, nproc_per_node: int = 1, timeout: int = 
     return finished
 
 
-def _argv(values: dict) -> list[str]:
-    return ["train"] + [item for key, value in values.items() for item in (f"--{key}", str(value))]
+def _argv(values: dict, command: str = "train") -> list[str]:
+    return [command] + [item for key, value in values.items() for item in (f"--{key}", str(value))]
 
 
 def _env() -> dict:

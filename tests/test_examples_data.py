@@ -21,6 +21,7 @@ GENERATORS = {
          "messages_tools.jsonl", "bad.jsonl", "bad.README.md"],
     ),
     "agent": (EXAMPLES / "agent" / "make_dataset.py", EXAMPLES / "agent", ["train.jsonl", "test.jsonl", "test_general.jsonl"]),
+    "preference": (EXAMPLES / "preference" / "make_dataset.py", EXAMPLES / "preference", ["train.jsonl", "test.jsonl"]),
 }
 # One tool call as MSAgent-Bench writes it; an assistant value is zero or more of these, then the answer.
 CALL = re.compile(
@@ -135,3 +136,15 @@ def test_bad_rows_match_their_readme():
     with pytest.raises(json.JSONDecodeError):
         json.loads(lines[0])
     assert all(isinstance(json.loads(line), dict) for line in lines[1:])
+
+
+def test_preference_pairs_differ_only_in_format():
+    from sftkit.data.preference_formats import to_preference
+
+    splits = {name: read_jsonl(EXAMPLES / "preference" / f"{name}.jsonl") for name in ("train", "test")}
+    assert len(splits["train"]) == 600 and len(splits["test"]) == 100
+    assert not {row["prompt"] for row in splits["train"]} & {row["prompt"] for row in splits["test"]}
+    for row in splits["train"] + splits["test"]:
+        assert to_preference(row).paired
+        number = re.fullmatch(r'\{"answer": (-?\d+)\}', row["chosen"]).group(1)
+        assert not re.fullmatch(r'\{"answer": (-?\d+)\}', row["rejected"]) and re.search(rf"\b{number}\b", row["rejected"])

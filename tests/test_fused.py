@@ -220,15 +220,17 @@ def test_fused_loss_keeps_no_logits_for_backward(tokenizer):
 
 def test_compiled_loss_kernel_equals_the_eager_loss(tokenizer):
     batches = [collate(examples(), tokenizer.pad_token_id)]
-    loss_fn = speed.training_loss(loss_sum, speed.Levers(fused_loss=True, compile=True), backend="eager")
-    assert loss_fn.keywords["chunk_kernel"] is not chunk_loss_and_grad
+    from sftkit.loss import SFT_LOSS
+
+    loss_fn = speed.training_loss(SFT_LOSS, speed.Levers(fused_loss=True, compile=True), backend="eager")
+    assert loss_fn.args[0].keywords["chunk_kernel"] is not chunk_loss_and_grad
     model = lora_model(tokenizer)
     model.zero_grad()
     total = loss_fn(model, batches[0])[0]
     total.backward()
     compiled = total.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
     assert_same(loss_and_grads(lora_model(tokenizer), batches), compiled)
-    assert speed.training_loss(loss_sum, speed.Levers()) is loss_sum
+    assert speed.training_loss(SFT_LOSS, speed.Levers()) is SFT_LOSS
 
 
 def test_soft_capped_heads_keep_the_eager_loss(tokenizer):
@@ -339,9 +341,10 @@ def test_prefetcher_gives_what_the_inline_source_gives_and_raises_its_errors():
 def test_accumulate_reads_nothing_from_the_device(tokenizer, monkeypatch):
     """The window's loss stays a tensor: the loop reads it once, with the gradient norm (window.settle)."""
     from sftkit.backend import LossModule
+    from sftkit.loss import SFT_LOSS
 
     model = lora_model(tokenizer)
-    module = LossModule(model, loss_sum)
+    module = LossModule(model, SFT_LOSS)
 
     class Backend:
         forward = staticmethod(module)
@@ -355,12 +358,14 @@ def test_accumulate_reads_nothing_from_the_device(tokenizer, monkeypatch):
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         original = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: reads.append(_n) or _o(self, *a))
-    loss = window.accumulate(Backend, shards, [collate_fn(shard, tokenizer.pad_token_id) for shard, _ in shards],
-                             torch.device("cpu"), torch.autocast("cpu", enabled=False), 40, window.distributed.World())
+    loss, metrics = window.accumulate(Backend, shards, [collate_fn(shard, tokenizer.pad_token_id) for shard, _ in shards],
+                                      torch.device("cpu"), torch.autocast("cpu", enabled=False), 40,
+                                      window.distributed.World())
     monkeypatch.undo()
     # The CPU attention reads its document spans (once per layer and micro-batch); CUDA's varlen kernel does not.
-    assert isinstance(loss, torch.Tensor) and reads == ["tolist"] * 2 * 2
-    assert window.settle(loss, torch.tensor(2.0), 40, window.distributed.World()) == (pytest.approx(loss.item() / 40), 2.0)
+    assert isinstance(loss, torch.Tensor) and metrics == {} and reads == ["tolist"] * 2 * 2
+    assert window.settle(loss, torch.tensor(2.0), metrics, 40, window.distributed.World()) == \
+        (pytest.approx(loss.item() / 40), 2.0, {})
 
 
 def test_fused_adamw_takes_the_same_steps():

@@ -112,7 +112,7 @@ def test_a_signal_finishes_the_step_saves_and_ends_in_an_error(sent, exit_code, 
         if record.get("step") == 2 and "loss" in record:
             os.kill(os.getpid(), sent)
 
-    with pytest.raises(TrainingStopped, match=f"stopped by {sent.name}.*resume with --resume_from_checkpoint") as stopped:
+    with pytest.raises(TrainingStopped, match=f"stopped by {sent.name}.*Resume with: sftkit train --resume_from_checkpoint") as stopped:
         train(config(tiny_model_dir, data_file, tmp_path, max_steps=50, eval_steps=100), on_record=signal_at_step_2)
     saved = stopped.value.checkpoint
     assert saved.endswith("checkpoint-2") and os.path.isfile(os.path.join(saved, "optimizer.pt"))

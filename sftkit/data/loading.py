@@ -386,12 +386,14 @@ def _base_dir(source: str) -> str | None:
 
 
 def load_conversations(specs: list[str], *, strategy: str = "error", schema: str | None = None,
-                       hub: str = "modelscope", report: LoadReport | None = None) -> tuple[list[list[Message]], LoadReport]:
+                       hub: str = "modelscope", report: LoadReport | None = None,
+                       convert: Callable[[dict], object] | None = None) -> tuple[list[list[Message]], LoadReport]:
     """Read, preprocess and convert every row of every spec, concatenated in order.
 
     strategy decides what a bad row does: "error" raises (naming file, line and field), "warning"
     prints and skips, "skip" skips; every skip is counted in the report, and so is every row a
-    registered dataset leaves out on purpose (its filter or its sample).
+    registered dataset leaves out on purpose (its filter or its sample). `convert` replaces to_messages
+    (e.g. to_preference for preference rows).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"check_dataset_strategy must be one of {STRATEGIES}, got '{strategy}'")
@@ -412,7 +414,8 @@ def load_conversations(specs: list[str], *, strategy: str = "error", schema: str
                 if isinstance(prepared, Drop):
                     report.drop(prepared.reason)
                     continue
-                converted = [resolved_images(to_messages({**canonical, "images": row_images(canonical)}, schema),
+                converted = [convert(canonical) if convert else
+                             resolved_images(to_messages({**canonical, "images": row_images(canonical)}, schema),
                                              _base_dir(row.source)) for canonical in prepared]
             except DataError as error:
                 _handle(error.at(row.source, row.line), strategy, report)
@@ -420,7 +423,7 @@ def load_conversations(specs: list[str], *, strategy: str = "error", schema: str
             conversations += converted
             report.kept += 1
             report.conversations += len(converted)
-            report.with_images += any(message.images for conversation in converted for message in conversation)
+            report.with_images += not convert and any(message.images for conversation in converted for message in conversation)
         if report.rows == rows_before:
             header_only = spec.lower().endswith(".csv") and os.path.isfile(spec) and os.path.getsize(spec) > 0
             raise DataError("has a header but no rows" if header_only else "holds no rows", source=spec)

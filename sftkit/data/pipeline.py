@@ -1,4 +1,5 @@
-"""encode -> mask -> truncate -> collate, and build_example composing them. Pure functions, in pipeline order."""
+"""encode -> mask -> truncate -> collate, and build_example composing them (build_preference_example for
+preference rows). Pure functions, in pipeline order."""
 from __future__ import annotations
 
 from collections import Counter
@@ -9,6 +10,7 @@ import numpy as np
 
 from .errors import DataError
 from .formats import IMAGE_TAG, Message, to_messages
+from .preference_formats import PreferenceRow, to_preference
 from .templates import Segment, Template, TokenText, get_template, render
 
 TRAIN_ON = ("assistant", "last", "all")
@@ -296,6 +298,97 @@ def _finish(encoded: Encoded, messages: list[Message], processor, train_on: str,
         example["images"] = [images[i] for i in survivors]
         example["image_tokens"] = [token_counts[i] for i in survivors]
     return example
+
+
+def build_preference_example(record: "dict | PreferenceRow", *, tokenizer, template: "str | Template",
+                             max_length: int | None = None, truncation_side: str = "right", system: str | None = None,
+                             mismatched: list[Message] | None = None) -> dict | None:
+    """One preference row -> {"sequences": [chosen, rejected], "conversation"}, each sequence {"input_ids", "labels"}
+    with only its completion trainable (the answer after the last user message, as train_on="last").
+
+    A KTO row holds one completion: give `mismatched`, another row's completion, which is scored after this
+    prompt to estimate KTO's KL term; the result is {"sequences": [completion, mismatched], "desirable", ...}.
+    None when truncation leaves a completion with nothing to score (the caller counts those).
+    """
+    row = record if isinstance(record, PreferenceRow) else to_preference(record, paired=mismatched is None)
+    conversations = _preference_conversations(row, mismatched)
+    encoded = encode_batch([_segments(conversation, tokenizer, template, system) for conversation in conversations], tokenizer)
+    return _finish_preference(row, conversations, encoded, max_length, truncation_side)
+
+
+def build_preference_examples(rows: list[PreferenceRow], *, tokenizer, template: "str | Template", max_length: int | None = None,
+                              truncation_side: str = "right", system: str | None = None, unpaired: bool = False,
+                              chunk: int = 512) -> tuple[list[dict], int]:
+    """build_preference_example over a dataset: the kept examples and how many truncation dropped.
+
+    unpaired (KTO): a pair becomes a desirable and an undesirable example, and example i is scored against
+    the completion of example i + 1 (cyclically) for the KL term, as TRL builds its KL dataset.
+    """
+    if unpaired:
+        rows = [single for row in rows for single in _unpaired(row)]
+        mismatched = [_completions(rows[(index + 1) % len(rows)])[0] for index in range(len(rows))]
+    else:
+        mismatched = [None] * len(rows)
+    kept = []
+    for start in range(0, len(rows), chunk):
+        part = list(zip(rows[start:start + chunk], mismatched[start:start + chunk]))
+        conversations = [_preference_conversations(row, other) for row, other in part]
+        encoded = encode_batch([_segments(conversation, tokenizer, template, system)
+                                for pair in conversations for conversation in pair], tokenizer)
+        for index, ((row, _), pair) in enumerate(zip(part, conversations)):
+            example = _finish_preference(row, pair, encoded[2 * index:2 * index + 2], max_length, truncation_side)
+            if example is not None:
+                kept.append(example)
+    return kept, len(rows) - len(kept)
+
+
+def _unpaired(row: PreferenceRow) -> list[PreferenceRow]:
+    if not row.paired:
+        return [row]
+    return [PreferenceRow(row.prompt, chosen=row.chosen), PreferenceRow(row.prompt, rejected=row.rejected)]
+
+
+def _completions(row: PreferenceRow) -> list[list[Message]]:
+    return [completion for completion in (row.chosen, row.rejected) if completion is not None]
+
+
+def _preference_conversations(row: PreferenceRow, mismatched: list[Message] | None) -> list[list[Message]]:
+    if mismatched is None:
+        if not row.paired:
+            raise ValueError("a row with one completion (KTO) needs a mismatched completion for its KL term")
+        return [row.prompt + row.chosen, row.prompt + row.rejected]
+    if row.paired:
+        raise ValueError("a mismatched completion is for a KTO row with one completion: split pairs first")
+    return [row.prompt + _completions(row)[0], row.prompt + mismatched]
+
+
+def _finish_preference(row: PreferenceRow, conversations: list[list[Message]], encoded: list[Encoded],
+                       max_length: int | None, side: str) -> dict | None:
+    sequences = []
+    for one in encoded:
+        kept = truncate(one.input_ids, mask(one, "last"), max_length, side)
+        if kept is None:
+            return None
+        sequences.append({"input_ids": kept[0], "labels": kept[1]})
+    example = {"sequences": sequences, "conversation": conversations[0]}
+    if not row.paired:
+        example["desirable"] = row.chosen is not None
+    return example
+
+
+def collate_preference(examples: list[dict], pad_token_id: int) -> dict:
+    """Preference examples -> one batch of 2B rows: every example's first sequence, then every second one, so a
+    single forward scores chosen and rejected (KTO: completion and mismatched) together."""
+    import torch
+
+    sequences = [example["sequences"][i] for i in (0, 1) for example in examples]
+    batch = collate(sequences, pad_token_id)
+    if "ref_log_probs" in examples[0]:
+        batch["ref_log_probs"] = torch.tensor([example["ref_log_probs"][i] for i in (0, 1) for example in examples],
+                                              dtype=torch.float32)
+    if "desirable" in examples[0]:
+        batch["desirable"] = torch.tensor([example["desirable"] for example in examples], dtype=torch.bool)
+    return batch
 
 
 def pack(examples: list[dict], capacity: int) -> list[dict]:

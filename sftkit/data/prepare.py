@@ -1,28 +1,34 @@
 """The examples a run trains and validates on: load, split, sample and tokenize, or read all that from the cache."""
 from __future__ import annotations
 
+from collections import Counter
+
 from .. import distributed
 from ..config import loss_scale_weights
 from ..errors import SftkitError
 from . import cache as dataset_cache
 from .errors import DataError
 from .loading import load_conversations, split_and_sample
-from .pipeline import build_examples
+from .pipeline import NOTHING_TO_LEARN, build_examples, build_preference_examples
+from .preference_formats import to_preference
 
 # The options that decide which examples a run gets, so they are part of the cache key.
 KEY_FIELDS = ("dataset_test_ratio", "train_dataset_sample", "system", "max_length", "truncation_side",
               "check_dataset_strategy", "train_on", "loss_scale", "data_seed")
 
 
-def prepare_data(config, tokenizer, say=print, world: distributed.World = distributed.World(),
-                 processor=None) -> tuple[list[dict], list[dict]]:
+def prepare_data(config, tokenizer, say=print, world: distributed.World = distributed.World(), processor=None,
+                 tokenize=None) -> tuple[list[dict], list[dict]]:
     """(training examples, validation examples) of a TrainConfig; prints what was skipped or dropped, and why.
-    `processor` (a VisionProcessor) encodes the images of a vision-language model's data.
+    `processor` (a VisionProcessor) encodes the images of a vision-language model's data; `tokenize(config,
+    tokenizer, say, processor)` builds the examples: tokenize_data (SFT, cached) unless given.
 
     With the cache and several ranks, the first rank of each node reads or builds the entry while the node's
     other ranks wait, then read it: one tokenization per node. An entry appears whole or not at all (the
     cache publishes atomically), so nodes sharing one cache folder cannot corrupt it either.
     """
+    if tokenize is not None:  # preference pairs are tokenized each run: the cache holds SFT examples
+        return tokenize(config, tokenizer, say, processor)
     options = {name: getattr(config, name) for name in KEY_FIELDS} | {"val": list(config.val_dataset)}
     if processor is not None:
         options["processor"] = processor.key()
@@ -58,9 +64,42 @@ def cached_or_built(key: str, config, tokenizer, say=print, processor=None) -> t
 
 def tokenize_data(config, tokenizer, say=print, processor=None) -> tuple[list[dict], list[dict]]:
     """Read, split, sample and build the examples (no cache)."""
-    conversations, report = load_conversations(list(config.datasets()), strategy=config.check_dataset_strategy)
+    train_rows, validation = load_and_split(config, say)
+    options = dict(tokenizer=tokenizer, template=config.template, max_length=config.max_length,
+                   truncation_side=config.truncation_side, train_on=config.train_on, system=config.system,
+                   loss_scale=loss_scale_weights(config.loss_scale), processor=processor)
+    train_examples, dropped = build_examples(train_rows, **options)
+    val_examples, val_dropped = build_examples(validation, **options)
+    report_drops(config, dropped, val_dropped, say)
+    if not train_examples:
+        raise no_examples(config, train_rows, options)
+    return train_examples, val_examples
+
+
+def tokenize_preference_data(config, tokenizer, say=print, processor=None) -> tuple[list[dict], list[dict]]:
+    """The same for preference rows (an RLHFConfig): pairs, or for KTO labelled single completions."""
+    if processor is not None:
+        raise SftkitError("preference training takes text rows: image pairs are not supported yet")
+    unpaired = config.rlhf_type == "kto"
+    train_rows, validation = load_and_split(config, say, convert=lambda row: to_preference(row, paired=not unpaired))
+    options = dict(tokenizer=tokenizer, template=config.template, max_length=config.max_length,
+                   truncation_side=config.truncation_side, system=config.system, unpaired=unpaired)
+    train_examples, dropped = build_preference_examples(train_rows, **options)
+    val_examples, val_dropped = build_preference_examples(validation, **options)
+    report_drops(config, Counter({NOTHING_TO_LEARN: dropped}), Counter({NOTHING_TO_LEARN: val_dropped}), say)
+    if not train_examples:
+        raise DataError(f"no training pairs left of {len(train_rows)}: truncation to max_length {config.max_length} "
+                        "cut off every answer to compare", source=", ".join(config.datasets()))
+    return train_examples, val_examples
+
+
+def load_and_split(config, say=print, convert=None) -> tuple[list, list]:
+    """(training rows, validation rows): --val_dataset, or dataset_test_ratio held out of the training data."""
+    conversations, report = load_conversations(list(config.datasets()), strategy=config.check_dataset_strategy,
+                                               convert=convert)
     if config.val_dataset:
-        validation, val_report = load_conversations(list(config.val_dataset), strategy=config.check_dataset_strategy)
+        validation, val_report = load_conversations(list(config.val_dataset), strategy=config.check_dataset_strategy,
+                                                    convert=convert)
         train_rows, _ = split_and_sample(conversations, test_ratio=0.0, sample=config.train_dataset_sample, seed=config.data_seed)
         say(f"[sftkit] validation data: {val_report.summary()}")
     else:
@@ -72,17 +111,14 @@ def tokenize_data(config, tokenizer, say=print, processor=None) -> tuple[list[di
         elif validation:
             say(f"[sftkit] validation split: {len(validation)} of {len(conversations)} rows")
     say(f"[sftkit] training data: {report.summary()}")
-    options = dict(tokenizer=tokenizer, template=config.template, max_length=config.max_length,
-                   truncation_side=config.truncation_side, train_on=config.train_on, system=config.system,
-                   loss_scale=loss_scale_weights(config.loss_scale), processor=processor)
-    train_examples, dropped = build_examples(train_rows, **options)
-    val_examples, val_dropped = build_examples(validation, **options)
-    for reason, count in (dropped + val_dropped).items():
+    return train_rows, validation
+
+
+def report_drops(config, dropped: Counter, val_dropped: Counter, say=print) -> None:
+    """Every example dropped after tokenization, counted by reason."""
+    for reason in (dropped + val_dropped):
         say(f"[sftkit] dropped {dropped[reason]} training and {val_dropped[reason]} validation examples: "
             f"{reason} (max_length {config.max_length})")
-    if not train_examples:
-        raise no_examples(config, train_rows, options)
-    return train_examples, val_examples
 
 
 def no_examples(config, rows: list, options: dict) -> DataError:
