@@ -2,6 +2,7 @@
 simulated nodes of this machine (one `sftkit train` per node, as each node of a cluster would run it)."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ def options(model_dir, data_file, output_dir, **extra):
 
 def torchrun(values: dict, nproc: int = 2, timeout: int = 300, command: str = "train", **env):
     command = launch_command({"NPROC_PER_NODE": str(nproc), "MASTER_PORT": str(_free_port())}, _argv(values, command))
-    result = subprocess.run(command, capture_output=True, text=True, env={**_env(), **env}, timeout=timeout)
+    result = _run(command, {**_env(), **env}, timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -39,12 +40,51 @@ def nodes(values: dict, count: int = 2, nproc_per_node: int = 1, timeout: int = 
             finished.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
     finally:
         for process in started:
-            if process.poll() is None:  # a node that failed leaves the others waiting for it
-                process.kill()
-                process.wait()
+            _signal_tree(process.pid, signal.SIGKILL)  # a node that failed leaves the others waiting for it
+            process.wait()
     for result in finished:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return finished
+
+
+def _run(command: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """The launcher's finished process; one that runs past the timeout has it and every process under it print their
+    Python stacks (faulthandler on SIGABRT) and fails the test with them, so a hang says where it waits."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**env, "PYTHONFAULTHANDLER": "1"})
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _signal_tree(process.pid, signal.SIGABRT)
+        try:
+            stdout, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            stdout, stderr = "", "(no output after SIGABRT)"
+        raise AssertionError(f"{' '.join(command)} ran past {timeout} s; stacks:\n{stdout[-3000:]}\n{stderr[-12000:]}")
+    finally:
+        _signal_tree(process.pid, signal.SIGKILL)
+        process.wait()
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def _signal_tree(pid: int, signum: int) -> None:
+    """Signal a process and every process under it (torchrun starts its workers in sessions of their own)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                parents.setdefault(int(handle.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+        except (ValueError, OSError, IndexError):
+            continue
+    tree, index = [pid], 0
+    while index < len(tree):
+        tree += parents.get(tree[index], [])
+        index += 1
+    for member in reversed(tree):
+        try:
+            os.kill(member, signum)
+        except ProcessLookupError:
+            pass
 
 
 def _argv(values: dict, command: str = "train") -> list[str]:
