@@ -12,8 +12,8 @@ import os
 
 import torch
 
-from . import deepspeed, distributed, fsdp
-from .checkpoint import DEEPSPEED_FOLDER, OPTIMIZER_FILE, load_schedule, load_tensors, load_weights, save_schedule
+from . import deepspeed, distributed
+from .checkpoint import DEEPSPEED_FOLDER, FSDP_FOLDER, OPTIMIZER_FILE, load_schedule, load_tensors, load_weights, save_schedule
 from .errors import CheckpointError, TrainingError
 from .loss import loss_sum
 from .quant import is_quantized, make_optimizer
@@ -57,6 +57,8 @@ def build_backend(config, model, *, world: distributed.World, devices: list[str]
     parameters (for FSDP made after sharding, on the shards)."""
     module = LossModule(model, loss_fn)
     if config.fsdp:
+        from . import fsdp
+
         module = fsdp.shard(module, strategy=fsdp.parse_strategy(config.fsdp), world_size=world.size,
                             device=torch.device(devices[0]), compute_dtype=compute_dtype)
         return fsdp.FSDPBackend(module, *optimizer_and_schedule(config, model, total_steps),
@@ -146,7 +148,7 @@ class TorchBackend:
     def load(self, folder: str) -> None:
         """Weights, optimizer, schedule and scaler of a checkpoint this backend saved."""
         saved_by = {DEEPSPEED_FOLDER: "a DeepSpeed run: resume it with the same --deepspeed config",
-                    fsdp.STATE_FOLDER: "an FSDP run: resume it with the same --fsdp"}
+                    FSDP_FOLDER: "an FSDP run: resume it with the same --fsdp"}
         for state_folder, run in saved_by.items():
             if not os.path.isfile(os.path.join(folder, OPTIMIZER_FILE)) and os.path.isdir(os.path.join(folder, state_folder)):
                 raise CheckpointError(f"{folder} was saved by {run}")

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from . import distributed, manifest
 from .errors import CheckpointError
+from .jsonfile import read_object
 from .lora import CONFIG_NAME, WEIGHTS_NAME, load_lora_weights, save_adapter
 from .model import copy_processor_files, model_class
 from .run import BEST, LATEST, pointer, set_pointer
@@ -40,6 +41,7 @@ TRAINING_STATE_FILE = "training_state.json"
 RNG_FILE, RNG_TENSORS = "rng.json", "rng.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 DEEPSPEED_FOLDER = "deepspeed"
+FSDP_FOLDER = "fsdp"
 # What only resume reads: chat, infer, eval and merge neither check nor need them (they may be deleted to save space).
 RESUME_ONLY = (OPTIMIZER_FILE, TRAINING_STATE_FILE, RNG_FILE, RNG_TENSORS, DEEPSPEED_FOLDER + "/")
 
@@ -267,11 +269,7 @@ def load_json(folder: str, name: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{folder} holds no {name} (saved with only_save_model, or not by this sftkit): "
                               "it cannot be resumed")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error})") from None
+    return read_object(path, CheckpointError, "it cannot be resumed")
 
 
 def load_tensors(path: str) -> dict:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from functools import partial
 
 import torch
 
 from .checkpoint import DEEPSPEED_FOLDER, load_schedule, save_schedule
 from .errors import CheckpointError, OptionError, SftkitError
+from .jsonfile import read_object
 from .paths import packaged
 
 NAMED_CONFIGS = ("zero2", "zero3", "zero2_offload", "zero3_offload")
@@ -52,13 +54,7 @@ def fill_config(name_or_path: str, *, micro_batch: int, accumulation: int, world
                 compute_dtype: torch.dtype, hidden_size: int | None = None) -> dict:
     """The JSON config with every "auto" replaced from the training options, as HF's integration does."""
     path = config_path(name_or_path)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise OptionError("deepspeed", f"{path} is not a valid JSON file ({error})") from None
-    if not isinstance(config, dict):
-        raise OptionError("deepspeed", f"{path} must hold a JSON object")
+    config = read_object(path, partial(OptionError, "deepspeed"))
     values = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation,

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import load_json, load_schedule, save_json, save_schedule
+from .backend import TorchBackend
+from .checkpoint import FSDP_FOLDER, load_json, load_schedule, save_json, save_schedule
 from .errors import CheckpointError, SftkitError, TrainingError
 
 STRATEGIES = ("full_shard", "shard_grad_op")
 FLAGS = ("auto_wrap", "offload")
-STATE_FOLDER = "fsdp"
 GROUPS_FILE = "param_groups.json"
 
 
@@ -92,23 +92,14 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers[::-1]
 
 
-class FSDPBackend:
+class FSDPBackend(TorchBackend):
     """sftkit's optimizer on the sharded parameters (each rank steps its own shards), gradients reduce-scattered
     by FSDP's hooks in backward."""
 
     lockstep = True  # every forward gathers parameters from every rank, in evaluation and generation too
 
     def __init__(self, module, optimizer, scheduler, *, max_grad_norm: float, world):
-        self.module, self.model = module, module.model
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
-        self.max_grad_norm, self.world = max_grad_norm, world
-
-    def forward(self, batch: dict):
-        return self.module(batch)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        super().__init__(module, module.model, optimizer, scheduler, None, max_grad_norm=max_grad_norm, world=world)
 
     def no_sync(self, last_micro_batch: bool):
         """Reduce-scatter gradients only in the window's last backward; before it each rank keeps its own sum.
@@ -122,16 +113,6 @@ class FSDPBackend:
         """Clip by the global norm (over every rank's shards); returns it, whole, on the device."""
         norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm or float("inf"))
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-    def step(self) -> None:
-        """Step each rank's shards (after clip_gradients), schedule, clear."""
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    @property
-    def learning_rate(self) -> float:
-        return self.scheduler.get_last_lr()[0]
 
     @contextlib.contextmanager
     def full_weights(self):
@@ -149,7 +130,7 @@ class FSDPBackend:
 
         model_state, optimizer_state = self._state()
         groups = optimizer_state.pop("param_groups")
-        state_folder = os.path.join(folder, STATE_FOLDER)
+        state_folder = os.path.join(folder, FSDP_FOLDER)
         dcp.save({"model": model_state, "optimizer": optimizer_state},
                  storage_writer=dcp.HuggingFaceStorageWriter(state_folder, save_distributed=True))
         if self.world.is_main:
@@ -162,9 +143,9 @@ class FSDPBackend:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
-        state_folder = os.path.join(folder, STATE_FOLDER)
+        state_folder = os.path.join(folder, FSDP_FOLDER)
         if not os.path.isdir(state_folder):
-            raise CheckpointError(f"{folder} holds no FSDP state ({STATE_FOLDER}/): it was not saved by an --fsdp run")
+            raise CheckpointError(f"{folder} holds no FSDP state ({FSDP_FOLDER}/): it was not saved by an --fsdp run")
         groups = load_json(state_folder, GROUPS_FILE)["param_groups"]
         model_state, optimizer_state = self._state()
         del optimizer_state["param_groups"]

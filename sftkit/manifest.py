@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CheckpointError
+from .jsonfile import read_object
 from .paths import cache_dir, private_file, private_folder
 
 MANIFEST = "manifest.json"
@@ -121,12 +122,7 @@ def _files(folder: str) -> list[str]:
 
 def _read(path: str) -> tuple[dict, str | None]:
     """(files, signature) of a manifest, checked for shape."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            body = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error}): the checkpoint cannot be checked") from None
-    body = body if isinstance(body, dict) else {}
+    body = read_object(path, CheckpointError, "the checkpoint cannot be checked")
     files = body.get("files")
     if body.get("format") != FORMAT or body.get("version") != VERSION or not isinstance(files, dict) or not all(
             isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str) for v in files.values()):

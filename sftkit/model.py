@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
-import json
 import logging
 import os
 import re
@@ -20,6 +19,7 @@ from safetensors import SafetensorError
 
 from .architecture import HEAD_NAMES
 from .errors import ModelLoadError
+from .jsonfile import read_object
 from .paths import cache_dir
 from .registry import EMBEDDED_MODEL_TYPE, EMBEDDED_TAG, ModelInfo, entry_problems, get_model_info, hub_model_id
 from .quant import (
@@ -341,14 +341,7 @@ def _config_json(model_dir: str) -> dict:
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         return {}
-    try:
-        with open(path, encoding="utf-8") as file:
-            config = json.load(file)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelLoadError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object")
-    return config
+    return read_object(path, ModelLoadError)
 
 
 # What a vision-language model's processor is saved as, beside the weights.

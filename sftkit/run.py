@@ -20,6 +20,7 @@ import tempfile
 import time
 
 from .errors import CheckpointError, OptionError, TrainingError
+from .jsonfile import read_object
 
 ARGS_FILE = "sft_args.json"
 RESUME_FILE = "resume_args.jsonl"
@@ -103,14 +104,7 @@ def read_first_args(checkpoint: str) -> dict:
             f"no {ARGS_FILE} in {run_dir}: --ckpt_dir must be a checkpoint-<step> folder inside a training run "
             "(or the run folder itself); for a plain model folder use --model"
         )
-    try:
-        with open(path, encoding="utf-8") as handle:
-            arguments = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error}): the run's settings cannot be read") from None
-    if not isinstance(arguments, dict):
-        raise CheckpointError(f"{path} must hold a JSON object of the run's options")
-    return arguments
+    return read_object(path, CheckpointError, "the run's settings cannot be read")
 
 
 def val_file(checkpoint: str) -> str | None:
