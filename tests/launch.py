@@ -104,3 +104,13 @@ def _free_port() -> int:
 def records(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
         return [json.loads(line) for line in handle]
+
+
+def assert_same_losses(run, reference, tolerance: float) -> None:
+    """Two runs logged the same steps, with training and validation losses within the tolerance."""
+    mine, theirs = records(run), records(reference)
+    assert [r["step"] for r in mine] == [r["step"] for r in theirs]
+    for a, b in zip(mine, theirs):
+        for key in ("loss", "eval_loss"):
+            if key in b:
+                assert abs(a[key] - b[key]) < tolerance, (a, b)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from sftkit.config import TrainConfig
 from sftkit.data.pipeline import build_example, collate
-from launch import options, records, torchrun
+from launch import assert_same_losses, options, records, torchrun
 from sftkit.loss import loss_sum
 from sftkit.placement import place, plan_placement
 from sftkit.train import train
@@ -28,18 +28,14 @@ def data_file(tmp_path_factory):
 def test_two_processes_equal_one_with_the_same_global_batch(tiny_model_dir, data_file, tmp_path):
     torchrun(options(tiny_model_dir, data_file, tmp_path / "ddp", batch_size=2))
     train(TrainConfig(**{**options(tiny_model_dir, data_file, tmp_path / "single"), "dataset": (data_file,), "batch_size": 4}))
-    ddp, single = records(tmp_path / "ddp"), records(tmp_path / "single")
-    assert [r["step"] for r in ddp] == [r["step"] for r in single]
-    for a, b in zip(ddp, single):
-        for key in ("loss", "eval_loss"):
-            if key in b:
-                assert abs(a[key] - b[key]) < 1e-5, (a, b)
+    assert_same_losses(tmp_path / "ddp", tmp_path / "single", 1e-5)
     ddp_weights = load_file(str(tmp_path / "ddp" / "checkpoint-4" / "adapter_model.safetensors"))
     single_weights = load_file(str(tmp_path / "single" / "checkpoint-4" / "adapter_model.safetensors"))
     for key in single_weights:
         torch.testing.assert_close(ddp_weights[key], single_weights[key], rtol=1e-4, atol=1e-5)
     # Only rank 0 wrote shared files: one line per step and evaluation, one checkpoint per save.
-    assert len([r for r in ddp if "loss" in r]) == 4 and sorted(os.listdir(tmp_path / "ddp")).count("checkpoint-2") == 1
+    assert len([r for r in records(tmp_path / "ddp") if "loss" in r]) == 4
+    assert sorted(os.listdir(tmp_path / "ddp")).count("checkpoint-2") == 1
 
     # DDP resumes from its own checkpoint to the same weights.
     copy = tmp_path / "resumed"
@@ -59,12 +55,7 @@ def test_qlora_under_ddp_equals_one_process(tiny_model_dir, data_file, tmp_path)
     torchrun(options(tiny_model_dir, data_file, tmp_path / "ddp", **qlora))
     train(TrainConfig(**{**options(tiny_model_dir, data_file, tmp_path / "single", **qlora), "dataset": (data_file,),
                          "batch_size": 4}))
-    ddp, single = records(tmp_path / "ddp"), records(tmp_path / "single")
-    assert [r["step"] for r in ddp] == [r["step"] for r in single]
-    for a, b in zip(ddp, single):
-        for key in ("loss", "eval_loss"):
-            if key in b:
-                assert abs(a[key] - b[key]) < 1e-5, (a, b)
+    assert_same_losses(tmp_path / "ddp", tmp_path / "single", 1e-5)
     assert json.load(open(tmp_path / "ddp" / "sft_args.json"))["quantization_bit"] == 4
     ddp_weights = load_file(str(tmp_path / "ddp" / "checkpoint-4" / "adapter_model.safetensors"))
     single_weights = load_file(str(tmp_path / "single" / "checkpoint-4" / "adapter_model.safetensors"))

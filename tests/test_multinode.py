@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import tiny
-from launch import nodes, options, records, torchrun
+from launch import assert_same_losses, nodes, options, records, torchrun
 from sftkit import distributed
 from sftkit.checkpoint import require_shared
 from sftkit.config import ConfigError, TrainConfig, build_config
@@ -236,12 +236,7 @@ def single(tiny_model_dir, data_file, tmp_path_factory):
 
 
 def assert_same_run(run, reference, tolerance=1e-5):
-    mine, theirs = records(run), records(reference)
-    assert [r["step"] for r in mine] == [r["step"] for r in theirs]
-    for a, b in zip(mine, theirs):
-        for key in ("loss", "eval_loss"):
-            if key in b:
-                assert abs(a[key] - b[key]) < tolerance, (a, b)
+    assert_same_losses(run, reference, tolerance)
     for step in (2, 4):
         exported = load_file(str(run / f"checkpoint-{step}" / "adapter_model.safetensors"))
         expected = load_file(str(reference / f"checkpoint-{step}" / "adapter_model.safetensors"))
@@ -336,10 +331,7 @@ def test_fsdp_full_fine_tuning_of_a_tied_model_with_accumulation_and_checkpointi
                      gradient_accumulation_steps=2, learning_rate=1e-3)
     torchrun({**values, "fsdp": "shard_grad_op offload", "gradient_checkpointing": True}, **cache)
     train(TrainConfig(**{**values, "dataset": (data_file,), "batch_size": 2, "output_dir": str(tmp_path / "single")}))
-    for a, b in zip(records(tmp_path / "fsdp"), records(tmp_path / "single")):
-        for key in ("loss", "eval_loss"):
-            if key in b:
-                assert abs(a[key] - b[key]) < 1e-5, (a, b)
+    assert_same_losses(tmp_path / "fsdp", tmp_path / "single", 1e-5)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "checkpoint-2")
     expected = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "checkpoint-2")
     assert exported.lm_head.weight is exported.model.embed_tokens.weight
