@@ -105,8 +105,8 @@ def main() -> None:
                        ("chosen more likely per token than rejected", "likelihood_preference"),
                        ("generated answers in the taught format", "taught_format")):
         lines.append(f"| {label} | {before[key]:.2f} | {after[key]:.2f} |")
-    steps = [m for m in metrics if "loss" in m]
-    lines += ["", f"Training: {len(steps)} steps in {wall / 60:.1f} min wall time (model load, tokenization, evaluation and "
+    steps = max(m["step"] for m in metrics)
+    lines += ["", f"Training: {steps} steps in {wall / 60:.1f} min wall time (model load, tokenization, evaluation and "
               f"saves included), final eval_rewards/margins {after['dpo_reward_margin']:.2f}, best checkpoint "
               f"`{best.relative_to(ROOT)}`."]
     (out / "table.md").write_text("\n".join(lines) + "\n")
