@@ -140,28 +140,30 @@ def make_questions(model_dir: str, args) -> list[list[dict]]:
 async def run_level(url: str, questions: list[list[dict]], concurrency: int, max_tokens: int) -> dict:
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=3600)
     gate = asyncio.Semaphore(concurrency)
+    # Closed inside this event loop: each level runs in its own asyncio.run, and a client left open is closed
+    # after its loop is gone ("Event loop is closed" noise).
+    async with AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=3600) as client:
 
-    async def one(messages):
-        async with gate:
-            sent = time.perf_counter()
-            first = last = None
-            tokens = 0
-            stream = await client.chat.completions.create(model="bench", messages=messages, max_tokens=max_tokens,
-                                                          temperature=0, stream=True)
-            async for chunk in stream:
-                now = time.perf_counter()
-                if chunk.choices and chunk.choices[0].delta.content:
-                    first = first or now
-                    last = now
-                if chunk.usage:
-                    tokens = chunk.usage.completion_tokens
-            return {"ttft": (first or time.perf_counter()) - sent, "latency": time.perf_counter() - sent,
-                    "tokens": tokens, "decode_seconds": (last - first) if first and last else 0.0}
+        async def one(messages):
+            async with gate:
+                sent = time.perf_counter()
+                first = last = None
+                tokens = 0
+                stream = await client.chat.completions.create(model="bench", messages=messages, max_tokens=max_tokens,
+                                                              temperature=0, stream=True)
+                async for chunk in stream:
+                    now = time.perf_counter()
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        first = first or now
+                        last = now
+                    if chunk.usage:
+                        tokens = chunk.usage.completion_tokens
+                return {"ttft": (first or time.perf_counter()) - sent, "latency": time.perf_counter() - sent,
+                        "tokens": tokens, "decode_seconds": (last - first) if first and last else 0.0}
 
-    start = time.perf_counter()
-    requests = await asyncio.gather(*(one(messages) for messages in questions))
+        start = time.perf_counter()
+        requests = await asyncio.gather(*(one(messages) for messages in questions))
     return {"wall_seconds": time.perf_counter() - start, "requests": requests}
 
 
