@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 
 import pytest
@@ -80,6 +81,14 @@ def trained_run(tmp_path_factory, run_config):
     folder = tmp_path_factory.mktemp("trained-run")
     train(run_config(folder))
     return str(folder)
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    """A copy of the finished run that a test may change."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    return copy
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ or logs a step twice."""
 import errno
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -16,13 +15,6 @@ from sftkit import checkpoint as checkpoints
 from sftkit.errors import CheckpointError, TrainingError
 from sftkit.run import RESUME_FILE, pointer, read_run_args
 from sftkit.train import train
-
-
-@pytest.fixture
-def run_copy(trained_run, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(trained_run, copy)
-    return copy
 
 
 def metric_steps(run_dir):

@@ -3,7 +3,6 @@ merge and the tokenized-data cache read never execute (the marker file is never 
 truncation and edits and name the file; DeepSpeed state is refused unless this user's key signed it."""
 import json
 import os
-import shutil
 import stat
 
 import pytest
@@ -34,13 +33,6 @@ class Payload:
 def plant(path, marker) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save({"state": Payload(marker)}, path)
-
-
-@pytest.fixture
-def run_copy(trained_run, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(trained_run, copy)
-    return copy
 
 
 def test_the_payload_does_run_when_unpickled(tmp_path):
