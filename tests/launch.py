@@ -2,10 +2,12 @@
 simulated nodes of this machine (one `sftkit train` per node, as each node of a cluster would run it)."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import time
 
 from sftkit.distributed import launch_command
 
@@ -49,26 +51,46 @@ def nodes(values: dict, count: int = 2, nproc_per_node: int = 1, timeout: int = 
 
 def _run(command: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
     """The launcher's finished process; one that runs past the timeout has it and every process under it print their
-    Python stacks (faulthandler on SIGABRT) and fails the test with them, so a hang says where it waits."""
+    Python stacks (faulthandler on SIGABRT, one process at a time so the dumps do not interleave) and fails the test
+    with the frames of those stacks, so a hang says where each process waits."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**env, "PYTHONFAULTHANDLER": "1"})
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _signal_tree(process.pid, signal.SIGABRT)
+        for member in _tree(process.pid):  # the launcher first: its workers live on to dump their own stacks
+            _signal(member, signal.SIGABRT)
+            time.sleep(1)
         try:
             stdout, stderr = process.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             stdout, stderr = "", "(no output after SIGABRT)"
-        raise AssertionError(f"{' '.join(command)} ran past {timeout} s; stacks:\n{stdout[-3000:]}\n{stderr[-12000:]}")
+        raise AssertionError(f"ran past {timeout} s: {' '.join(command)}\nstacks:\n{stacks(stderr)}\n"
+                             f"last output:\n{stdout[-1500:]}")
     finally:
         _signal_tree(process.pid, signal.SIGKILL)
         process.wait()
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
-def _signal_tree(pid: int, signum: int) -> None:
-    """Signal a process and every process under it (torchrun starts its workers in sessions of their own)."""
+def stacks(stderr: str, limit: int = 6000) -> str:
+    """faulthandler's dumps in stderr, one short line per frame (path from the package root, line, function),
+    without the launch frames every stack shares (runpy, click)."""
+    kept = []
+    for line in stderr.splitlines():
+        frame = re.match(r'\s*File "(.*)", line (\d+) in (\S+)', line)
+        if frame:
+            path = frame.group(1)
+            if "<frozen runpy>" not in path and "/click/" not in path:
+                kept.append(f"  {re.sub(r'^.*/(site-packages|main)/', '', path)}:{frame.group(2)} {frame.group(3)}")
+        elif line.startswith(("Fatal Python error", "Thread 0x", "Current thread")):
+            kept.append(line)
+    return "\n".join(kept)[:limit]
+
+
+def _tree(pid: int) -> list[int]:
+    """A process and every process under it, parents before children (torchrun starts its workers in sessions of
+    their own, so a process group does not reach them)."""
     parents = {}
     for entry in os.listdir("/proc"):
         try:
@@ -80,11 +102,19 @@ def _signal_tree(pid: int, signum: int) -> None:
     while index < len(tree):
         tree += parents.get(tree[index], [])
         index += 1
-    for member in reversed(tree):
-        try:
-            os.kill(member, signum)
-        except ProcessLookupError:
-            pass
+    return tree
+
+
+def _signal_tree(pid: int, signum: int) -> None:
+    for member in reversed(_tree(pid)):
+        _signal(member, signum)
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def _argv(values: dict, command: str = "train") -> list[str]:
