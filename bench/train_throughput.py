@@ -9,7 +9,7 @@ longest example of the batch (DataCollatorForSeq2Seq).
 
 Three comparisons, each against the same reference run (batch 4, right padding):
   equal tokens   sftkit:packed   packed rows, as many per step as hold the reference's real tokens per step
-  user defaults  sftkit:padded   sftkit's default flags at the reference's batch size and max length
+  user defaults  sftkit:defaults sftkit's default flags (padding-free batches) at the reference's batch size and max length
   user packing   sftkit:packing  --packing true at the reference's batch size (4 packed rows per step)
 The user's view is what someone comparing the two tools with the same batch size gets; the equal-tokens view
 holds the activations per step equal. Only the hyperparameters are set on the sftkit side (LoRA, schedule,
@@ -21,7 +21,7 @@ runs alternate A B B A ... so that slow drift of the machine cancels in the medi
     python bench/train_throughput.py                       # embedded SmolLM2-135M-Instruct, CPU sized
     python bench/train_throughput.py --model-config 0.5b   # random Qwen2-0.5B-shaped model; MFU on a GPU
     python bench/train_throughput.py --quick               # tiny random model, seconds (used by the tests)
-    python bench/train_throughput.py --examples 64 --sftkit-modes padded,packing   # issue 21's user view only
+    python bench/train_throughput.py --examples 64 --sftkit-modes defaults,packing   # issue 21's user view only
 """
 from __future__ import annotations
 
@@ -41,9 +41,9 @@ from common import chat_rows, machine_state, save_tiny_model, token_stats, write
 
 IGNORE_INDEX = -100
 REFERENCE = "reference"
-MODES = ("packed", "padded", "packing")
+MODES = ("packed", "defaults", "packing")
 PACKED = ("sftkit:packed", "sftkit:packing")
-COMPARISONS = {"equal tokens per step": "sftkit:packed", "user view, default flags, same batch": "sftkit:padded",
+COMPARISONS = {"equal tokens per step": "sftkit:packed", "user view, default flags, same batch": "sftkit:defaults",
                "user view, --packing true, same batch": "sftkit:packing"}
 # Qwen2.5-0.5B / -1.5B shapes; weights random, so nothing is downloaded.
 MODEL_CONFIGS = {
@@ -65,8 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-examples", type=int, default=None,
                         help="held-out examples whose loss both sides compute after training (default 16; 4 with --quick)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each trainer, alternated A B B A ...")
-    parser.add_argument("--sftkit-modes", default="packed,padded,packing",
-                        help="sftkit runs: packed (equal tokens per step), padded (default flags, same batch), "
+    parser.add_argument("--sftkit-modes", default="packed,defaults,packing",
+                        help="sftkit runs: packed (equal tokens per step), defaults (default flags, same batch), "
                              "packing (--packing true, same batch); comma-separated")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=None, help="default 1024; 256 with --quick")
@@ -456,8 +456,8 @@ def run_sftkit(spec: dict) -> dict:
     eval_loss = [record["eval_loss"] for record in records if "eval_loss" in record][-1]
     with safe_open(os.path.join(best, "adapter_model.safetensors"), "pt") as adapter:
         trainable = sum(math.prod(adapter.get_slice(key).get_shape()) for key in adapter.keys())
-    flags = {name: getattr(config, name) for name in ("packing", "batch_size", "max_length", "max_memory", "varlen_attention",
-                                                      "gradient_checkpointing")}
+    flags = {name: getattr(config, name) for name in ("packing", "padding_free", "batch_size", "max_length", "max_memory",
+                                                      "varlen_attention", "gradient_checkpointing")}
     return {**clock.figures(), "total_seconds": round(total, 3), "losses": losses, "eval_loss": eval_loss, "batches": log.batches,
             "trainable_params": trainable, "rss_after_imports_mb": imported_rss, "sftkit_flags": flags,
             "estimated_peak_mb": estimated.get("peak_mb"), **gpu_figures(spec["device"])}

@@ -142,6 +142,9 @@ class TrainConfig(DataOptions):
     dataset_cache: bool = option(True, "reuse tokenized data from the sftkit cache when data, template and tokenizer are unchanged")
     packing: bool = option(False, "pack examples into rows of max_length tokens with no padding (attention stays per example)")
     group_by_length: bool = option(False, "batch examples of similar length together (less padding; the alternative to packing)")
+    padding_free: bool = option(True, "run each micro-batch as its examples one after another in a single row, with no "
+                                      "padding (same batches, same loss; attention stays per example); needs varlen "
+                                      "attention, else rows are padded to the batch's longest")
     # optimisation
     batch_size: int = option(1, "examples per micro-batch", aliases=("per_device_train_batch_size",))
     eval_batch_size: int = option(1, "examples per evaluation batch", aliases=("per_device_eval_batch_size",))

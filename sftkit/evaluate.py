@@ -17,7 +17,8 @@ import torch
 from . import distributed
 from .constrained import tool_call_guide
 from .data.formats import Message
-from .data.pipeline import collate
+from .attention import uses_varlen
+from .data.pipeline import collate, collate_flat
 from .data.vision import collate_images
 from .data.templates import get_template
 from .generation import GenerationConfig, generate_batch, generation_config, stop_criteria
@@ -81,7 +82,10 @@ def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int, dev
     for index in range(batches):
         part = shard[index * batch_size:(index + 1) * batch_size]
         unweighted = [{k: e[k] for k in ("input_ids", "labels", "images", "image_tokens") if k in e} for e in (part or examples[:1])]
-        rows = collate(unweighted, pad_id) if processor is None else collate_images(unweighted, pad_id, processor)
+        if processor is not None:
+            rows = collate_images(unweighted, pad_id, processor)
+        else:  # with varlen attention, one row without pads: the same loss as padded rows, for less compute
+            rows = (collate_flat if uses_varlen(model) else collate)(unweighted, pad_id)
         batch = {k: v.to(device) for k, v in rows.items()}
         with autocast:
             summed, count = loss_sum(model, batch)

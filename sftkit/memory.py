@@ -274,11 +274,12 @@ def limit_heap_fragmentation(threshold: int = 2**20) -> bool:
 
 
 def prepare_memory(model, config, device: torch.device, examples: list[dict], say=print, processes: int = 1,
-                   fused_loss: bool = False, sequences=lambda example: [example]) -> int:
+                   fused_loss: bool = False, sequences=lambda example: [example], padding_free: bool = False) -> int:
     """Before the first step: on CPU tune the allocator, print the estimated peak of a micro-batch and, when it
     exceeds --max_memory, checkpoint what makes it fit. Returns the estimated peak in bytes.
 
-    sequences(example) are the rows an example puts in a micro-batch (a preference pair: its two answers)."""
+    sequences(example) are the rows an example puts in a micro-batch (a preference pair: its two answers);
+    padding_free: a micro-batch is its rows without pads (at most the longest rows together), else batch x longest."""
     from .attention import VARLEN
 
     shape = ModelShape.from_config(model.config)
@@ -287,13 +288,16 @@ def prepare_memory(model, config, device: torch.device, examples: list[dict], sa
             "transformers' models do")
         return 0
     rows = [sequence for example in examples for sequence in sequences(example)]
-    longest = max(len(row["input_ids"]) for row in rows)
-    most_trainable = max(sum(label != -100 for label in row["labels"][1:]) for row in rows)
+    lengths = sorted(len(row["input_ids"]) for row in rows)
+    trainable = sorted(sum(label != -100 for label in row["labels"][1:]) for row in rows)
+    longest = lengths[-1]
     half = config.dtype in ("bf16", "fp16") or (config.dtype == "auto" and device.type == "cuda")
     implementation = model.config._attn_implementation
     batch = min(config.batch_size * len(rows) // len(examples), len(rows))
+    tokens, most_trainable = (sum(lengths[-batch:]), sum(trainable[-batch:])) if padding_free else \
+        (batch * longest, batch * trainable[-1])
     estimate = estimate_activations(
-        shape, batch * longest, batch * most_trainable, element_bytes=2 if half else 4,
+        shape, tokens, most_trainable, element_bytes=2 if half else 4,
         lora_rank=config.lora_rank if config.sft_type == "lora" else 0,
         lora_dropout=config.sft_type == "lora" and config.lora_dropout > 0, full=config.sft_type == "full",
         attention="varlen" if implementation in (VARLEN, "flash_attention_2", "flash_attention_3") else implementation,
@@ -306,7 +310,8 @@ def prepare_memory(model, config, device: torch.device, examples: list[dict], sa
     plan = CheckpointPlan("layer", shape.layers) if config.gradient_checkpointing else \
         choose_plan(estimate, fixed, budget, available_parts(model))
     peak = fixed + estimate.activations(plan)
-    say(f"[sftkit] estimated peak memory per micro-batch of {batch} x {longest} tokens: {size(peak)} (activations "
+    batch_shape = f"{tokens} tokens ({batch} rows, no padding)" if padding_free else f"{batch} x {longest} tokens"
+    say(f"[sftkit] estimated peak memory per micro-batch of {batch_shape}: {size(peak)} (activations "
         f"{size(estimate.activations(CheckpointPlan()))} without checkpointing, loss logits {size(estimate.logits)} of them; "
         f"weights, gradients and optimizer {size(fixed)})" + (f"; budget {size(budget)}" if budget else ""))
     if plan.part and not config.gradient_checkpointing:

@@ -19,7 +19,8 @@ import torch
 
 from . import distributed, evaluate
 from .config import RLHFConfig
-from .data.pipeline import collate, collate_packed, collate_preference, pack, trainable_tokens
+from .attention import uses_varlen
+from .data.pipeline import collate, collate_flat, collate_packed, collate_preference, pack, trainable_tokens
 from .data.prepare import tokenize_preference_data
 from .data.vision import collate_images
 from .errors import TrainingError
@@ -38,7 +39,7 @@ class Objective:
     unit: str  # the window-count key that normalises the loss
     rows: Callable  # (config, examples, say, processor) -> (rows batches are drawn from, collate(rows, pad_id), lengths)
     sequences: Callable  # row -> the sequences it puts in a micro-batch (a preference pair: two), for memory planning
-    counts: Callable  # (shards, world) -> what a window holds on all ranks, the normaliser under `unit`
+    counts: Callable  # (shards, collated shards, world) -> what a window holds on all ranks, the normaliser under `unit`
     loss: Callable  # (model, batch) -> (summed loss, normaliser, metric totals {name: (sum, count)})
     summarise: Callable  # a window's metric totals -> the logged means
     evaluate: Callable  # (model, tokenizer, config, examples, *, device, autocast, world, lockstep, processor) -> record
@@ -56,15 +57,17 @@ def build_objective(config, model, *, device, autocast, world: distributed.World
     if isinstance(config, RLHFConfig):
         objective = preference_objective(config, model, device=device, autocast=autocast, world=world)
     else:
-        objective = sft_objective()
+        objective = sft_objective(varlen=uses_varlen(model))
     return replace(objective, loss=partial(without_metrics, loss_fn)) if loss_fn else objective
 
 
 # --- supervised fine-tuning ---------------------------------------------------------------------------------------
 
 
-def sft_objective() -> Objective:
-    return Objective(unit="trainable_tokens", rows=training_rows, sequences=lambda row: [row], counts=window_counts,
+def sft_objective(varlen: bool = False) -> Objective:
+    """varlen: the model runs sftkit's varlen attention, so --padding_free batches keep attention per example."""
+    return Objective(unit="trainable_tokens", rows=partial(training_rows, varlen=varlen), sequences=lambda row: [row],
+                     counts=window_counts,
                      loss=SFT_LOSS, summarise=lambda totals: {}, evaluate=validation_metrics)
 
 
@@ -72,21 +75,35 @@ def validation_metrics(*args, **kwargs) -> dict:
     return evaluate.validation_metrics(*args, **kwargs)  # looked up at call time, so it can be replaced
 
 
-def training_rows(config, examples: list[dict], say=print, processor=None):
+def training_rows(config, examples: list[dict], say=print, processor=None, varlen: bool = False):
     """The rows batches are drawn from, how to collate them and, with --group_by_length, their lengths: the
-    examples (a vision-language model's with their pixels made per batch), or with --packing rows that hold
-    several examples each."""
+    examples (a vision-language model's with their pixels made per batch; text ones, with --padding_free and
+    varlen attention, collated into one row per micro-batch), or with --packing rows that hold several examples
+    each."""
     if processor is not None and config.packing:
         raise TrainingError("--packing is refused for vision-language models: packed rows carry 1-D positions that "
                             "restart per example, but the Qwen2-VL family gives image tokens 3-D (time, height, width) "
                             "rotary positions, which the model computes per sequence, so packed images would be seen at "
                             "other positions than in inference. Use --group_by_length true to cut padding instead.")
     if not config.packing:
-        collate_fn = collate if processor is None else partial(collate_images, processor=processor)
-        return examples, collate_fn, row_lengths(config, examples, lambda row: [row])
+        return examples, example_collate(config, say, processor, varlen), row_lengths(config, examples, lambda row: [row])
     rows = pack(examples, config.max_length or 2048)
     say(f"[sftkit] packed {len(examples)} examples into {len(rows)} rows of at most {config.max_length or 2048} tokens")
     return rows, collate_packed, row_lengths(config, rows, lambda row: [row])
+
+
+def example_collate(config, say=print, processor=None, varlen: bool = False):
+    """How a micro-batch of examples becomes tensors: padding-free when asked and the attention keeps it exact
+    and cheap (varlen: per example; transformers' own SDPA would build a dense mask over the whole row)."""
+    if processor is not None:
+        return partial(collate_images, processor=processor)
+    if config.padding_free and varlen:
+        say("[sftkit] padding-free batches: each micro-batch's examples in one row, attention per example "
+            "(--padding_free false pads rows to the longest)")
+        return collate_flat
+    if config.padding_free:
+        say("[sftkit] padded batches: padding-free needs varlen attention, which this model's attention is not")
+    return collate
 
 
 def row_lengths(config, rows: list[dict], sequences) -> list[int] | None:
@@ -191,18 +208,17 @@ def with_reference_log_probs(examples: list[dict], *, reference, pad_id: int, ba
     return [{**example, "ref_log_probs": scored[index]} for index, example in enumerate(examples)]
 
 
-def preference_counts(shards, world: distributed.World, *, unit: str, scored: int) -> dict:
+def preference_counts(shards, collated: list[dict], world: distributed.World, *, unit: str, scored: int) -> dict:
     """A window's pairs (KTO: examples), the trainable tokens of the sequences that get gradients, tokens and
-    padded batch positions, on all ranks."""
+    batch positions as collated, on all ranks."""
     counts = [0, 0, 0, 0]
-    for shard, weight in shards:
+    for (shard, weight), batch in zip(shards, collated):
         if not weight:
             continue
-        sequences = [sequence for example in shard for sequence in example["sequences"]]
         counts[0] += len(shard)
         counts[1] += sum(trainable_tokens(example["sequences"][i]) for example in shard for i in range(scored))
-        counts[2] += sum(len(sequence["input_ids"]) for sequence in sequences)
-        counts[3] += max(len(sequence["input_ids"]) for sequence in sequences) * len(sequences)
+        counts[2] += sum(len(sequence["input_ids"]) for example in shard for sequence in example["sequences"])
+        counts[3] += batch["input_ids"].numel()
     totals = distributed.sum_floats(counts, world)
     return dict(zip((unit, "trainable_tokens", "tokens", "batch_positions"), map(int, totals)))
 

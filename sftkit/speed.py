@@ -62,6 +62,8 @@ def resolve_levers(config, device: torch.device, rows: list[dict] | None = None)
     if static and config.packing and rows:
         most = max(row["position_ids"].count(0) for row in rows) + 1  # + the padding, a document of its own
         documents = config.batch_size * most
+    elif static and config.padding_free:
+        documents = config.batch_size + 1  # each example of the flattened row, and its padding
     width = (config.max_length or 2048) if static else WIDTH_MULTIPLE if config.torch_compile else None
     return Levers(fused_lora=config.lora_update_dtype if fused_lora else None,
                   fused_loss=fusable if config.fused_loss is None else config.fused_loss,

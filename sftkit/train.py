@@ -27,6 +27,7 @@ from .backend import build_backend
 from .checkpoint import (TrainState, mark_best, prune, read_train_state, require_shared, restore_rng_states, save,
                          write_weights)
 from .config import TrainConfig
+from .data.pipeline import collate_flat
 from .data.prepare import prepare_data
 from .data.templates import get_template
 from .errors import OptionError, TrainingError, TrainingStopped
@@ -71,7 +72,8 @@ def train(config: TrainConfig, *, loss_fn=None, on_record: Callable[[dict], None
     objective = build_objective(config, model, device=device, autocast=autocast, world=world, loss_fn=loss_fn)
     train_examples, val_examples = objective.score((train_examples, val_examples), tokenizer, say)
     train_examples, collate_train, lengths = objective.rows(config, train_examples, say, processor)
-    levers, peak = prepare_step(model, config, device, train_examples, world, say, objective.sequences)
+    levers, peak = prepare_step(model, config, device, train_examples, world, say, objective.sequences,
+                                padding_free=collate_train is collate_flat)
     global_batch = config.batch_size * world.size
     batches_per_epoch = math.ceil(len(train_examples) / global_batch)
     total_steps = config.max_steps if config.max_steps > 0 else \
@@ -102,7 +104,7 @@ def train(config: TrainConfig, *, loss_fn=None, on_record: Callable[[dict], None
         while state.step < total_steps:
             window_started = time.time()
             window, shards, collated = next_window()
-            counts = objective.counts(shards, world)
+            counts = objective.counts(shards, collated, world)
             model.train()
             window_loss, window_metrics = accumulate(backend, shards, collated, device, autocast, counts[objective.unit],
                                                      world, non_blocking=levers.asynchronous)
@@ -165,12 +167,12 @@ def train(config: TrainConfig, *, loss_fn=None, on_record: Callable[[dict], None
 
 
 def prepare_step(model, config: TrainConfig, device: torch.device, examples: list[dict], world: distributed.World, say=print,
-                 sequences=lambda row: [row]):
+                 sequences=lambda row: [row], padding_free: bool = False):
     """Before the first step: the speed levers for this device, the memory plan, then the levers applied (compiled
     layers include the plan's checkpoints). Returns (levers, estimated peak bytes)."""
     levers = speed.resolve_levers(config, device, examples if config.packing else None)
     peak = memory.prepare_memory(model, config, device, examples, say, processes=world.size if device.type == "cpu" else 1,
-                                 fused_loss=levers.fused_loss, sequences=sequences)
+                                 fused_loss=levers.fused_loss, sequences=sequences, padding_free=padding_free)
     speed.apply_levers(model, levers)
     say(f"[sftkit] {levers.describe()}")
     return levers, peak

@@ -123,17 +123,16 @@ def settle(window_loss: torch.Tensor, grad_norm, metrics: dict, normaliser: int,
             {name: (totals[1 + i], totals[1 + len(names) + i]) for i, name in enumerate(names)})
 
 
-def window_counts(shards, world: distributed.World) -> dict:
+def window_counts(shards, collated: list[dict], world: distributed.World) -> dict:
     """What one window holds on all ranks, counted on the host: trainable tokens (the loss's denominator),
-    tokens, padded batch positions, rows and examples (packed rows hold several)."""
+    tokens, batch positions as collated (padding included), rows and examples (packed rows hold several)."""
     counts = [0, 0, 0, 0, 0]
-    for shard, weight in shards:
+    for (shard, weight), batch in zip(shards, collated):
         if not weight:
             continue
-        width = max(len(e["input_ids"]) for e in shard)
         counts[0] += sum(trainable_tokens(e) for e in shard)
         counts[1] += sum(len(e["input_ids"]) for e in shard)
-        counts[2] += width * len(shard)
+        counts[2] += batch["input_ids"].numel()
         counts[3] += len(shard)
         counts[4] += sum(e["position_ids"].count(0) if "position_ids" in e else 1 for e in shard)
     totals = distributed.sum_floats(counts, world)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import tiny
 from sftkit.attention import VARLEN, find_documents, is_right_padded, use_varlen_attention
-from sftkit.data.pipeline import collate, collate_packed, pack
+from sftkit.data.pipeline import collate, collate_flat, collate_packed, pack
 from sftkit.lora import LoRAConfig, inject_lora
 from sftkit.loss import loss_sum
 
@@ -65,6 +65,24 @@ def test_right_padded_batch_without_its_mask_equals_the_masked_batch(tokenizer, 
     assert all((batch["attention_mask"] == 0).any() for batch in batches)
     reference = loss_and_grads(lora_model(tokenizer, arch, **config), batches)
     assert_same(reference, loss_and_grads(lora_model(tokenizer, arch, varlen=True, **config), batches))
+
+
+@pytest.mark.parametrize("arch,config", ARCHITECTURES, ids=[a for a, _ in ARCHITECTURES])
+def test_padding_free_batch_equals_the_padded_batch(tokenizer, arch, config):
+    """--padding_free: the same micro-batches as padded rows, one row each without a pad, the same loss and gradients."""
+    parts = (examples()[:3], examples()[3:])
+    padded = [collate(part, tokenizer.pad_token_id) for part in parts]
+    flat = [collate_flat(part, tokenizer.pad_token_id) for part in parts]
+    assert [batch["input_ids"].shape for batch in flat] == [(1, 24), (1, 23)]  # 7+12+5 and 9+3+11 tokens, no pad
+    assert [batch["document_boundaries"].tolist() for batch in flat] == [[0, 7, 19, 24], [0, 9, 12, 23]]
+    reference = loss_and_grads(lora_model(tokenizer, arch, **config), padded)
+    assert_same(reference, loss_and_grads(lora_model(tokenizer, arch, varlen=True, **config), flat))
+
+
+def test_padding_free_pads_only_to_the_asked_multiple(tokenizer):
+    batch = collate_flat(examples()[:3], tokenizer.pad_token_id, pad_to_multiple_of=16)
+    assert batch["input_ids"].shape == (1, 32)
+    assert batch["labels"][0, 24:].eq(-100).all() and batch["document_boundaries"].tolist() == [0, 7, 19, 24, 32]
 
 
 def test_documents_ignored_would_change_the_loss(tokenizer):
@@ -183,3 +201,14 @@ def test_cuda_varlen_kernel_equals_attention_per_document(tokenizer):
     per_document, _ = varlen_attention_forward(module, query.float(), key.float(), value.float(), None, scaling=0.25,
                                                packed_documents=documents)
     torch.testing.assert_close(fused.float(), per_document, rtol=2e-2, atol=2e-2)
+
+
+def test_padding_free_is_the_default_where_attention_stays_per_example():
+    from sftkit.config import TrainConfig
+    from sftkit.objective import example_collate
+
+    said = []
+    assert example_collate(TrainConfig(), said.append, varlen=True) is collate_flat
+    assert example_collate(TrainConfig(), said.append, varlen=False) is collate  # a dense mask over the row: padded
+    assert example_collate(TrainConfig(padding_free=False), said.append, varlen=True) is collate
+    assert "padding-free batches" in said[0] and "padding-free needs varlen attention" in said[1] and len(said) == 2

@@ -23,7 +23,7 @@ def test_train_throughput_quick(tmp_path):
     assert {"benchmark", "machine", "settings", "data", "flops", "runs", "summary", "ratios"} <= result.keys()
     assert {"load_average", "load_average_after", "cpu_count", "torch", "transformers"} <= result["machine"].keys()
     names = {run["name"] for run in result["runs"]}
-    assert names == {"sftkit:packed", "sftkit:padded", "sftkit:packing", "reference"}
+    assert names == {"sftkit:packed", "sftkit:defaults", "sftkit:packing", "reference"}
     for run in result["runs"]:
         assert {"trainable_tokens_per_s", "all_tokens_per_s", "seconds_per_step", "peak_rss_mb", "peak_gpu_mem_mb",
                 "final_loss", "loss_last_20pct", "padding_share", "achieved_tflops", "mfu", "steps", "losses"} <= run.keys()
@@ -34,13 +34,15 @@ def test_train_throughput_quick(tmp_path):
     runs = {run["name"]: run for run in result["runs"]}
     assert 0 < runs["sftkit:packed"]["fill_ratio"] <= 1 and 0 < runs["sftkit:packing"]["fill_ratio"] <= 1
     # The user's view: default flags and --packing true, both at the reference's batch size and max length.
-    assert runs["sftkit:padded"]["sftkit_flags"] == {**runs["sftkit:padded"]["sftkit_flags"], "packing": False, "batch_size": 4,
-                                                     "max_memory": "auto", "varlen_attention": True, "gradient_checkpointing": False}
+    assert runs["sftkit:defaults"]["sftkit_flags"] == {
+        **runs["sftkit:defaults"]["sftkit_flags"], "packing": False, "padding_free": True, "batch_size": 4,
+        "max_memory": "auto", "varlen_attention": True, "gradient_checkpointing": False}
+    assert runs["sftkit:defaults"]["padding_share"] == 0 < runs["reference"]["padding_share"]
     assert runs["sftkit:packing"]["sftkit_flags"]["packing"] and runs["sftkit:packing"]["sftkit_flags"]["batch_size"] == 4
-    assert runs["sftkit:packing"]["steps"] < runs["sftkit:padded"]["steps"] == runs["reference"]["steps"]
-    assert all(runs[name]["estimated_peak_mb"] > 0 for name in ("sftkit:packed", "sftkit:padded", "sftkit:packing"))
+    assert runs["sftkit:packing"]["steps"] < runs["sftkit:defaults"]["steps"] == runs["reference"]["steps"]
+    assert all(runs[name]["estimated_peak_mb"] > 0 for name in ("sftkit:packed", "sftkit:defaults", "sftkit:packing"))
     assert set(result["comparisons"].values()) == set(result["ratios"]) == {
-        "sftkit:packed/reference", "sftkit:padded/reference", "sftkit:packing/reference"}
+        "sftkit:packed/reference", "sftkit:defaults/reference", "sftkit:packing/reference"}
     for pair in result["ratios"].values():
         assert {"trainable_tokens_per_s", "all_tokens_per_s", "peak_rss_mb", "loss_last_20pct"} <= pair.keys()
 

@@ -1,6 +1,7 @@
 """The activation estimate against what autograd really keeps, the checkpointing plan, and out-of-memory advice."""
 import importlib
 import json
+import re
 import sys
 
 import pytest
@@ -140,7 +141,7 @@ def test_train_prints_the_estimate_and_checkpoints_under_a_budget(tiny_model_dir
                       output_dir=str(tmp_path / "out"), add_output_dir_suffix=False, max_memory="1KB", dataset_cache=False))
     printed = capsys.readouterr().out
     assert "attention: sftkit_varlen" in printed
-    assert "estimated peak memory per micro-batch of 4 x" in printed
+    assert re.search(r"estimated peak memory per micro-batch of \d+ tokens \(4 rows, no padding\)", printed)  # padding-free
     assert "to fit the budget: checkpointing whole layers in 2 of 2 layers" in printed
     assert "warning: the estimate exceeds the budget even so" in printed
 
@@ -188,3 +189,14 @@ def test_heap_threshold_leaves_a_user_setting_alone(monkeypatch):
     assert memory.limit_heap_fragmentation() is False
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     assert memory.limit_heap_fragmentation() is True
+
+
+def test_a_padding_free_micro_batch_is_its_longest_rows_together(tokenizer):
+    model = tiny.make_model(tokenizer)
+    rows = [{"input_ids": [5] * length, "labels": [5] * length} for length in (10, 50, 20, 30)]
+    said = []
+    padded = memory.prepare_memory(model, TrainConfig(batch_size=2), torch.device("cpu"), rows, said.append)
+    flat = memory.prepare_memory(model, TrainConfig(batch_size=2), torch.device("cpu"), rows, said.append, padding_free=True)
+    estimates = [line for line in said if "estimated peak memory" in line]
+    assert "micro-batch of 2 x 50 tokens" in estimates[0] and "micro-batch of 80 tokens (2 rows, no padding)" in estimates[1]
+    assert flat < padded

@@ -458,6 +458,15 @@ def collate_packed(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int 
     return tensors
 
 
+def collate_flat(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """A micro-batch without padding (ms-swift's padding_free): its examples one after another in one packed row.
+
+    The batch and its targets are collate's (an example's first label is never a target there either), so the
+    loss is the padded batch's, without the compute and activations of the pads.
+    """
+    return collate_packed([_packed_row(examples)], pad_token_id, pad_to_multiple_of)
+
+
 def length_grouped_order(lengths: list[int], batch_size: int, seed: int) -> list[int]:
     """A shuffled order in which each batch holds examples of similar length (less padding), batches shuffled."""
     import random

@@ -21,7 +21,7 @@ TRAIN_GROUPS = {
     "model": ("model", "model_type", "template", "system", "dtype", "trust_remote_code", "use_flash_attn", "hub",
               "model_revision", "model_cache_dir"),
     "data": ("dataset", "val_dataset", "dataset_test_ratio", "train_dataset_sample", "dataset_seed", "max_length",
-             "truncation_side", "check_dataset_strategy", "train_on", "loss_scale", "packing", "group_by_length",
+             "truncation_side", "check_dataset_strategy", "train_on", "loss_scale", "packing", "padding_free", "group_by_length",
              "varlen_attention", "dataset_cache"),
     "LoRA / quantization": ("sft_type", "tuner_backend", "freeze_vit", "lora_rank", "lora_alpha", "lora_dropout",
                             "lora_target_modules", "use_rslora", "quantization_bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
