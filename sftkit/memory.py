@@ -281,7 +281,8 @@ def prepare_memory(model, config, device: torch.device, examples: list[dict], sa
 
     sequences(example) are the rows an example puts in a micro-batch (a preference pair: its two answers);
     padding_free: a micro-batch is its rows without pads (at most the longest rows together), else batch x longest;
-    forward_tokens: a padding-free micro-batch runs in forward passes of at most that many tokens (or one longer row)."""
+    forward_tokens: a padding-free or packed micro-batch runs in forward passes of whole rows of at most that many
+    tokens together (or one longer row)."""
     from .attention import VARLEN
 
     shape = ModelShape.from_config(model.config)
@@ -298,7 +299,7 @@ def prepare_memory(model, config, device: torch.device, examples: list[dict], sa
     batch = min(config.batch_size * len(rows) // len(examples), len(rows))
     tokens, most_trainable = (sum(lengths[-batch:]), sum(trainable[-batch:])) if padding_free else \
         (batch * longest, batch * trainable[-1])
-    split = padding_free and forward_tokens and tokens > max(forward_tokens, longest)
+    split = (padding_free or config.packing) and forward_tokens and tokens > max(forward_tokens, longest)
     if split:
         tokens = max(forward_tokens, longest)
         most_trainable = min(most_trainable, tokens)
