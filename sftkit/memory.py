@@ -274,12 +274,15 @@ def limit_heap_fragmentation(threshold: int = 2**20) -> bool:
 
 
 def prepare_memory(model, config, device: torch.device, examples: list[dict], say=print, processes: int = 1,
-                   fused_loss: bool = False, sequences=lambda example: [example], padding_free: bool = False) -> int:
+                   fused_loss: bool = False, sequences=lambda example: [example], padding_free: bool = False,
+                   forward_tokens: int | None = None) -> int:
     """Before the first step: on CPU tune the allocator, print the estimated peak of a micro-batch and, when it
     exceeds --max_memory, checkpoint what makes it fit. Returns the estimated peak in bytes.
 
     sequences(example) are the rows an example puts in a micro-batch (a preference pair: its two answers);
-    padding_free: a micro-batch is its rows without pads (at most the longest rows together), else batch x longest."""
+    padding_free: a micro-batch is its rows without pads (at most the longest rows together), else batch x longest;
+    forward_tokens: a padding-free or packed micro-batch runs in forward passes of whole rows of at most that many
+    tokens together (or one longer row)."""
     from .attention import VARLEN
 
     shape = ModelShape.from_config(model.config)
@@ -296,6 +299,10 @@ def prepare_memory(model, config, device: torch.device, examples: list[dict], sa
     batch = min(config.batch_size * len(rows) // len(examples), len(rows))
     tokens, most_trainable = (sum(lengths[-batch:]), sum(trainable[-batch:])) if padding_free else \
         (batch * longest, batch * trainable[-1])
+    split = (padding_free or config.packing) and forward_tokens and tokens > max(forward_tokens, longest)
+    if split:
+        tokens = max(forward_tokens, longest)
+        most_trainable = min(most_trainable, tokens)
     estimate = estimate_activations(
         shape, tokens, most_trainable, element_bytes=2 if half else 4,
         lora_rank=config.lora_rank if config.sft_type == "lora" else 0,
@@ -310,7 +317,8 @@ def prepare_memory(model, config, device: torch.device, examples: list[dict], sa
     plan = CheckpointPlan("layer", shape.layers) if config.gradient_checkpointing else \
         choose_plan(estimate, fixed, budget, available_parts(model))
     peak = fixed + estimate.activations(plan)
-    batch_shape = f"{tokens} tokens ({batch} rows, no padding)" if padding_free else f"{batch} x {longest} tokens"
+    batch_shape = f"{batch} rows in forward passes of at most {tokens} tokens, no padding" if split else \
+        f"{tokens} tokens ({batch} rows, no padding)" if padding_free else f"{batch} x {longest} tokens"
     say(f"[sftkit] estimated peak memory per micro-batch of {batch_shape}: {size(peak)} (activations "
         f"{size(estimate.activations(CheckpointPlan()))} without checkpointing, loss logits {size(estimate.logits)} of them; "
         f"weights, gradients and optimizer {size(fixed)})" + (f"; budget {size(budget)}" if budget else ""))

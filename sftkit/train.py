@@ -90,7 +90,9 @@ def train(config: TrainConfig, *, loss_fn=None, on_record: Callable[[dict], None
         state = restore(resume, backend, world.rank)
         say(f"[sftkit] resumed from {resume} at step {state.step}")
     next_window = window_source(train_examples, speed.training_collate(collate_train, levers, model), tokenizer.pad_token_id,
-                                config, state, world, prefetch=levers.asynchronous, lengths=lengths)
+                                config, state, world, prefetch=levers.asynchronous, lengths=lengths,
+                                forward_tokens=levers.forward_tokens,
+                                row_tokens=lambda row: sum(len(part["input_ids"]) for part in objective.sequences(row)))
 
     write_checkpoint_weights = partial(write_weights, model=model, tokenizer=tokenizer, lora_config=lora_config,
                                        model_dir=model_dir, state=state)
@@ -170,9 +172,10 @@ def prepare_step(model, config: TrainConfig, device: torch.device, examples: lis
                  sequences=lambda row: [row], padding_free: bool = False):
     """Before the first step: the speed levers for this device, the memory plan, then the levers applied (compiled
     layers include the plan's checkpoints). Returns (levers, estimated peak bytes)."""
-    levers = speed.resolve_levers(config, device, examples if config.packing else None)
+    levers = speed.resolve_levers(config, device, examples if config.packing else None, processes=world.size)
     peak = memory.prepare_memory(model, config, device, examples, say, processes=world.size if device.type == "cpu" else 1,
-                                 fused_loss=levers.fused_loss, sequences=sequences, padding_free=padding_free)
+                                 fused_loss=levers.fused_loss, sequences=sequences, padding_free=padding_free,
+                                 forward_tokens=levers.forward_tokens)
     speed.apply_levers(model, levers)
     say(f"[sftkit] {levers.describe()}")
     return levers, peak

@@ -278,8 +278,21 @@ def test_packed_rows_reach_the_mask_function_without_a_padding_mask(tokenizer, m
     assert seen and all(mask is None for mask in seen)
 
 
+def test_forward_passes_split_on_cpu_in_one_process_only():
+    from sftkit.errors import OptionError
+
+    cpu = torch.device("cpu")
+    assert speed.resolve_levers(TrainConfig(), cpu, processes=2).forward_tokens is None  # DDP ranks must stay in step
+    assert speed.resolve_levers(TrainConfig(), torch.device("cuda")).forward_tokens is None
+    assert speed.resolve_levers(TrainConfig(max_forward_tokens=0), cpu).forward_tokens is None
+    assert speed.resolve_levers(TrainConfig(max_forward_tokens=512), torch.device("cuda")).forward_tokens == 512
+    with pytest.raises(OptionError, match="max_forward_tokens"):
+        speed.resolve_levers(TrainConfig(max_forward_tokens=512), cpu, processes=2)
+    assert "max_forward_tokens does not combine" in " ".join(TrainConfig(max_forward_tokens=512, fsdp="full_shard").problems())
+
+
 def test_cpu_keeps_the_eager_paths_and_cuda_turns_the_levers_on():
-    assert speed.resolve_levers(TrainConfig(max_length=128), torch.device("cpu")) == speed.Levers()
+    assert speed.resolve_levers(TrainConfig(max_length=128), torch.device("cpu")) == speed.Levers(forward_tokens=1024)
     config = TrainConfig(max_length=128)
     cuda = speed.resolve_levers(config, torch.device("cuda"))
     assert cuda.fused_lora == "compute" and cuda.fused_loss and cuda.asynchronous and not cuda.compile

@@ -200,3 +200,10 @@ def test_a_padding_free_micro_batch_is_its_longest_rows_together(tokenizer):
     estimates = [line for line in said if "estimated peak memory" in line]
     assert "micro-batch of 2 x 50 tokens" in estimates[0] and "micro-batch of 80 tokens (2 rows, no padding)" in estimates[1]
     assert flat < padded
+    split = memory.prepare_memory(model, TrainConfig(batch_size=2), torch.device("cpu"), rows, said.append, padding_free=True,
+                                  forward_tokens=40)
+    packed = memory.prepare_memory(model, TrainConfig(batch_size=2, packing=True), torch.device("cpu"), rows, said.append,
+                                   forward_tokens=40)
+    estimates = [line for line in said if "estimated peak memory" in line]
+    assert "2 rows in forward passes of at most 50 tokens" in estimates[2] == estimates[3]  # a longer row alone
+    assert split == packed < flat

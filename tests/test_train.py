@@ -69,6 +69,31 @@ def test_accumulation_4x1_equals_1x4(tiny_model_dir, data_file, tmp_path):
         torch.testing.assert_close(first[key], second[key], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_split_forward_passes_give_the_same_training(padding_free, tiny_model_dir, data_file, tmp_path, capsys):
+    """--max_forward_tokens: a micro-batch of 4 in forward passes of about one example each trains as the whole."""
+    whole = train(config(tiny_model_dir, data_file, tmp_path / "a", batch_size=4, max_steps=2, max_forward_tokens=0,
+                         padding_free=padding_free))
+    split = train(config(tiny_model_dir, data_file, tmp_path / "b", batch_size=4, max_steps=2, max_forward_tokens=30,
+                         padding_free=padding_free))
+    assert "forward passes of at most 30 tokens" in capsys.readouterr().out
+    losses = [[r["loss"] for r in metrics(tmp_path / name) if "loss" in r] for name in ("a", "b")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert [r["rows"] for r in metrics(tmp_path / "b") if "loss" in r] == [4, 4]
+    first, second = adapter(whole), adapter(split)
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=1e-4, atol=1e-6)
+
+
+def test_split_shards_keep_whole_rows_and_weights():
+    from sftkit.window import split_shards
+
+    rows = [{"input_ids": [1] * length} for length in (5, 6, 12, 3, 2)]
+    pieces = split_shards([(rows[:4], 1.0), (rows[4:], 0.0)], 11, lambda row: len(row["input_ids"]))
+    assert [([len(r["input_ids"]) for r in piece], weight) for piece, weight in pieces] == \
+        [([5, 6], 1.0), ([12], 1.0), ([3], 1.0), ([2], 0.0)]
+
+
 def test_resume_is_bit_exact(tiny_model_dir, data_file, tmp_path):
     straight = train(config(tiny_model_dir, data_file, tmp_path / "straight", save_steps=2))
     copy = tmp_path / "copy"
