@@ -177,6 +177,9 @@ def barrier(world: World) -> None:
 
 
 def shutdown(world: World) -> None:
+    """Leave the group together: a rank that destroys it while another still works (rank 0 writing the run's
+    last files) can leave that one waiting on it (pytorch/pytorch#75097), so every rank meets first."""
     if world.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 

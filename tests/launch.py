@@ -65,15 +65,16 @@ def _run(command: list[str], env: dict, timeout: int) -> subprocess.CompletedPro
             stdout, stderr = process.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             stdout, stderr = "", "(no output after SIGABRT)"
-        raise AssertionError(f"ran past {timeout} s: {' '.join(command)}\nstacks:\n{stacks(stderr)}\n"
-                             f"last output:\n{stdout[-1500:]}")
+        said = stderr.split("Fatal Python error")[0]  # what the processes printed before the dumps: an error?
+        raise AssertionError(f"ran past {timeout} s: {' '.join(command)}\nlast output:\n{stdout[-1500:]}\n"
+                             f"last errors before the stacks:\n{said[-1500:]}\nstacks (CI keeps a log's end):\n{stacks(stderr)}")
     finally:
         _signal_tree(process.pid, signal.SIGKILL)
         process.wait()
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
-def stacks(stderr: str, limit: int = 6000) -> str:
+def stacks(stderr: str, limit: int = 4000) -> str:
     """faulthandler's dumps in stderr, one short line per frame (path from the package root, line, function),
     without the launch frames every stack shares (runpy, click)."""
     kept = []
@@ -85,7 +86,7 @@ def stacks(stderr: str, limit: int = 6000) -> str:
                 kept.append(f"  {re.sub(r'^.*/(site-packages|main)/', '', path)}:{frame.group(2)} {frame.group(3)}")
         elif line.startswith(("Fatal Python error", "Thread 0x", "Current thread")):
             kept.append(line)
-    return "\n".join(kept)[:limit]
+    return "\n".join(kept)[-limit:]
 
 
 def _tree(pid: int) -> list[int]:

@@ -107,3 +107,15 @@ def test_placed_model_gives_the_same_loss(tiny_model_dir, tokenizer):
     expected, _ = loss_sum(plain, batch)
     got, _ = loss_sum(placed, batch)
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ranks_meet_before_they_leave_the_group(monkeypatch):
+    from sftkit import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    distributed.shutdown(distributed.World(0, 2))
+    distributed.shutdown(distributed.World())  # one process has no group to leave
+    assert calls == ["barrier", "destroy"]
