@@ -358,6 +358,9 @@ class RLHFConfig(TrainConfig):
                    ("rpo_alpha", "cpo_alpha", "desirable_weight", "undesirable_weight") if getattr(self, name) < 0]
         if self.packing:
             checks.append("packing does not apply to preference training: a pair's two answers are scored side by side")
+        if self.rlhf_type == "kto" and self.max_forward_tokens > 0:
+            checks.append("max_forward_tokens does not apply to kto: its KL baseline is taken over each micro-batch, "
+                          "which a split would change")
         if self.loss_scale:
             checks.append("loss_scale does not apply to preference training: the losses compare whole answers")
         if self.rlhf_type == "kto" and self.generates:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import distributed, run
 from .checkpoint import check_files, read_train_state, require_resumable, resolve_shared_checkpoint
 from .data import cache as dataset_cache
+from .errors import OptionError
 from .lora import target_names
 from .manifest import signing_key
 from .model import empty_model
@@ -18,6 +19,9 @@ from .registry import MODELS, resolve_lora_targets
 
 def check_setup(config, world: distributed.World, say=print) -> str | None:
     """Checks that need no model; returns the checkpoint folder to resume from (checked), or None."""
+    if config.max_forward_tokens > 0 and world.size > 1:
+        raise OptionError("max_forward_tokens", "splits micro-batches in one process only: DDP ranks must run the same "
+                          "number of forward passes (each one syncs the model's buffers)")
     resume = resolve_shared_checkpoint(config.resume_from_checkpoint, world) if config.resume_from_checkpoint else None
     if world.is_main:
         if resume:

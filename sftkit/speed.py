@@ -26,7 +26,6 @@ import torch
 
 from .attention import uses_varlen
 from .data.pipeline import collate
-from .errors import OptionError
 from .fused import chunk_loss_and_grad
 from .loss import SFT_LOSS, loss_sum, trainable_positions, without_metrics
 from .lora import use_fused_lora
@@ -63,12 +62,11 @@ class Levers:
 
 def resolve_levers(config, device: torch.device, rows: list[dict] | None = None, processes: int = 1) -> Levers:
     """The levers for this config on this device; `rows` (the training rows) size the static document count.
-    `processes`: the ranks, which would each split their micro-batches differently, so only one splits."""
+    `processes`: the ranks, which would each split their micro-batches differently, so only one splits (an asked
+    split with several is refused by preflight); KTO's KL baseline is per micro-batch, so it is never split."""
     cuda = device.type == "cuda"
-    if config.max_forward_tokens > 0 and processes > 1:
-        raise OptionError("max_forward_tokens", "splits micro-batches in one process only: DDP ranks must run the same "
-                          "number of forward passes (each one syncs the model's buffers)")
-    splits = device.type == "cpu" and processes == 1 and not (config.deepspeed or config.fsdp)
+    splits = device.type == "cpu" and processes == 1 and not (config.deepspeed or config.fsdp) and \
+        getattr(config, "rlhf_type", None) != "kto"
     forward_tokens = (CPU_FORWARD_TOKENS if splits else None) if config.max_forward_tokens < 0 else config.max_forward_tokens or None
     # ZeRO-3 gathers a weight only around its module's own forward; the fused paths read weights outside it.
     fusable = cuda and not config.deepspeed

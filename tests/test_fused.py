@@ -278,17 +278,22 @@ def test_packed_rows_reach_the_mask_function_without_a_padding_mask(tokenizer, m
     assert seen and all(mask is None for mask in seen)
 
 
-def test_forward_passes_split_on_cpu_in_one_process_only():
+def test_forward_passes_split_on_cpu_in_one_process_only(tmp_path):
+    from sftkit.config import RLHFConfig
+    from sftkit.distributed import World
     from sftkit.errors import OptionError
+    from sftkit.preflight import check_setup
 
     cpu = torch.device("cpu")
     assert speed.resolve_levers(TrainConfig(), cpu, processes=2).forward_tokens is None  # DDP ranks must stay in step
     assert speed.resolve_levers(TrainConfig(), torch.device("cuda")).forward_tokens is None
     assert speed.resolve_levers(TrainConfig(max_forward_tokens=0), cpu).forward_tokens is None
     assert speed.resolve_levers(TrainConfig(max_forward_tokens=512), torch.device("cuda")).forward_tokens == 512
-    with pytest.raises(OptionError, match="max_forward_tokens"):
-        speed.resolve_levers(TrainConfig(max_forward_tokens=512), cpu, processes=2)
+    with pytest.raises(OptionError, match="max_forward_tokens: splits micro-batches in one process only"):
+        check_setup(TrainConfig(max_forward_tokens=512, output_dir=str(tmp_path)), World(0, 2))
     assert "max_forward_tokens does not combine" in " ".join(TrainConfig(max_forward_tokens=512, fsdp="full_shard").problems())
+    assert speed.resolve_levers(RLHFConfig(rlhf_type="kto"), cpu).forward_tokens is None  # its KL is per micro-batch
+    assert "does not apply to kto" in " ".join(RLHFConfig(rlhf_type="kto", max_forward_tokens=512).problems())
 
 
 def test_cpu_keeps_the_eager_paths_and_cuda_turns_the_levers_on():

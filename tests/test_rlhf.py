@@ -130,6 +130,17 @@ def test_accumulation_normalises_by_pairs(tiny_model_dir, pairs_file, tmp_path):
         torch.testing.assert_close(first[key], second[key], rtol=1e-4, atol=1e-6)
 
 
+def test_split_forward_passes_give_the_same_dpo_training(tiny_model_dir, pairs_file, tmp_path):
+    """--max_forward_tokens splits a micro-batch of 4 pairs into passes of whole pairs: the same losses and weights."""
+    whole = train(config(tiny_model_dir, pairs_file, tmp_path / "a", max_steps=2, max_forward_tokens=0))
+    split = train(config(tiny_model_dir, pairs_file, tmp_path / "b", max_steps=2, max_forward_tokens=40))
+    assert [r["loss"] for r in steps(tmp_path / "a")] == pytest.approx([r["loss"] for r in steps(tmp_path / "b")], rel=1e-5)
+    first = load_file(os.path.join(whole, "adapter_model.safetensors"))
+    second = load_file(os.path.join(split, "adapter_model.safetensors"))
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=1e-4, atol=1e-6)
+
+
 def test_length_grouping_sees_every_pair_once_per_epoch(tiny_model_dir, pairs_file, tmp_path):
     train(config(tiny_model_dir, pairs_file, tmp_path, group_by_length=True, max_steps=-1, num_train_epochs=1, batch_size=3,
                  eval_steps=100))
