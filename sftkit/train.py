@@ -74,10 +74,7 @@ def train(config: TrainConfig, *, loss_fn=None, on_record: Callable[[dict], None
     train_examples, collate_train, lengths = objective.rows(config, train_examples, say, processor)
     levers, peak = prepare_step(model, config, device, train_examples, world, say, objective.sequences,
                                 padding_free=collate_train is collate_flat)
-    global_batch = config.batch_size * world.size
-    batches_per_epoch = math.ceil(len(train_examples) / global_batch)
-    total_steps = config.max_steps if config.max_steps > 0 else \
-        math.ceil(math.ceil(batches_per_epoch / config.gradient_accumulation_steps) * config.num_train_epochs)
+    batches_per_epoch, total_steps = run_length(config, len(train_examples), world.size)
 
     # Run folder (a resumed run writes on into the folder of its checkpoint; rank 0 writes shared files), the
     # backend that runs each step, and the state a resume restores.
@@ -91,8 +88,7 @@ def train(config: TrainConfig, *, loss_fn=None, on_record: Callable[[dict], None
         say(f"[sftkit] resumed from {resume} at step {state.step}")
     next_window = window_source(train_examples, speed.training_collate(collate_train, levers, model), tokenizer.pad_token_id,
                                 config, state, world, prefetch=levers.asynchronous, lengths=lengths,
-                                forward_tokens=levers.forward_tokens,
-                                row_tokens=lambda row: sum(len(part["input_ids"]) for part in objective.sequences(row)))
+                                forward_tokens=levers.forward_tokens, sequences=objective.sequences)
 
     write_checkpoint_weights = partial(write_weights, model=model, tokenizer=tokenizer, lora_config=lora_config,
                                        model_dir=model_dir, state=state)
@@ -179,6 +175,13 @@ def prepare_step(model, config: TrainConfig, device: torch.device, examples: lis
     speed.apply_levers(model, levers)
     say(f"[sftkit] {levers.describe()}")
     return levers, peak
+
+
+def run_length(config: TrainConfig, examples: int, world_size: int) -> tuple[int, int]:
+    """(global batches per epoch, optimizer steps of the run: --max_steps, else the epochs' windows)."""
+    batches_per_epoch = math.ceil(examples / (config.batch_size * world_size))
+    windows = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+    return batches_per_epoch, config.max_steps if config.max_steps > 0 else math.ceil(windows * config.num_train_epochs)
 
 
 def check_finite(mean_loss: float, step: int, run_dir: str) -> None:

@@ -21,11 +21,11 @@ from .data.sampler import batch_positions, rank_shard
 
 def window_source(examples: list[dict], collate_fn, pad_id: int, config, state, world: distributed.World,
                   prefetch: bool = False, lengths: list[int] | None = None, forward_tokens: int | None = None,
-                  row_tokens=lambda row: len(row["input_ids"])):
+                  sequences=lambda row: [row]):
     """The windows from the run's data position on: calling the result gives the next one, as
     ([(epoch, batch index, indices)], [(shard, weight)], [collated shard]); with prefetch, collated ahead in a
     thread. `lengths` (--group_by_length) batch rows of similar length together; `forward_tokens` splits each
-    micro-batch into shards of at most that many tokens (row_tokens(row) each). Close it at the end."""
+    micro-batch into shards of at most that many tokens (a row's: those of its sequences(row)). Close it at the end."""
     batches = batch_positions(len(examples), config.batch_size * world.size, config.seed, state.epoch, state.batches_in_epoch,
                               lengths)
 
@@ -33,7 +33,7 @@ def window_source(examples: list[dict], collate_fn, pad_id: int, config, state, 
         window = [next(batches) for _ in range(config.gradient_accumulation_steps)]
         shards = [rank_shard([examples[i] for i in indices], world.rank, config.batch_size) for _, _, indices in window]
         if forward_tokens:
-            shards = split_shards(shards, forward_tokens, row_tokens)
+            shards = split_shards(shards, forward_tokens, lambda row: sum(len(part["input_ids"]) for part in sequences(row)))
         return window, shards, [collate_fn(shard, pad_id) for shard, _ in shards]
 
     return Prefetcher(next_window) if prefetch else Inline(next_window)
@@ -46,11 +46,12 @@ def split_shards(shards: list[tuple[list[dict], float]], most: int, row_tokens) 
     for shard, weight in shards:
         piece, tokens = [], 0
         for row in shard:
-            if piece and tokens + row_tokens(row) > most:
+            length = row_tokens(row)
+            if piece and tokens + length > most:
                 pieces.append((piece, weight))
                 piece, tokens = [], 0
             piece.append(row)
-            tokens += row_tokens(row)
+            tokens += length
         pieces.append((piece, weight))
     return pieces
 
