@@ -1,5 +1,6 @@
-"""Cost of constrained tool calls: the mask per token (inside a call and outside), generation tokens/s with the
-constraint on and off, and the per-token cost of the structured-generation libraries the choice was made from.
+"""Cost of constrained tool calls: the mask per token (inside a call and outside), generation tokens/s free,
+constrained token by token and constrained with scored calls, and the per-token cost of the structured-generation
+libraries the choice was made from.
 
     python bench/constrained_decoding.py --ckpt_dir CKPT    # a tuned agent (e.g. the recipe's best checkpoint)
     python bench/constrained_decoding.py                    # the embedded SmolLM2: it never opens a call, so only
@@ -8,7 +9,8 @@ constraint on and off, and the per-token cost of the structured-generation libra
 
 Rows are the first --rows conversations of examples/agent/test_general.jsonl. The mask cost replays each
 reference reply token by token through the constraint (it also checks that no reference call is refused);
-generation runs the prompts in batches until each call closes, alternating off/on --repeats times.
+generation runs the prompts in batches until each call closes, the three sides in turn, --repeats times. A scored
+call's candidate tokens are extra forwards that make no reply token, so they lower tokens/s.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=40, help="conversations replayed and generated for")
     parser.add_argument("--batch_size", type=int, default=20)
     parser.add_argument("--max_new_tokens", type=int, default=96)
-    parser.add_argument("--repeats", type=int, default=2, help="generation runs of each side, alternated off on on off ...")
+    parser.add_argument("--repeats", type=int, default=2, help="generation runs of each side, in turns (free token scored scored token free ...)")
     parser.add_argument("--quick", action="store_true", help="a tiny tokenizer and random model instead of SmolLM2")
     parser.add_argument("--out", default="bench/results/constrained_decoding.json")
     return parser.parse_args(argv)
@@ -68,8 +70,9 @@ def main(argv=None) -> dict:
     tools = [conversation_tools(prompt, system) for prompt, _ in cases]
 
     started = time.perf_counter()
-    guide = ToolCallGuide(tokenizer, template)
+    guide = ToolCallGuide(tokenizer, template, scored=False)
     setup_s = time.perf_counter() - started
+    guides = {"free": None, "token": guide, "scored": ToolCallGuide(tokenizer, template, scored=True)}
     compile_ms = []
     for row_tools in tools:
         started = time.perf_counter()
@@ -82,11 +85,11 @@ def main(argv=None) -> dict:
     gen_config = GenerationConfig(max_new_tokens=args.max_new_tokens)
     runs = []
     for repeat in range(args.repeats):
-        for constrained in ((False, True) if repeat % 2 == 0 else (True, False)):
+        for side in (list(guides) if repeat % 2 == 0 else list(guides)[::-1]):
             generated = in_calls = 0
             started = time.perf_counter()
             for start in range(0, len(prompts), args.batch_size):
-                constraint = guide.constraint(tools[start:start + args.batch_size]) if constrained else None
+                constraint = guides[side].constraint(tools[start:start + args.batch_size]) if guides[side] else None
                 texts = generate_batch(model, tokenizer, prompts[start:start + args.batch_size], gen_config, *stops,
                                        stop_after=(call_end,), constraint=constraint)
                 for text in texts:
@@ -94,13 +97,11 @@ def main(argv=None) -> dict:
                     in_calls += sum(len(tokenizer(chunk.partition(call_end)[0], add_special_tokens=False)["input_ids"])
                                     for chunk in text.split(guide.opener.decode())[1:])
             seconds = time.perf_counter() - started
-            run = {"constrained": constrained, "repeat": repeat, "seconds": round(seconds, 3), "generated_tokens": generated,
+            run = {"side": side, "repeat": repeat, "seconds": round(seconds, 3), "generated_tokens": generated,
                    "tokens_in_calls": in_calls, "tokens_per_s": round(generated / seconds, 2)}
-            print(f"[bench] constrained={constrained}: {run['tokens_per_s']} tokens/s ({generated} tokens, "
-                  f"{in_calls} inside calls)", flush=True)
+            print(f"[bench] {side}: {run['tokens_per_s']} tokens/s ({generated} tokens, {in_calls} inside calls)", flush=True)
             runs.append(run)
-    summary = {side: statistics.median(run["tokens_per_s"] for run in runs if run["constrained"] == flag)
-               for side, flag in (("free", False), ("constrained", True))}
+    summary = {side: statistics.median(run["tokens_per_s"] for run in runs if run["side"] == side) for side in guides}
     result = {
         "benchmark": "constrained_decoding",
         "machine": machine_state(),
@@ -110,11 +111,13 @@ def main(argv=None) -> dict:
                   "distinct_tool_sets": len({tuple(t.name for t in row) for row in tools})},
         "mask_per_token": mask,
         "generation": {"runs": runs, "tokens_per_s": summary,
-                       "constrained_over_free": round(summary["constrained"] / summary["free"], 3)},
+                       "token_over_free": round(summary["token"] / summary["free"], 3),
+                       "scored_over_free": round(summary["scored"] / summary["free"], 3)},
         "libraries": library_costs(tokenizer, tools, cases, template),
     }
     print(f"[bench] mask per token: {mask['in_call_us']['mean']:.0f} us in a call, {mask['outside_us']['mean']:.1f} us outside; "
-          f"generation constrained/free x{result['generation']['constrained_over_free']}")
+          f"generation token by token/free x{result['generation']['token_over_free']}, "
+          f"scored/free x{result['generation']['scored_over_free']}")
     write_json(args.out, result)
     return result
 

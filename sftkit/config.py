@@ -35,8 +35,11 @@ NO_LIMIT = {-1: None}
 # ms-swift's check_dataset_strategy values: none (no check: a bad row stops the run) and discard (drop it).
 SEED_STRATEGIES = {"none": "error", "discard": "skip"}
 LOSS_SCALE_PRESETS = {"agent": {"tool_call": 2.0, "assistant": 1.0}}
-CONSTRAINED_HELP = ("in agent mode (chat --agent, infer, eval --metrics agent), a tool call may only name a tool the "
-                    "conversation offers, with that tool's parameter names and value types (false: free, to compare)")
+CONSTRAINED_HELP = ("in agent mode (chat --agent, infer, eval --metrics agent, deploy requests with tools but not on "
+                    "vllm), a tool call may only name a tool the conversation offers, with that tool's parameter names "
+                    "and value types (false: free, to compare)")
+SCORED_HELP = ("with constrained tool calls and several tools offered, write the best call to each tool and keep the "
+               "one the model finds likeliest as a whole (false: the tool is picked token by token)")
 TRUE = ("true", "1", "yes", "on")
 FALSE = ("false", "0", "no", "off")
 
@@ -196,6 +199,7 @@ class TrainConfig(DataOptions):
     eval_generation_limit: int = option(50, "validation conversations to generate for at each evaluation")
     eval_max_new_tokens: int = option(256, "longest generated answer during evaluation")
     constrained_tool_calls: bool = option(True, CONSTRAINED_HELP + " (with eval_generation_mode agent)")
+    score_tool_calls: bool = option(True, SCORED_HELP)
     save_steps: int | None = option(None, "save every this many steps (default: eval_steps)")
     save_total_limit: int = option(2, "keep at most this many checkpoints besides the best")
     only_save_model: bool = option(False, "checkpoints hold only weights (no optimizer state: cannot resume)")
@@ -569,6 +573,7 @@ class GenerateOptions:
     repetition_penalty: float = option(1.0, "scale down tokens already in the prompt or reply (1: off)")
     seed: int | None = option(None, "seed for sampling, so a sampled run can be repeated")
     constrained_tool_calls: bool = option(True, CONSTRAINED_HELP)
+    score_tool_calls: bool = option(True, SCORED_HELP)
     trust_remote_code: bool = option(False, "allow a base model whose repository ships Python code")
 
     def problems(self) -> list[str]:

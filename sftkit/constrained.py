@@ -9,12 +9,19 @@ tokens of a byte-level grammar over the real vocabulary (docs/constrained_decodi
 A token can straddle the opener: with a byte-level BPE `|>```` ends the opener and starts the fence. So a token
 that would complete the opener is allowed only when what follows the opener inside it can start a valid call,
 and that remainder is fed to the grammar when the call opens.
+
+Scored (the default where a row offers several tools): a call is not picked token by token. When it opens, the
+model writes its best call to each offered tool alone (one batch), and the call the model finds likeliest as a
+whole wins; its tokens are then forced. A small model often opens the similar-named tool with the wrong
+parameters (`weather_forecast` for "weather in Paris"), and then has to invent a value ("days": 3) that it
+finds unlikely: the whole call's probability says what the first diverging token could not.
 """
 from __future__ import annotations
 
 import json
 import warnings
 import weakref
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,12 +66,12 @@ class ToolCallGuide:
     generate_batch.
     """
 
-    def __init__(self, tokenizer, template: "str | Template"):
+    def __init__(self, tokenizer, template: "str | Template", scored: bool = True):
         opener, found, closer = get_template(template).tool_call.partition("{{CONTENT}}")
         if not found or not opener or not closer:
             raise ValueError("the template's tool_call has no opener and closer around {{CONTENT}} to constrain")
         self.vocabulary = _vocabulary(tokenizer)
-        self.tokenizer, self.opener, self.closer = tokenizer, opener.encode(), closer
+        self.tokenizer, self.opener, self.closer, self.scored = tokenizer, opener.encode(), closer, scored
         self._grammars: dict[tuple, str | None] = {}
         self._valid_starts: dict[tuple[str, bytes], bool] = {}
         self._fresh: dict[str, object] = {}
@@ -150,10 +157,12 @@ def _opener_completions(token_bytes: tuple[bytes, ...], opener: bytes) -> dict[i
 
 
 class CallConstraint:
-    """Per-row state of one generation: outside a call (watching for the opener) or inside one (a matcher).
+    """Per-row state of one generation: outside a call (watching for the opener) or inside one (a matcher, or the
+    scored call's tokens still to force).
 
-    `restrict` masks a [batch, vocab] logits tensor in place before the next token is picked; `advance` reads
-    the picked tokens. A row the caller has finished with is `drop`ped so it costs nothing more.
+    `begin` hears the model before the first step; `restrict` masks a [batch, vocab] logits
+    tensor in place before the next token is picked; `advance` reads the picked tokens. A row the caller has
+    finished with is `drop`ped so it costs nothing more.
     """
 
     def __init__(self, guide: ToolCallGuide, tools_by_row: list[tuple[Tool, ...]]):
@@ -161,25 +170,31 @@ class CallConstraint:
         self.grammars = [guide.grammar(tools) if tools else None for tools in tools_by_row]
         self.tails = [b""] * len(tools_by_row)
         self.matchers: list = [None] * len(tools_by_row)
+        self.forced: list[deque] = [deque() for _ in tools_by_row]
+        self.model = None  # set by begin when calls are scored
         self.failures = 0  # calls left unconstrained part way (reported by the benchmark; expected to stay 0)
+
+    def begin(self, model, images=None) -> None:
+        """Keep the model to score calls with; a prompt with images is not scored (its positions are the model's own)."""
+        if self.guide.scored and images is None:
+            self.model = model
 
     def drop(self, row: int) -> None:
         self.grammars[row], self.matchers[row] = None, None
+        self.forced[row].clear()
 
     def restrict(self, logits: torch.Tensor) -> torch.Tensor:
-        size = len(self.guide.vocabulary.token_bytes)
         for row, grammar in enumerate(self.grammars):
             if grammar is None:
                 continue
-            matcher = self.matchers[row]
-            if matcher is not None:
-                allowed = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")[:size]
-                if matcher.is_error() or not allowed.any():
+            if self.forced[row]:
+                token = self.forced[row][0]
+                kept = logits[row, token].clone()
+                logits[row] = float("-inf")
+                logits[row, token] = kept
+            elif self.matchers[row] is not None:
+                if not _mask_row(logits, row, self.matchers[row], len(self.guide.vocabulary.token_bytes)):
                     self._fail(row)
-                    continue
-                blocked = torch.from_numpy(allowed == 0).to(logits.device)
-                logits[row, :size].masked_fill_(blocked, float("-inf"))
-                logits[row, size:] = float("-inf")
             else:
                 blocked = self._bad_openings(row, grammar)
                 if blocked:
@@ -193,10 +208,15 @@ class CallConstraint:
         return [token for k in ks for token, start in self.guide.completions[k]
                 if not self.guide.valid_start(grammar, start)]
 
-    def advance(self, tokens: list[int]) -> None:
-        opener = self.guide.opener
+    def advance(self, tokens: list[int], fork=None) -> None:
+        """Read each row's picked token; fork(rows) gives those rows' states (a row once per time it is listed), to
+        score the calls these tokens open."""
+        opener, opened = self.guide.opener, []
         for row, token in enumerate(tokens):
             if self.grammars[row] is None:
+                continue
+            if self.forced[row]:
+                self.forced[row].popleft()
                 continue
             matcher = self.matchers[row]
             if matcher is not None:
@@ -211,7 +231,24 @@ class CallConstraint:
                 self.tails[row] = text[-(len(opener) - 1):] if len(opener) > 1 else b""
                 continue
             self.tails[row] = b""
-            matcher = self.guide.matcher(self.grammars[row], text[found + len(opener):])
+            opened.append((row, text[found + len(opener):]))
+        if opened:
+            self._open(opened, fork)
+
+    def _open(self, opened: list[tuple[int, bytes]], fork) -> None:
+        """Calls have opened in these rows, each `start` already inside its call: score them together (where several
+        tools are offered) or match them token by token."""
+        scored = [(row, start) for row, start in opened if len(self.tools[row]) > 1] \
+            if self.model is not None and fork is not None else []
+        if scored:
+            forked = fork([row for row, _ in scored for _ in self.tools[row]])
+            best = scored_calls(self.model, self.guide, forked, [(self.tools[row], start) for row, start in scored])
+            for (row, _), tokens in zip(scored, best):
+                self.forced[row] = deque(tokens or ())
+        for row, start in opened:
+            if self.forced[row]:
+                continue
+            matcher = self.guide.matcher(self.grammars[row], start)
             if matcher is None:
                 self._fail(row)
             elif not matcher.is_stopped():
@@ -224,9 +261,89 @@ class CallConstraint:
         warnings.warn("a tool call could not be constrained further; the rest of it is generated freely")
 
 
-def tool_call_guide(tokenizer, template: "str | Template") -> ToolCallGuide | None:
+def _mask_row(logits: torch.Tensor, row: int, matcher, size: int) -> bool:
+    """Mask the tokens the matcher does not allow in one row; False when it allows none (or is in error)."""
+    allowed = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")[:size]
+    if matcher.is_error() or not allowed.any():
+        return False
+    logits[row, :size].masked_fill_(torch.from_numpy(allowed == 0).to(logits.device), float("-inf"))
+    logits[row, size:] = float("-inf")
+    return True
+
+
+# A call longer than this many tokens is not a candidate (the unscored path then matches it token by token).
+MAX_CALL_TOKENS = 256
+
+
+def scored_calls(model, guide: ToolCallGuide, forked: tuple, calls: list[tuple[tuple[Tool, ...], bytes]],
+                 max_tokens: int = MAX_CALL_TOKENS) -> list[list[int] | None]:
+    """For each opened call (its offered tools, and `start`: what of the call the opener's last token already
+    holds), the tokens of the likeliest complete call up to and including the closer; None where no candidate
+    finished within max_tokens.
+
+    `forked` (generation._fork: input ids, attention mask, start) holds one row per candidate, the calls' rows
+    repeated once per tool, right after the opener's last token. All candidates run as one batch, each greedy and
+    constrained to its one tool; a candidate's score is the sum of its tokens' log-probabilities under the
+    unmasked logits, so a token the grammar forces still costs what the model thinks of it.
+    """
+    from .generation import GenerationConfig, _token_steps
+
+    candidates = _Candidates(guide, [(tool, start) for tools, start in calls for tool in tools])
+    if any(candidates.live):
+        input_ids, attention_mask, state = forked
+        for _ in _token_steps(model, input_ids, attention_mask, GenerationConfig(max_new_tokens=max_tokens), candidates,
+                              start=state):
+            if not any(candidates.live):
+                break
+    best, first = [], 0
+    for tools, _ in calls:
+        finished = [row for row in range(first, first + len(tools)) if candidates.finished[row]]
+        best.append(candidates.tokens[max(finished, key=lambda row: candidates.scores[row])] if finished else None)
+        first += len(tools)
+    return best
+
+
+class _Candidates:
+    """The rows of scored_calls: row i writes a call to its one tool only and sums its log-probabilities."""
+
+    def __init__(self, guide: ToolCallGuide, rows: list[tuple[Tool, bytes]]):
+        self.matchers = [_single_tool_matcher(guide, tool, start) for tool, start in rows]
+        self.live = [matcher is not None and not matcher.is_stopped() for matcher in self.matchers]
+        self.finished = [False] * len(rows)
+        self.scores, self.tokens = [0.0] * len(rows), [[] for _ in rows]
+        self.size, self.log_probs = len(guide.vocabulary.token_bytes), None
+
+    def begin(self, model, images=None) -> None:
+        pass
+
+    def restrict(self, logits: torch.Tensor) -> torch.Tensor:
+        self.log_probs = torch.log_softmax(logits, dim=-1)
+        for row, matcher in enumerate(self.matchers):
+            if self.live[row] and not _mask_row(logits, row, matcher, self.size):
+                self.live[row] = False
+        return logits
+
+    def advance(self, tokens: list[int], fork=None) -> None:
+        for row, token in enumerate(tokens):
+            if not self.live[row]:
+                continue
+            self.scores[row] += float(self.log_probs[row, token])
+            self.tokens[row].append(token)
+            matcher = self.matchers[row]
+            if not matcher.consume_token(token):
+                self.live[row] = False
+            elif matcher.is_stopped():
+                self.live[row], self.finished[row] = False, True
+
+
+def _single_tool_matcher(guide: ToolCallGuide, tool: Tool, start: bytes):
+    grammar = guide.grammar((tool,))
+    return guide.matcher(grammar, start) if grammar else None
+
+
+def tool_call_guide(tokenizer, template: "str | Template", scored: bool = True) -> ToolCallGuide | None:
     """A guide for the template's call markers, or None for a template without them (nothing to constrain)."""
     try:
-        return ToolCallGuide(tokenizer, template)
+        return ToolCallGuide(tokenizer, template, scored)
     except ValueError:
         return None

@@ -6,6 +6,7 @@ is stable: complete UTF-8 characters that cannot be the start of a stop string.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass, fields
 from typing import Iterator
@@ -272,13 +273,14 @@ def _image_inputs(images: list[dict | None], width: int, device) -> dict | None:
 
 @torch.no_grad()
 def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
-                 constraint=None, images: dict | None = None):
+                 constraint=None, images: dict | None = None, start: tuple | None = None):
     """Yield the next token of every row, max_new_tokens times; the caller stops early by not asking for more.
 
     Positions count real tokens only, so a left-padded row sees the same positions as when it runs alone; with
     images, the first forward takes them and the positions are the model's own (3-D for the Qwen2-VL family).
-    A `constraint` masks each row's logits before the pick (repetition penalty and sampling then see only
-    allowed tokens) and reads the picked tokens after it.
+    A `constraint` hears the model first (to score calls with), masks each row's logits before the pick (repetition
+    penalty and sampling then see only allowed tokens) and reads the picked tokens after it, with a way to `fork`
+    a row. `start` = (cache, positions) goes on from a fork: the cache holds what came before input_ids.
     """
     from transformers import DynamicCache
 
@@ -288,7 +290,9 @@ def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     cache = None if remote else DynamicCache(config=model.config)
     cache_name = cache_argument(model)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    if images is not None:
+    if start is not None:
+        cache, positions = start
+    elif images is not None:
         model_positions = vlm.rope_positions(model, input_ids, attention_mask, images)
         positions = positions if model_positions is None else model_positions
     seen = None  # [batch, vocab] tokens already in each row, for the repetition penalty
@@ -296,6 +300,8 @@ def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     if config.do_sample and config.seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(config.seed)
     step_ids = input_ids
+    if constraint is not None:
+        constraint.begin(model, images)
     with evaluating(model):
         for step in range(config.max_new_tokens):
             if step:
@@ -315,8 +321,23 @@ def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
                 seen = _seen_tokens(input_ids, attention_mask, logits.shape[-1])
             tokens = next_tokens(logits, config, seen, generator)
             if constraint is not None:
-                constraint.advance(tokens.tolist())
+                fork = None if remote or images is not None else \
+                    functools.partial(_fork, model, cache, attention_mask, positions, tokens)
+                constraint.advance(tokens.tolist(), fork)
             yield tokens
+
+
+def _fork(model, cache, attention_mask: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor,
+          rows: list[int]) -> tuple:
+    """These rows (one repeated as often as it is listed), each with its just-picked token, as a batch that
+    _token_steps can go on from (input ids, attention mask, start): their KV cache is copied, not recomputed."""
+    from transformers import DynamicCache
+
+    index = torch.tensor(rows, device=attention_mask.device)
+    copied = DynamicCache([(keys[index], values[index]) if keys is not None else (None, None) for keys, values, *_ in cache],
+                          config=model.config)
+    mask = torch.cat([attention_mask[index], attention_mask.new_ones((len(rows), 1))], dim=-1)
+    return tokens[index][:, None], mask, (copied, positions[index][:, -1:] + 1)
 
 
 def cache_argument(model) -> str:

@@ -112,8 +112,9 @@ def test_training_evaluation_passes_constrained_tool_calls(monkeypatch):
 
     monkeypatch.setattr(evaluate, "evaluate_loss", lambda *args: {"eval_loss": 1.0})
     monkeypatch.setattr(evaluate, "evaluate_generation", fake_evaluation)
-    config = TrainConfig(eval_generation_mode="agent", predict_with_generate=True, constrained_tool_calls=False)
+    config = TrainConfig(eval_generation_mode="agent", predict_with_generate=True, constrained_tool_calls=False,
+                         score_tool_calls=False)
     metrics = evaluate.validation_metrics(None, types.SimpleNamespace(pad_token_id=0), config, [{"conversation": []}], device="cpu",
                                           autocast=contextlib.nullcontext())
-    assert seen["constrained_tool_calls"] is False and seen["mode"] == "agent"
+    assert seen["constrained_tool_calls"] is False and seen["score_tool_calls"] is False and seen["mode"] == "agent"
     assert metrics == {"eval_loss": 1.0, "eval_tool_name_acc": 1.0}

@@ -162,11 +162,12 @@ def test_training_augments_and_the_test_splits_do_not():
                  for tool in offered_tools(row["conversations"][0]["value"])]
         return {name for name, _ in found}, set().union(*(params for _, params in found))
 
+    invented = set(generator.INVENTED_TOOLS)
     tools, params = names("train")
-    assert tools & renamed_tools and params & renamed_params
+    assert tools & renamed_tools and params & renamed_params and tools >= invented
     for split in ("test", "general"):
         tools, params = names(split)
-        assert not tools & renamed_tools and not params & renamed_params, split
+        assert not tools & (renamed_tools | invented) and not params & renamed_params, split
     follow_ups = {split: sum(len(turns(row)) == 2 for row in rows(split)) for split in SPLITS}
     assert all(count >= 0.05 * SPLITS[split] for split, count in follow_ups.items()), follow_ups
 

@@ -177,11 +177,11 @@ def test_infer_constrains_rows_that_offer_tools(run_dir, tmp_path, monkeypatch):
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
     data.write_text(json.dumps({"tools": tools, "messages": [{"role": "user", "content": "Paris?"}, {"role": "assistant", "content": "x"}]}) + "\n"
                     + json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
-    for constrained in (True, False):
+    for constrained, scored in ((True, True), (True, False), (False, True)):
         infer(InferConfig(ckpt_dir=run_dir, dataset=(str(data),), output=str(tmp_path / "out.jsonl"),
-                          constrained_tool_calls=constrained), echo=lambda _: None)
+                          constrained_tool_calls=constrained, score_tool_calls=scored), echo=lambda _: None)
     assert [tool.name for tool in seen[0].tools[0]] == ["weather"] and seen[0].grammars[1] is None
-    assert seen[1] is None
+    assert seen[0].guide.scored is True and seen[1].guide.scored is False and seen[2] is None
 
 
 def test_eval_cli_agent_report(run_dir, tmp_path):
@@ -195,12 +195,14 @@ def test_eval_cli_agent_report(run_dir, tmp_path):
     assert report["counts"]["examples"] == 3 and report["counts"]["reference_tool_calls"] == 1
     assert report["metrics"]["n_examples"] == 3 and isinstance(report["unparsed_calls"], list)
     assert len(report["worst"]) == 3 and {"prompt", "reference", "prediction", "rouge_l"} <= set(report["worst"][0])
-    assert report["constrained_tool_calls"] is True and "errors.unknown_tool" in result.stdout
+    assert report["constrained_tool_calls"] is True and report["score_tool_calls"] is True
+    assert "errors.unknown_tool" in result.stdout
     assert set(report["errors"]["counts"]) == set(report["errors"]["worst"])
     result = CliRunner().invoke(evaluate, ["--ckpt_dir", run_dir, "--metrics", "agent", "--max_new_tokens", "8",
                                            "--output", str(output), "--constrained_tool_calls", "false"])
     assert result.exit_code == 0, result.output
-    assert json.loads(output.read_text())["constrained_tool_calls"] is False
+    report = json.loads(output.read_text())
+    assert report["constrained_tool_calls"] is False and report["score_tool_calls"] is False
 
 
 def test_eval_rouge_mode_scores_references(loaded):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tiny
+from steered import Preferring, Steered
 from sftkit.evaluate import evaluate_generation
 from sftkit.constrained import ToolCallGuide, tool_call_guide
 from sftkit.data.formats import Message
@@ -37,39 +38,14 @@ SYSTEMS = [
 ]
 
 
-class Steered(torch.nn.Module):
-    """A tiny random model pushed to write given token ids first (one list per row), then left to its own logits."""
-
-    def __init__(self, inner, scripts):
-        super().__init__()
-        self.inner, self.scripts, self.step = inner, scripts, 0
-        self.config, self.generation_config = inner.config, inner.generation_config
-
-    @property
-    def device(self):
-        return self.inner.device
-
-    def forward(self, input_ids, past_key_values=None, **kwargs):
-        if past_key_values is None or past_key_values.get_seq_length() == 0:
-            self.step = 0  # a new generation
-        output = self.inner(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
-        logits = output.logits.clone()
-        for row, script in enumerate(self.scripts):
-            if self.step < len(script):
-                logits[row, -1, script[self.step]] += 1e4
-        self.step += 1
-        output.logits = logits
-        return output
-
-
 @pytest.fixture(scope="module")
 def model(tokenizer):
     return tiny.make_model(tokenizer, seed=3).eval()
 
 
-@pytest.fixture(scope="module")
-def guide(tokenizer):
-    return ToolCallGuide(tokenizer, "chatml")
+@pytest.fixture(scope="module", params=[False, True], ids=["token-by-token", "scored"])
+def guide(tokenizer, request):
+    return ToolCallGuide(tokenizer, "chatml", scored=request.param)
 
 
 def ids_of(tokenizer, text):
@@ -125,6 +101,54 @@ def test_a_random_model_calls_only_offered_tools_with_their_keys_and_types(model
             assert text.startswith("Sure." + OPENER)
             calls += assert_valid_calls(text, system)
     assert calls == 15
+
+
+def test_scored_calls_pick_the_likeliest_whole_call_not_the_likeliest_first_token(model, tokenizer):
+    liked = ids_of(tokenizer, '{"api_name": "weather", "parameters": {"city": "Oslo"}}' + CLOSER)
+    tempting = ids_of(tokenizer, '{"api_name": "book_table", "parameters": {"people": 2, "code": "ABC"}}' + CLOSER)
+    pushed = Preferring(model, ids_of(tokenizer, OPENER), liked, tempting)
+    tools = [offered_tools(SYSTEMS[0])] * 2
+    texts = {scored: generate_batch(pushed, tokenizer, prompts(tokenizer, 2), GenerationConfig(max_new_tokens=80),
+                                    stop_after=(CLOSER,), constraint=ToolCallGuide(tokenizer, "chatml", scored).constraint(tools))
+             for scored in (False, True)}
+    assert all(text.startswith(OPENER + '{"api_name": "book_table"') for text in texts[False])
+    assert texts[True] == [OPENER + '{"api_name": "weather", "parameters": {"city": "Oslo"}}' + CLOSER] * 2
+    # Offered alone, the tempting tool is called (nothing to score) and the liked call is out of reach.
+    alone = generate_batch(pushed, tokenizer, prompts(tokenizer, 1), GenerationConfig(max_new_tokens=80), stop_after=(CLOSER,),
+                           constraint=ToolCallGuide(tokenizer, "chatml").constraint([(tools[0][1],)]))
+    assert alone[0].startswith(OPENER + '{"api_name": "book_table"') and assert_valid_calls(alone[0], SYSTEMS[0]) == 1
+
+
+def test_a_forked_row_goes_on_as_the_row_alone_would(model, tokenizer):
+    """A scored call's candidates start from a copy of one row's KV cache in a left-padded batch: the same logits."""
+    from sftkit.generation import _left_pad, _token_steps
+
+    class Record:
+        """Keeps every step's logits; with `forks`, forks row 1 after the second token."""
+
+        def __init__(self, forks=False):
+            self.logits, self.forked, self.forks = [], None, forks
+
+        def begin(self, model, images=None):
+            pass
+
+        def restrict(self, logits):
+            self.logits.append(logits.clone())
+            return logits
+
+        def advance(self, tokens, fork=None):
+            if self.forks and len(self.logits) == 2:
+                self.forked = fork([1, 1, 1])
+
+    short, long = ids_of(tokenizer, "<|im_start|>user\nhi<|im_end|>\n"), prompts(tokenizer, 1)[0]
+    batch, going_on, alone = Record(forks=True), Record(), Record()
+    picked = [int(tokens[1]) for tokens in _token_steps(model, *_left_pad([long, short], 0, model.device),
+                                                       GenerationConfig(max_new_tokens=2), batch)]
+    assert batch.forked[0].tolist() == [[picked[1]]] * 3
+    list(_token_steps(model, *batch.forked[:2], GenerationConfig(max_new_tokens=4), going_on, start=batch.forked[2]))
+    list(_token_steps(model, *_left_pad([short], 0, model.device), GenerationConfig(max_new_tokens=6), alone))
+    for step, logits in enumerate(going_on.logits):
+        assert torch.allclose(logits, alone.logits[step + 2].expand_as(logits), atol=1e-4), step
 
 
 def test_a_model_pushed_to_an_unknown_tool_and_keys_is_kept_to_the_offered_ones(model, tokenizer, guide):

@@ -129,11 +129,11 @@ def agent(tiny_model_dir, tmp_path_factory):
                              add_output_dir_suffix=False))
     service = load_service(DeployConfig(ckpt_dir=best, served_model_name="agent", max_new_tokens=64))
     with running(service) as url:
-        yield url
+        yield url, best
 
 
 def test_tool_call_round_trip(agent):
-    api = client(agent)
+    api = client(agent[0])
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     first = api.chat.completions.create(model="agent", messages=messages, tools=TOOLS)
     choice = first.choices[0]
@@ -147,7 +147,7 @@ def test_tool_call_round_trip(agent):
 
 
 def test_a_streamed_tool_call_arrives_whole(agent):
-    chunks = list(client(agent).chat.completions.create(
+    chunks = list(client(agent[0]).chat.completions.create(
         model="agent", messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=TOOLS, stream=True))
     assert not "".join(chunk.choices[0].delta.content or "" for chunk in chunks)  # the markers never leak as text
     [call] = [call for chunk in chunks for call in chunk.choices[0].delta.tool_calls or []]
@@ -157,8 +157,8 @@ def test_a_streamed_tool_call_arrives_whole(agent):
 
 @pytest.mark.parametrize("question", ["What is the weather in Paris?", "Tell me a joke about the sea.", "hello"])
 def test_streamed_and_whole_replies_agree_with_tools(agent, question):
-    """A call, plain text, and (for "hello", seen with this model) a call whose JSON is broken, which stays content."""
-    api, messages = client(agent), [{"role": "user", "content": question}]
+    """A call, plain text, and whatever "hello" gets."""
+    api, messages = client(agent[0]), [{"role": "user", "content": question}]
     whole = api.chat.completions.create(model="agent", messages=messages, tools=TOOLS, max_tokens=40).choices[0]
     chunks = [chunk.choices[0] for chunk in api.chat.completions.create(
         model="agent", messages=messages, tools=TOOLS, max_tokens=40, stream=True) if chunk.choices]
@@ -178,9 +178,24 @@ def test_tools_prompt_none_leaves_the_tools_to_the_system_prompt(plain, tiny_mod
     assert left_out.usage.prompt_tokens == without.usage.prompt_tokens
 
 
+def test_calls_are_constrained_to_the_request_tools_unless_turned_off(agent):
+    """For "hello" this model writes a call whose JSON is broken: free, it comes back as content; constrained (the
+    default), it is a valid call to get_weather."""
+    url, best = agent
+    messages = [{"role": "user", "content": "hello"}]
+    constrained = client(url).chat.completions.create(model="agent", messages=messages, tools=TOOLS, max_tokens=40).choices[0]
+    [call] = constrained.message.tool_calls
+    assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city"}
+    service = load_service(DeployConfig(ckpt_dir=best, served_model_name="agent", max_new_tokens=64,
+                                        constrained_tool_calls=False))
+    with running(service) as free_url:
+        free = client(free_url).chat.completions.create(model="agent", messages=messages, tools=TOOLS, max_tokens=40).choices[0]
+    assert free.message.tool_calls is None and "<|startofthink|>" in free.message.content
+
+
 def test_without_tools_the_reply_is_plain_text(agent):
     """tool_choice none (or no tools) returns what the model writes, markers and all, as content."""
-    reply = client(agent).chat.completions.create(
+    reply = client(agent[0]).chat.completions.create(
         model="agent", messages=[{"role": "user", "content": "What is the weather in Paris?"}],
         tools=TOOLS, tool_choice="none", max_tokens=4)
     assert reply.choices[0].finish_reason == "length" and reply.choices[0].message.tool_calls is None

@@ -171,3 +171,30 @@ def test_the_kv_cache_shrinks_when_long_rows_leave(model, tokenizer):
     assert torch.equal(engine._mask, torch.ones_like(engine._mask))
     run_until_idle(engine)
     assert short.final.completion_tokens == 6
+
+
+def test_a_request_with_tools_gets_the_likeliest_offered_call(model, tokenizer):
+    """The request's CallConstraint runs inside the engine: scored candidates fork the engine's own cache."""
+    import json
+
+    from steered import Preferring
+    from sftkit.constrained import ToolCallGuide
+    from sftkit.tools import offered_tools
+
+    opener, closer = "<|startofthink|>", "<|endofthink|>"
+    weather = {"name": "weather", "parameters": [{"name": "city", "enum": ["Paris", "Oslo"], "required": True}]}
+    book = {"name": "book_table", "parameters": [{"name": "people", "type": "integer", "minimum": 1, "maximum": 9,
+                                                  "required": True}]}
+    tools = offered_tools(f"Tools:\n1. {json.dumps(weather)}\n2. {json.dumps(book)}")
+    liked = '{"api_name": "weather", "parameters": {"city": "Oslo"}}'
+    pushed = Preferring(model, list(ids_of(tokenizer, opener)), list(ids_of(tokenizer, liked + closer)),
+                        list(ids_of(tokenizer, '{"api_name": "book_table", "parameters": {"people": 2}}' + closer)))
+    prompt = ids_of(tokenizer, "<|im_start|>user\nweather in Oslo?<|im_end|>\n<|im_start|>assistant\n")
+    texts = []
+    for constraint in (None, ToolCallGuide(tokenizer, "chatml").constraint([tools])):
+        engine, recorder = Engine(pushed, tokenizer), Recorder()
+        engine.submit(EngineRequest(prompt, GenerationConfig(max_new_tokens=60), stop_after=(closer,),
+                                    constraint=constraint), recorder)
+        run_until_idle(engine)
+        texts.append(recorder.text)
+    assert texts[0].startswith(opener + '{"api_name": "b') and texts[1] == opener + liked + closer

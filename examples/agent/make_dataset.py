@@ -26,10 +26,11 @@ POOL_OF_SPLIT = {"train": SEEN, "test": SEEN, "general": HELD_OUT}
 FILES = {"train": "train.jsonl", "test": "test.jsonl", "general": "test_general.jsonl"}
 # Shares of row kinds; the rest are single-call requests.
 CHITCHAT_SHARE, FOLLOW_UP_SHARE, TWO_CALL_SHARE = 0.08, 0.15, 0.12
+TRAIN_CHITCHAT_SHARE = 0.12  # training asks more small talk, so that more tools do not mean calling one for "Hi!"
 HELD_OUT_TOOL_SHARE = 0.45  # of the tool rows of test_general
 # Training augmentation: invented entities, renamed tools (each tool of a row), renamed parameters.
 SYNTHETIC_SHARE, TOOL_RENAME_SHARE, PARAM_RENAME_SHARE = 0.3, 0.3, 0.3
-LOWER_CASE_SHARE = {"symbol": 0.4, "code": 0.25, "flight": 0.4}
+LOWER_CASE_SHARE = {"symbol": 0.4, "code": 0.25, "flight": 0.4, "tracking": 0.4, "ferry": 0.4}
 
 
 def param(name: str, kind: str | None = None, required: bool = True, **extra) -> dict:
@@ -69,13 +70,25 @@ TOOLS = {
                       [("origin", "city"), ("destination", "city"), ("date", "date")]),
     "local_time": ("Current local time in a city.", [param("city")], [("city", "city")]),
     "local_events": ("Events in a city on a day.", [param("city"), param("date", **DATE)], [("city", "city"), ("date", "date")]),
+    # Invented: these six tools appear in train only, so that reading an unknown tool's spec (and working out its
+    # dates, counts and codes) is what training teaches, not recalling twelve tools.
+    "movie_times": ("Showtimes at a cinema on a day.", [param("cinema"), param("date", **DATE)], [("cinema", "cinema"), ("date", "date")]),
+    "buy_tickets": ("Buy cinema tickets for a day.", [param("cinema"), param("tickets", "integer"), param("date", **DATE)],
+                    [("cinema", "cinema"), ("tickets", "people"), ("date", "date")]),
+    "parcel_status": ("Where a parcel is now.", [param("tracking", pattern="^[A-Z]{2}[0-9]{6}$")], [("tracking", "tracking")]),
+    "parcel_pickup": ("Send a courier to collect a parcel.", [param("city"), param("date", **DATE)], [("city", "city"), ("date", "date")]),
+    "ferry_schedule": ("Ferries between two ports on a day.", [param("origin"), param("destination"), param("date", **DATE)],
+                       [("origin", "city"), ("destination", "city"), ("date", "date")]),
+    "ferry_status": ("Status of a ferry.", [param("ferry", pattern="^[A-Z]{3}[0-9]{1,3}$")], [("ferry", "ferry")]),
 }
 PAIRS = [("weather", "weather_forecast"), ("currency_convert", "currency_rates"), ("translate", "detect_language"),
          ("calculator", "calculate_tip"), ("calendar_add", "calendar_list"), ("stock_price", "stock_history"),
-         ("book_table", "cancel_booking"), ("flight_status", "flight_search"), ("local_time", "local_events")]
+         ("book_table", "cancel_booking"), ("flight_status", "flight_search"), ("local_time", "local_events"),
+         ("movie_times", "buy_tickets"), ("parcel_status", "parcel_pickup"), ("ferry_schedule", "ferry_status")]
 DISTRACTOR = {a: b for pair in PAIRS for a, b in (pair, pair[::-1])}
 HELD_OUT_TOOLS = ["book_table", "cancel_booking", "flight_status", "flight_search", "local_time", "local_events"]
-SEEN_TOOLS = [name for name in TOOLS if name not in HELD_OUT_TOOLS]
+INVENTED_TOOLS = ["movie_times", "buy_tickets", "parcel_status", "parcel_pickup", "ferry_schedule", "ferry_status"]
+SEEN_TOOLS = [name for name in TOOLS if name not in HELD_OUT_TOOLS + INVENTED_TOOLS]
 # Training only: the same tools under other names, so the model reads names from the list instead of recalling them.
 TOOL_RENAMES = {
     "weather": ["get_weather", "current_weather"], "weather_forecast": ["get_forecast", "forecast"],
@@ -146,6 +159,8 @@ SYLLABLES = ["ka", "lo", "ver", "mi", "tan", "do", "rel", "su", "bra", "ny", "qu
 
 UNIT_PHRASES = {"C": ["", "", " in Celsius"], "F": [" in Fahrenheit", " in °F"]}
 WHEN = ["today", "tomorrow", "the day after tomorrow", "in {n} days", "on {iso}", "on {iso}"]
+# Training says a day relative to today more often: an explicit date is only copied, the others are worked out.
+TRAIN_WHEN = ["today", "tomorrow", "the day after tomorrow", "in {n} days", "in {n} days", "on {iso}"]
 OFFSETS = {"today": 0, "tomorrow": 1, "the day after tomorrow": 2}
 
 # Requests: "{slot}" fields come from draw_value; {u} is the unit phrase, {when} a date relative to today.
@@ -190,6 +205,15 @@ REQUESTS = {
     "flight_search": {HELD_OUT: ["Find flights from {origin} to {destination} {when}.", "Any flights {origin} to {destination} {when}?"]},
     "local_time": {HELD_OUT: ["What time is it in {city}?", "Tell me the local time in {city}.", "Current time in {city}?"]},
     "local_events": {HELD_OUT: ["What's happening in {city} {when}?", "Any events in {city} {when}?"]},
+    "movie_times": {SEEN: ["What's showing at {cinema} {when}?", "Showtimes for {cinema} {when}, please.", "Which films play at {cinema} {when}?"]},
+    "buy_tickets": {SEEN: ["Get me {tickets} tickets at {cinema} {when}.", "Buy {tickets} tickets for {cinema} {when}.",
+                           "We are {tickets}; book seats at {cinema} {when}."]},
+    "parcel_status": {SEEN: ["Where is my parcel {tracking}?", "Track parcel {tracking}.", "Any news on shipment {tracking}?"]},
+    "parcel_pickup": {SEEN: ["Have a courier collect a parcel in {city} {when}.", "Schedule a parcel pickup in {city} {when}.",
+                             "Pick up my package in {city} {when}."]},
+    "ferry_schedule": {SEEN: ["Ferries from {origin} to {destination} {when}?", "When do boats go from {origin} to {destination} {when}?",
+                              "Find a ferry {origin} to {destination} {when}."]},
+    "ferry_status": {SEEN: ["Is ferry {ferry} running on time?", "Status of ferry {ferry}?", "Has ferry {ferry} left yet?"]},
 }
 # A second request in the same conversation that changes one argument of the first call.
 FOLLOW_UPS = {
@@ -230,6 +254,12 @@ ANSWERS = {
     "flight_search": "The cheapest flight from {origin} to {destination} on {date} costs {price} USD.",
     "local_time": "It is {time} in {city}.",
     "local_events": "In {city} on {date}: {event}.",
+    "movie_times": "At {cinema} on {date}: {film}.",
+    "buy_tickets": "Bought {tickets} tickets at {cinema} for {date}.",
+    "parcel_status": "Parcel {tracking} is {status}.",
+    "parcel_pickup": "A courier will collect your parcel in {city} on {date}.",
+    "ferry_schedule": "The first ferry from {origin} to {destination} on {date} leaves at {departure}.",
+    "ferry_status": "Ferry {ferry} is {status}.",
 }
 CHITCHAT = {
     SEEN: {"greeting": (["Hi!", "Hello there.", "Good morning!", "Hey, how are you?", "Hello!", "Good evening."],
@@ -269,9 +299,9 @@ def synthetic_name(rng: random.Random, avoid: set[str]) -> str:
 REAL_NAMES = {name for pool in (CITIES, TITLES, RESTAURANTS) for names in pool.values() for name in names}
 
 
-def when_text(rng: random.Random, today: datetime.date) -> tuple[str, str]:
+def when_text(rng: random.Random, today: datetime.date, forms: list[str] = WHEN) -> tuple[str, str]:
     """(how the request says the day, the YYYY-MM-DD it means)."""
-    form = rng.choice(WHEN)
+    form = rng.choice(forms)
     if form == "in {n} days":
         offset = rng.randint(3, 9)
         return form.format(n=offset), (today + datetime.timedelta(days=offset)).isoformat()
@@ -295,7 +325,8 @@ def expression(rng: random.Random) -> str:
             "a-b*c": f"{a} - {small_b} * {c}"}[shape]
 
 
-def draw_value(rng: random.Random, kind: str, pool: str, today: datetime.date, synthetic: bool, taken: dict) -> tuple:
+def draw_value(rng: random.Random, kind: str, pool: str, today: datetime.date, synthetic: bool, taken: dict,
+               when: list[str] = WHEN) -> tuple:
     """(the argument value, {request field: how the request writes it}) for one kind of value.
 
     `taken` holds the values already drawn for this call, so that from/to and origin/destination differ.
@@ -343,7 +374,7 @@ def draw_value(rng: random.Random, kind: str, pool: str, today: datetime.date, s
         title = "Meet " + synthetic_name(rng, REAL_NAMES) if synthetic else rng.choice(TITLES[pool])
         return title, title
     if kind == "date":
-        text, iso = when_text(rng, today)
+        text, iso = when_text(rng, today, when)
         return iso, text
     if kind == "time":
         time = f"{rng.randint(7, 21):02d}:{rng.choice([0, 15, 30, 45]):02d}"
@@ -361,14 +392,25 @@ def draw_value(rng: random.Random, kind: str, pool: str, today: datetime.date, s
     if kind == "flight":
         flight = rng.choice(AIRLINES[pool]) + str(rng.randint(10, 2999))
         return flight, maybe_lower(rng, flight, "flight")
+    if kind == "cinema":
+        cinema = synthetic_name(rng, REAL_NAMES) + " " + rng.choice(["Cinema", "Plaza", "Odeon"])
+        return cinema, cinema
+    if kind == "tracking":
+        tracking = "".join(rng.choice("ABCDEFGHKLMNPRSTUVWXZ") for _ in range(2)) + f"{rng.randint(0, 999999):06d}"
+        return tracking, maybe_lower(rng, tracking, "tracking")
+    if kind == "ferry":
+        ferry = "".join(rng.choice("ABCDEFGHKLMNPRSTUVWXZ") for _ in range(3)) + str(rng.randint(1, 999))
+        return ferry, maybe_lower(rng, ferry, "ferry")
     raise ValueError(f"unknown kind of value {kind!r}")
 
 
-def draw_call(rng: random.Random, tool: str, pool: str, today: datetime.date, synthetic: bool) -> tuple[dict, dict]:
+def draw_call(rng: random.Random, tool: str, pool: str, today: datetime.date, synthetic: bool,
+              augment: bool = False) -> tuple[dict, dict]:
     """(arguments, request fields) of one call; a date's field is `when`, a unit's is `u`."""
     arguments, fields = {}, {}
     for name, kind in TOOLS[tool][2]:
-        value, text = draw_value(rng, kind, pool, today, synthetic and kind in ("city", "title", "symbol"), arguments)
+        value, text = draw_value(rng, kind, pool, today, synthetic and kind in ("city", "title", "symbol"), arguments,
+                                 TRAIN_WHEN if augment else WHEN)
         arguments[name] = value
         fields[{"date": "when", "unit": "u"}.get(kind, name)] = text
     return arguments, fields
@@ -414,7 +456,13 @@ def execute(tool: str, arguments: dict) -> dict:
         return {"time": f"{fixed.randint(0, 23):02d}:{fixed.randint(0, 59):02d}"}
     if tool == "local_events":
         return {"event": fixed.choice(["a jazz concert", "a food market", "a football match", "a night run"])}
-    return {"status": "ok"}  # calendar_add, book_table, cancel_booking
+    if tool == "movie_times":
+        return {"film": fixed.choice(["Dune at 18:00", "Heat at 20:30", "Up at 16:15", "Alien at 21:45"])}
+    if tool in ("parcel_status", "ferry_status"):
+        return {"status": fixed.choice(["in transit", "delayed", "on time", "at the depot"])}
+    if tool == "ferry_schedule":
+        return {"departure": f"{fixed.randint(5, 22):02d}:{fixed.choice([0, 15, 30, 45]):02d}"}
+    return {"status": "ok"}  # calendar_add, book_table, cancel_booking, buy_tickets, parcel_pickup
 
 
 def canonical_call(tool: str, arguments: dict) -> tuple[str, dict]:
@@ -491,16 +539,18 @@ def offered(rng: random.Random, targets: list[str], pool: str) -> list[str]:
 
 
 def pick_tool(rng: random.Random, split: str, choices=None) -> str:
-    """A target tool: a held-out one for HELD_OUT_TOOL_SHARE of test_general's tool rows, else a seen one."""
+    """A target tool: a held-out one for HELD_OUT_TOOL_SHARE of test_general's tool rows, a seen or invented one in
+    train, else a seen one."""
     held_out = split == "general" and rng.random() < HELD_OUT_TOOL_SHARE
-    pool = [tool for tool in (HELD_OUT_TOOLS if held_out else SEEN_TOOLS) if choices is None or tool in choices]
+    tools = HELD_OUT_TOOLS if held_out else SEEN_TOOLS + (INVENTED_TOOLS if split == "train" else [])
+    pool = [tool for tool in tools if choices is None or tool in choices]
     return rng.choice(pool or [tool for tool in SEEN_TOOLS if tool in choices])
 
 
 def single_turn(rng, split, today, augment):
     pool = POOL_OF_SPLIT[split]
     tool = pick_tool(rng, split)
-    arguments, fields = draw_call(rng, tool, pool, today, augment and rng.random() < SYNTHETIC_SHARE)
+    arguments, fields = draw_call(rng, tool, pool, today, augment and rng.random() < SYNTHETIC_SHARE, augment)
     offer = Offer(rng, offered(rng, [tool], pool), augment)
     request = rng.choice(REQUESTS[tool][pool]).format(**fields)
     return offer, [(request, offer.call(tool, arguments) + answer(tool, arguments, execute(tool, arguments)))]
@@ -510,7 +560,7 @@ def follow_up(rng, split, today, augment):
     pool = POOL_OF_SPLIT[split]
     tool = pick_tool(rng, split, [name for name, (_, phrasings) in FOLLOW_UPS.items() if pool in phrasings])
     synthetic = augment and rng.random() < SYNTHETIC_SHARE
-    arguments, fields = draw_call(rng, tool, pool, today, synthetic)
+    arguments, fields = draw_call(rng, tool, pool, today, synthetic, augment)
     name, phrasings = FOLLOW_UPS[tool]
     kind = dict(TOOLS[tool][2])[name]
     changed, changed_text = arguments[name], fields[name]
@@ -530,7 +580,7 @@ def two_calls(rng, split, today, augment):
     first = pick_tool(rng, split, choices)
     second = rng.choice([tool for tool in choices if tool != first and tool not in HELD_OUT_TOOLS])
     synthetic = augment and rng.random() < SYNTHETIC_SHARE
-    drawn = [draw_call(rng, tool, pool, today, synthetic) for tool in (first, second)]
+    drawn = [draw_call(rng, tool, pool, today, synthetic, augment) for tool in (first, second)]
     if rng.random() < 0.5:
         drawn, tools = drawn[::-1], [second, first]
     else:
@@ -562,8 +612,9 @@ def make_split(rng: random.Random, size: int, split: str, taken: set[str]) -> li
             raise SystemExit(f"only {len(rows)} distinct {split} conversations found; ask for fewer rows")
         today = datetime.date(2025, 1, 1) + datetime.timedelta(days=rng.randrange(3 * 365))
         kind = rng.random()
-        build = (chitchat if kind < CHITCHAT_SHARE else follow_up if kind < CHITCHAT_SHARE + FOLLOW_UP_SHARE
-                 else two_calls if kind < CHITCHAT_SHARE + FOLLOW_UP_SHARE + TWO_CALL_SHARE else single_turn)
+        small_talk = TRAIN_CHITCHAT_SHARE if augment else CHITCHAT_SHARE
+        build = (chitchat if kind < small_talk else follow_up if kind < small_talk + FOLLOW_UP_SHARE
+                 else two_calls if kind < small_talk + FOLLOW_UP_SHARE + TWO_CALL_SHARE else single_turn)
         offer, turns = build(rng, split, today, augment)
         key = "\n".join(request for request, _ in turns)
         if key in taken:

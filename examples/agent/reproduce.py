@@ -1,12 +1,12 @@
 """Reproduce the README's agent tables: regenerate the data, score the base model, fine-tune, score again on the
 in-distribution split (test.jsonl) and the generalisation split (test_general.jsonl), with calls constrained to
-the offered tools and without.
+the offered tools (scored: the likeliest whole call; token: picked token by token) and free.
 
     python examples/agent/reproduce.py [--device cpu|cuda] [--out output/agent-report]
-                                       [--splits test,general] [--constrained both|on|off]
-                                       [--train_dataset_sample N] [--skip_before] [--limit N]
+                                       [--splits test,general] [--modes scored,token,free]
+                                       [--train_dataset_sample N] [--skip_before] [--skip_train RUN_DIR] [--limit N]
 
-Writes <out>/<when>-<split>-<constrained|free>.json (sftkit eval reports) and <out>/table.md.
+Writes <out>/<when>-<split>-<mode>.json (sftkit eval reports) and <out>/table.md.
 """
 from __future__ import annotations
 
@@ -30,11 +30,17 @@ def run(command: list[str]) -> None:
     subprocess.run(command, check=True, cwd=ROOT)
 
 
-def evaluate(out: Path, name: str, split: str, constrained: bool, extra: list[str], limit: int | None) -> dict:
-    report = out / f"{name}-{split}-{'constrained' if constrained else 'free'}.json"
+MODES = {"scored": ["--constrained_tool_calls", "true", "--score_tool_calls", "true"],
+         "token": ["--constrained_tool_calls", "true", "--score_tool_calls", "false"],
+         "free": ["--constrained_tool_calls", "false"]}
+
+
+def evaluate(out: Path, name: str, split: str, mode: str, extra: list[str], limit: int | None) -> dict:
+    report = out / f"{name}-{split}-{mode}.json"
+    started = time.time()
     run(["sftkit", "eval", "--dataset", str(HERE / SPLIT_FILES[split]), "--metrics", "agent", "--max_new_tokens", "160",
-         "--batch_size", "20", "--constrained_tool_calls", str(constrained).lower(), "--output", str(report),
-         *(["--limit", str(limit)] if limit else []), *extra])
+         "--batch_size", "20", *MODES[mode], "--output", str(report), *(["--limit", str(limit)] if limit else []), *extra])
+    print(f"[reproduce] {name}, {split}, {mode}: {time.time() - started:.0f} s", flush=True)
     return json.loads(report.read_text())
 
 
@@ -43,31 +49,35 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--out", default="output/agent-report")
     parser.add_argument("--splits", default="test,general", help="test (in distribution) and/or general (held out)")
-    parser.add_argument("--constrained", default="both", choices=("both", "on", "off"),
-                        help="score the tuned model with constrained tool calls, free ones, or both")
+    parser.add_argument("--modes", default="scored,free",
+                        help="how the tuned model's calls are made: scored (constrained, the likeliest whole call), "
+                             "token (constrained, token by token), free")
     parser.add_argument("--train_dataset_sample", type=int, default=None, help="override the recipe's training rows")
     parser.add_argument("--skip_before", action="store_true", help="do not score the base model")
+    parser.add_argument("--skip_train", type=Path, default=None, help="score this finished run folder instead of training")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N rows of each split")
     args = parser.parse_args()
     splits = [split.strip() for split in args.splits.split(",") if split.strip()]
-    modes = {"both": [True, False], "on": [True], "off": [False]}[args.constrained]
+    modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    if not modes or set(modes) - set(MODES):
+        parser.error(f"--modes takes a comma list of {', '.join(MODES)}, got '{args.modes}'")
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     run([sys.executable, str(HERE / "make_dataset.py"), "--out", str(HERE)])
     columns: list[tuple[str, dict]] = []
     if not args.skip_before:
-        columns += [(f"before, {split}", evaluate(out, "before", split, True, [], args.limit)) for split in splits]
+        columns += [(f"before, {split}", evaluate(out, "before", split, "scored", [], args.limit)) for split in splits]
     started = time.time()
-    train = ["sftkit", "train", "--config", str(HERE / "recipe.yaml"), "--output_dir", str(out / "run")]
-    train += ["--device", args.device] if args.device else []
-    train += ["--train_dataset_sample", str(args.train_dataset_sample)] if args.train_dataset_sample else []
-    run(train)
+    if args.skip_train is None:
+        train = ["sftkit", "train", "--config", str(HERE / "recipe.yaml"), "--output_dir", str(out / "run")]
+        train += ["--device", args.device] if args.device else []
+        train += ["--train_dataset_sample", str(args.train_dataset_sample)] if args.train_dataset_sample else []
+        run(train)
     wall = time.time() - started
-    run_dir = max((p for p in (out / "run").glob("*/v*") if p.is_dir()), key=os.path.getmtime)
+    run_dir = args.skip_train.resolve() if args.skip_train else max((p for p in (out / "run").glob("*/v*") if p.is_dir()), key=os.path.getmtime)
     best = run_dir / (run_dir / "best").read_text().strip()
-    after = [(f"after, {split}, {'constrained' if constrained else 'free'}",
-              evaluate(out, "after", split, constrained, ["--ckpt_dir", str(best)], args.limit))
-             for split in splits for constrained in modes]
+    after = [(f"after, {split}, {mode}", evaluate(out, "after", split, mode, ["--ckpt_dir", str(best)], args.limit))
+             for split in splits for mode in modes]
     columns += after
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     throughput = [m["trainable_tokens_per_s"] for m in metrics if "trainable_tokens_per_s" in m]
@@ -76,9 +86,10 @@ def main() -> None:
     kinds = list(after[0][1]["errors"]["counts"])
     lines += [""] + table(["call errors (tuned model)"] + [name for name, _ in after],
                           [[kind] + [str(report["errors"]["counts"][kind]) for _, report in after] for kind in kinds])
-    lines += ["", f"Training: {wall / 60:.1f} min wall time (model load, tokenization, evaluation and saves included), "
-              f"median {sorted(throughput)[len(throughput) // 2]:.0f} trainable tokens/s, best checkpoint "
-              f"`{best.relative_to(ROOT)}`."]
+    trained = f"{wall / 60:.1f} min wall time (model load, tokenization, evaluation and saves included)" \
+        if args.skip_train is None else "an earlier run"
+    lines += ["", f"Training: {trained}, median {sorted(throughput)[len(throughput) // 2]:.0f} trainable tokens/s, "
+              f"best checkpoint `{best.relative_to(ROOT) if best.is_relative_to(ROOT) else best}`."]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import replace
 
 from ..checkpoint import resolve_checkpoint
 from ..config import DeployConfig
+from ..constrained import tool_call_guide
 from ..data.formats import Message
 from ..data.templates import get_template
 from ..errors import CheckpointError
@@ -45,6 +47,9 @@ def load_service(config: DeployConfig) -> Service:
     models = served_models(config, main, main if carries_lora and rows is not None else None, settings.template, settings.system,
                            folders)
     check_prompts(models, tokenizer)
+    if config.constrained_tool_calls:
+        models = {name: replace(served, guide=tool_call_guide(tokenizer, served.template, config.score_tool_calls))
+                  for name, served in models.items()}
     engine = Engine(model, tokenizer, max_num_seqs=config.max_num_seqs, max_queue=config.max_queue, adapter_rows=rows)
     return Service(engine, tokenizer, models, config.max_model_len or context_length(model.config),
                    generation_config(config), vocab_size=model.get_input_embeddings().num_embeddings,

@@ -8,6 +8,7 @@ request gets the same reply alone or in a batch, and the same as `sftkit chat`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from collections import deque
@@ -17,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..generation import GenerationConfig, ReplyText, evaluating, next_tokens, pad_token_id, stop_token_set
+from ..generation import GenerationConfig, ReplyText, _fork, evaluating, next_tokens, pad_token_id, stop_token_set
 
 log = logging.getLogger("sftkit.serve")
 
@@ -27,7 +28,8 @@ KVLayers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), 
 
 @dataclass(frozen=True)
 class EngineRequest:
-    """One generation: the prompt's token ids, how to pick tokens, where to stop and which adapter (None: the base)."""
+    """One generation: the prompt's token ids, how to pick tokens, where to stop, which adapter (None: the base) and
+    the constraint on its tool calls (constrained.CallConstraint for this one row, or None)."""
 
     prompt_ids: tuple[int, ...]
     config: GenerationConfig
@@ -35,6 +37,7 @@ class EngineRequest:
     stop_token_ids: tuple[int, ...] = ()
     stop_after: tuple[str, ...] = ()
     adapter: str | None = None
+    constraint: object = None
 
 
 @dataclass(frozen=True)
@@ -228,7 +231,9 @@ class Engine:
         logits = self._forward(ids, mask, positions, cache, arrivals)
         for sequence, prompt in zip(arrivals, prompts):
             _prepare_sampling(sequence, prompt, logits.shape[-1], self.device)
-        self._take(logits, arrivals)
+            if sequence.request.constraint is not None:
+                sequence.request.constraint.begin(self.model)
+        self._take(logits, arrivals, cache, mask)
         if self._running:
             kv, mask = _merged(_kv(self._cache), self._mask, _kv(cache), mask)
             cache = DynamicCache(ddp_cache_data=kv)
@@ -245,15 +250,32 @@ class Engine:
         logits = self._forward(ids, self._mask, positions, self._cache, rows)
         for row in rows:
             row.position += 1
-        self._take(logits, rows)
+        self._take(logits, rows, self._cache, self._mask)
         self._keep([row for row in rows if not row.finished])
 
-    def _take(self, logits: torch.Tensor, rows: list[Sequence]) -> None:
-        """Pick each row's next token with its own sampling options and hand it to the row."""
-        for row, token in zip(rows, _sample(logits, rows)):
+    def _take(self, logits: torch.Tensor, rows: list[Sequence], cache, mask: torch.Tensor) -> None:
+        """Pick each row's next token with its own sampling options (inside its tool calls, among the tokens its
+        constraint allows) and hand it to the row. `cache` and `mask` hold what the rows have read so far."""
+        constrained = [index for index, row in enumerate(rows) if row.request.constraint is not None]
+        for index in constrained:
+            rows[index].request.constraint.restrict(logits[index:index + 1])
+        tokens = _sample(logits, rows)
+        if constrained:
+            positions = torch.tensor([[row.position - 1] for row in rows], device=self.device)
+            picked = torch.tensor(tokens, device=self.device)
+            for index in constrained:
+                fork = functools.partial(self._fork, rows[index].request.adapter, cache, mask, positions, picked, index)
+                rows[index].request.constraint.advance([tokens[index]], lambda copies, fork=fork: fork(len(copies)))
+        for row, token in zip(rows, tokens):
             if row.seen is not None:
                 row.seen[token] = True
             row.advance(token)
+
+    def _fork(self, adapter: str | None, cache, mask, positions, tokens, index: int, width: int) -> tuple:
+        """Row `index` copied `width` times to score a call with (generation._fork), its adapter set for those rows."""
+        if self.adapter_rows is not None:
+            self.adapter_rows.assign([adapter] * width, self.device)
+        return _fork(self.model, cache, mask, positions, tokens, [index] * width)
 
     def _keep(self, rows: list[Sequence]) -> None:
         """Shrink the batch to `rows` (a subset, in order), cutting the padding columns no row needs any more."""

@@ -53,12 +53,14 @@ CLIENT_GONE = 499  # nginx's status for a client that closed the connection firs
 
 @dataclass(frozen=True)
 class ServedModel:
-    """A name clients ask for: the adapter it runs (None: the base) and how its prompts are rendered."""
+    """A name clients ask for: the adapter it runs (None: the base), how its prompts are rendered, and the guide that
+    constrains its tool calls (constrained.ToolCallGuide; None: calls are free)."""
 
     name: str
     adapter: str | None
     template: Template
     system: str | None
+    guide: object = None
 
 
 class CallMemory:
@@ -282,8 +284,9 @@ def _chat_request(service: Service, served: ServedModel, body: ChatRequest, data
     closer = tool_call_markers(served.template)[1] if body.calls_tools else ""
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     config = generation_options(body, service.defaults, len(prompt), service.context, max_tokens)
+    constraint = served.guide.for_conversations([messages], served.system) if served.guide and body.calls_tools else None
     return EngineRequest(tuple(prompt), config, stop_strings + stop_list(body.stop), stop_ids,
-                         (closer,) if closer else (), served.adapter)
+                         (closer,) if closer else (), served.adapter, constraint)
 
 
 def _completion_prompts(service: Service, prompt: str | list) -> list[list[int]]:
