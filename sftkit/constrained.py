@@ -281,7 +281,7 @@ def scored_calls(model, guide: ToolCallGuide, forked: tuple, calls: list[tuple[t
     holds), the tokens of the likeliest complete call up to and including the closer; None where no candidate
     finished within max_tokens.
 
-    `forked` (generation._fork: input ids, attention mask, start) holds one row per candidate, the calls' rows
+    `forked` (generation.fork_rows: input ids, attention mask, start) holds one row per candidate, the calls' rows
     repeated once per tool, right after the opener's last token. All candidates run as one batch, each greedy and
     constrained to its one tool; a candidate's score is the sum of its tokens' log-probabilities under the
     unmasked logits, so a token the grammar forces still costs what the model thinks of it.

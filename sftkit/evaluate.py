@@ -219,8 +219,9 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
     """Generate an answer to each conversation's last user turn and score it against the reference answer.
 
     rouge: one generation, ROUGE-L and BLEU-4 over the whole answer. agent: calls (constrained to the offered
-    tools unless constrained_tool_calls is false; the likeliest whole call unless score_tool_calls is false), inserted reference results and the final answer
-    (agent_replies), scored with agent_metrics, plus each call error by kind with the worst examples of each.
+    tools unless constrained_tool_calls is false, the likeliest whole call unless score_tool_calls is false),
+    inserted reference results and the final answer (agent_replies), scored with agent_metrics, plus each call
+    error by kind with the worst examples of each.
     The report holds the metrics, counts, unparsed calls, the worst examples by ROUGE-L and every example with
     its ROUGE-L.
     """

@@ -322,12 +322,12 @@ def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
             tokens = next_tokens(logits, config, seen, generator)
             if constraint is not None:
                 fork = None if remote or images is not None else \
-                    functools.partial(_fork, model, cache, attention_mask, positions, tokens)
+                    functools.partial(fork_rows, model, cache, attention_mask, positions, tokens)
                 constraint.advance(tokens.tolist(), fork)
             yield tokens
 
 
-def _fork(model, cache, attention_mask: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor,
+def fork_rows(model, cache, attention_mask: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor,
           rows: list[int]) -> tuple:
     """These rows (one repeated as often as it is listed), each with its just-picked token, as a batch that
     _token_steps can go on from (input ids, attention mask, start): their KV cache is copied, not recomputed."""

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..generation import GenerationConfig, ReplyText, _fork, evaluating, next_tokens, pad_token_id, stop_token_set
+from ..generation import GenerationConfig, ReplyText, evaluating, fork_rows, next_tokens, pad_token_id, stop_token_set
 
 log = logging.getLogger("sftkit.serve")
 
@@ -264,18 +264,18 @@ class Engine:
             positions = torch.tensor([[row.position - 1] for row in rows], device=self.device)
             picked = torch.tensor(tokens, device=self.device)
             for index in constrained:
-                fork = functools.partial(self._fork, rows[index].request.adapter, cache, mask, positions, picked, index)
+                fork = functools.partial(self._fork_row, rows[index].request.adapter, cache, mask, positions, picked, index)
                 rows[index].request.constraint.advance([tokens[index]], lambda copies, fork=fork: fork(len(copies)))
         for row, token in zip(rows, tokens):
             if row.seen is not None:
                 row.seen[token] = True
             row.advance(token)
 
-    def _fork(self, adapter: str | None, cache, mask, positions, tokens, index: int, width: int) -> tuple:
-        """Row `index` copied `width` times to score a call with (generation._fork), its adapter set for those rows."""
+    def _fork_row(self, adapter: str | None, cache, mask, positions, tokens, index: int, width: int) -> tuple:
+        """Row `index` copied `width` times to score a call with (generation.fork_rows), its adapter set for those rows."""
         if self.adapter_rows is not None:
             self.adapter_rows.assign([adapter] * width, self.device)
-        return _fork(self.model, cache, mask, positions, tokens, [index] * width)
+        return fork_rows(self.model, cache, mask, positions, tokens, [index] * width)
 
     def _keep(self, rows: list[Sequence]) -> None:
         """Shrink the batch to `rows` (a subset, in order), cutting the padding columns no row needs any more."""
