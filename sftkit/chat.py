@@ -41,9 +41,8 @@ def chat_repl(model, tokenizer, template, system, gen_config: GenerationConfig, 
     output, with no prompt markers in between. In agent mode a reply that closes a tool call waits for
     the tool's result (the next line), which goes in as a tool message before the model continues the turn,
     and (with `constrained`) each call is restricted to the tools the system prompt offers (`scored`: the
-    likeliest whole call among them, sftkit.constrained). `/image PATH`
-    adds an image to the next message (a vision-language model's `processor` takes it); `images` go with
-    the first message.
+    likeliest whole call among them, sftkit.constrained). `/image PATH` adds an image to the next message
+    (a vision-language model's `processor` takes it); `images` go with the first message.
     """
     input, output = input or sys.stdin, output or sys.stdout
     interactive = bool(getattr(input, "isatty", lambda: False)())
@@ -64,13 +63,7 @@ def chat_repl(model, tokenizer, template, system, gen_config: GenerationConfig, 
                 output.write("(history cleared)\n")
             continue
         if line.startswith(IMAGE_COMMAND):
-            try:
-                pending.append(_checked_image(line[len(IMAGE_COMMAND):].strip(), processor))
-            except SftkitError as error:
-                output.write(f"(no image added: {error})\n")
-            else:
-                if interactive:
-                    output.write(f"(image {len(pending)} goes with your next message)\n")
+            _add_image(line[len(IMAGE_COMMAND):].strip(), pending, processor, output, interactive)
             continue
         if not line.strip():
             continue
@@ -94,6 +87,17 @@ def chat_repl(model, tokenizer, template, system, gen_config: GenerationConfig, 
         output.write("\n")
         output.flush()
         history += turn
+
+
+def _add_image(reference: str, pending: list[str], processor, output, interactive: bool) -> None:
+    """`/image PATH`: the image joins the next message, or the user is told why it cannot."""
+    try:
+        pending.append(_checked_image(reference, processor))
+    except SftkitError as error:
+        output.write(f"(no image added: {error})\n")
+    else:
+        if interactive:
+            output.write(f"(image {len(pending)} goes with your next message)\n")
 
 
 def _checked_image(reference: str, processor) -> str:
