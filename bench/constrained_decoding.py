@@ -1,6 +1,6 @@
 """Cost of constrained tool calls: the mask per token (inside a call and outside), generation tokens/s free,
-constrained token by token and constrained with scored calls, and the per-token cost of the structured-generation
-libraries the choice was made from.
+constrained token by token, with scored calls, and with scored calls on grounded values, and the per-token cost of
+the structured-generation libraries the choice was made from.
 
     python bench/constrained_decoding.py --ckpt_dir CKPT    # a tuned agent (e.g. the recipe's best checkpoint)
     python bench/constrained_decoding.py                    # the embedded SmolLM2: it never opens a call, so only
@@ -9,7 +9,7 @@ libraries the choice was made from.
 
 Rows are the first --rows conversations of examples/agent/test_general.jsonl. The mask cost replays each
 reference reply token by token through the constraint (it also checks that no reference call is refused);
-generation runs the prompts in batches until each call closes, the three sides in turn, --repeats times. A scored
+generation runs the prompts in batches until each call closes, the four sides in turn, --repeats times. A scored
 call's candidate tokens are extra forwards that make no reply token, so they lower tokens/s.
 """
 from __future__ import annotations
@@ -35,7 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=40, help="conversations replayed and generated for")
     parser.add_argument("--batch_size", type=int, default=20)
     parser.add_argument("--max_new_tokens", type=int, default=96)
-    parser.add_argument("--repeats", type=int, default=2, help="generation runs of each side, in turns (free token scored scored token free ...)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="generation runs of each side, in turns (free token scored grounded grounded scored ...)")
     parser.add_argument("--quick", action="store_true", help="a tiny tokenizer and random model instead of SmolLM2")
     parser.add_argument("--out", default="bench/results/constrained_decoding.json")
     return parser.parse_args(argv)
@@ -45,26 +46,13 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from sftkit.inference import load_for_inference
-    from sftkit.prompts import prompt_ids, response_text, split_last_turn, tool_call_end
+    from sftkit.prompts import prompt_ids, response_text, split_last_turn
     from sftkit.constrained import ToolCallGuide
     from sftkit.data.loading import load_conversations
-    from sftkit.data.templates import get_template
-    from sftkit.generation import GenerationConfig, generate_batch, stop_criteria
     from sftkit.tools import conversation_tools
 
     torch.manual_seed(0)
-    if args.quick:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        tokenizer, template = tiny_tokenizer(), "chatml"
-        config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        model, system, name = AutoModelForCausalLM.from_config(config).eval(), None, "tiny random llama"
-    else:
-        model, tokenizer, settings = load_for_inference(args.ckpt_dir)
-        template, system, name = settings.template, settings.system, args.ckpt_dir or "SmolLM2-135M-Instruct (embedded)"
+    model, tokenizer, template, system, name = bench_model(args)
     conversations, _ = load_conversations([args.data])
     cases = [split_last_turn(conversation) for conversation in conversations[:args.rows]]
     tools = [conversation_tools(prompt, system) for prompt, _ in cases]
@@ -72,7 +60,10 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     guide = ToolCallGuide(tokenizer, template, scored=False)
     setup_s = time.perf_counter() - started
-    guides = {"free": None, "token": guide, "scored": ToolCallGuide(tokenizer, template, scored=True)}
+    guides = {"free": None, "token": guide, "scored": ToolCallGuide(tokenizer, template, scored=True),
+              "grounded": ToolCallGuide(tokenizer, template, scored=True, grounded=True)}
+    side_tools = {side: [guides[side].tools_for(prompt, system) for prompt, _ in cases] if guides[side] else None
+                  for side in guides}
     compile_ms = []
     for row_tools in tools:
         started = time.perf_counter()
@@ -81,26 +72,7 @@ def main(argv=None) -> dict:
     mask = replay(guide, tokenizer, [response_text(reference, template) for _, reference in cases], tools, torch)
 
     prompts = [prompt_ids(prompt, tokenizer, template, system) for prompt, _ in cases]
-    stops, call_end = stop_criteria(tokenizer, get_template(template)), tool_call_end(template)
-    gen_config = GenerationConfig(max_new_tokens=args.max_new_tokens)
-    runs = []
-    for repeat in range(args.repeats):
-        for side in (list(guides) if repeat % 2 == 0 else list(guides)[::-1]):
-            generated = in_calls = 0
-            started = time.perf_counter()
-            for start in range(0, len(prompts), args.batch_size):
-                constraint = guides[side].constraint(tools[start:start + args.batch_size]) if guides[side] else None
-                texts = generate_batch(model, tokenizer, prompts[start:start + args.batch_size], gen_config, *stops,
-                                       stop_after=(call_end,), constraint=constraint)
-                for text in texts:
-                    generated += len(tokenizer(text, add_special_tokens=False)["input_ids"])
-                    in_calls += sum(len(tokenizer(chunk.partition(call_end)[0], add_special_tokens=False)["input_ids"])
-                                    for chunk in text.split(guide.opener.decode())[1:])
-            seconds = time.perf_counter() - started
-            run = {"side": side, "repeat": repeat, "seconds": round(seconds, 3), "generated_tokens": generated,
-                   "tokens_in_calls": in_calls, "tokens_per_s": round(generated / seconds, 2)}
-            print(f"[bench] {side}: {run['tokens_per_s']} tokens/s ({generated} tokens, {in_calls} inside calls)", flush=True)
-            runs.append(run)
+    runs = generation_runs(model, tokenizer, template, prompts, guides, side_tools, args)
     summary = {side: statistics.median(run["tokens_per_s"] for run in runs if run["side"] == side) for side in guides}
     result = {
         "benchmark": "constrained_decoding",
@@ -112,15 +84,63 @@ def main(argv=None) -> dict:
         "mask_per_token": mask,
         "generation": {"runs": runs, "tokens_per_s": summary,
                        "token_over_free": round(summary["token"] / summary["free"], 3),
-                       "scored_over_free": round(summary["scored"] / summary["free"], 3)},
+                       "scored_over_free": round(summary["scored"] / summary["free"], 3),
+                       "grounded_over_free": round(summary["grounded"] / summary["free"], 3)},
         "libraries": library_costs(tokenizer, tools, cases, template),
     }
     print(f"[bench] mask per token: {mask['in_call_us']['mean']:.0f} us in a call, {mask['outside_us']['mean']:.1f} us outside; "
           f"generation token by token/free x{result['generation']['token_over_free']}, "
-          f"scored/free x{result['generation']['scored_over_free']}")
+          f"scored/free x{result['generation']['scored_over_free']}, grounded/free x{result['generation']['grounded_over_free']}")
     write_json(args.out, result)
     return result
 
+
+
+
+def bench_model(args) -> tuple:
+    """(model, tokenizer, template, system prompt, name): the checkpoint or embedded SmolLM2, or with --quick a
+    tiny random llama."""
+    if not args.quick:
+        from sftkit.inference import load_for_inference
+
+        model, tokenizer, settings = load_for_inference(args.ckpt_dir)
+        return model, tokenizer, settings.template, settings.system, args.ckpt_dir or "SmolLM2-135M-Instruct (embedded)"
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return AutoModelForCausalLM.from_config(config).eval(), tokenizer, "chatml", None, "tiny random llama"
+
+def generation_runs(model, tokenizer, template, prompts: list, guides: dict, side_tools: dict, args) -> list[dict]:
+    """Each side generates for every prompt until its call closes, the sides in turns, --repeats times."""
+    from sftkit.data.templates import get_template
+    from sftkit.generation import GenerationConfig, generate_batch, stop_criteria
+    from sftkit.prompts import tool_call_end
+
+    stops, call_end = stop_criteria(tokenizer, get_template(template)), tool_call_end(template)
+    opener = guides["token"].opener.decode()
+    gen_config = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    runs = []
+    for repeat in range(args.repeats):
+        for side in (list(guides) if repeat % 2 == 0 else list(guides)[::-1]):
+            generated = in_calls = 0
+            started = time.perf_counter()
+            for start in range(0, len(prompts), args.batch_size):
+                constraint = guides[side].constraint(side_tools[side][start:start + args.batch_size]) if guides[side] else None
+                texts = generate_batch(model, tokenizer, prompts[start:start + args.batch_size], gen_config, *stops,
+                                       stop_after=(call_end,), constraint=constraint)
+                for text in texts:
+                    generated += len(tokenizer(text, add_special_tokens=False)["input_ids"])
+                    in_calls += sum(len(tokenizer(chunk.partition(call_end)[0], add_special_tokens=False)["input_ids"])
+                                    for chunk in text.split(opener)[1:])
+            seconds = time.perf_counter() - started
+            run = {"side": side, "repeat": repeat, "seconds": round(seconds, 3), "generated_tokens": generated,
+                   "tokens_in_calls": in_calls, "tokens_per_s": round(generated / seconds, 2)}
+            print(f"[bench] {side}: {run['tokens_per_s']} tokens/s ({generated} tokens, {in_calls} inside calls)", flush=True)
+            runs.append(run)
+    return runs
 
 def replay(guide, tokenizer, replies: list[str], tools: list, torch) -> dict:
     """Feed each reference reply through restrict/advance as if generated; time both, split by inside/outside a call."""

@@ -25,7 +25,7 @@ def chat(config: ChatConfig):
                                                     trust_remote_code=config.trust_remote_code)
     chat_repl(model, tokenizer, settings.template, settings.system, generation_config(config), agent=config.agent,
               stream=config.stream, constrained=config.constrained_tool_calls, processor=settings.processor,
-              images=config.images, scored=config.score_tool_calls)
+              images=config.images, scored=config.score_tool_calls, grounded=config.ground_tool_values)
 
 
 @click.command("infer", cls=ConfigCommand)

@@ -24,7 +24,6 @@ from .lora import load_adapter, unload_lora
 from .model import DTYPES, copy_processor_files, load_model, load_tokenizer
 from .prompts import prompt_inputs, prompt_text, reply_messages, response_text, split_last_turn, tool_call_end
 from .run import read_run_args
-from .tools import conversation_tools
 
 
 # --- chat ---------------------------------------------------------------------------------------------------
@@ -34,15 +33,16 @@ IMAGE_COMMAND = "/image "
 
 def chat_repl(model, tokenizer, template, system, gen_config: GenerationConfig, input=None, output=None,
               agent: bool = False, stream: bool = True, constrained: bool = True, processor=None, images=(),
-              scored: bool = True) -> list[Message]:
+              scored: bool = True, grounded: bool = False) -> list[Message]:
     """Multi-turn chat over text streams; returns the history when the input ends or says exit/quit.
 
     `clear` forgets the history. From a pipe, every line is one message and every reply one block on the
     output, with no prompt markers in between. In agent mode a reply that closes a tool call waits for
     the tool's result (the next line), which goes in as a tool message before the model continues the turn,
     and (with `constrained`) each call is restricted to the tools the system prompt offers (`scored`: the
-    likeliest whole call among them, sftkit.constrained). `/image PATH` adds an image to the next message
-    (a vision-language model's `processor` takes it); `images` go with the first message.
+    likeliest whole call among them, sftkit.constrained; `grounded`: values kept to what the conversation names).
+    `/image PATH` adds an image to the next message (a vision-language model's `processor` takes it); `images` go
+    with the first message.
     """
     input, output = input or sys.stdin, output or sys.stdout
     interactive = bool(getattr(input, "isatty", lambda: False)())
@@ -50,7 +50,7 @@ def chat_repl(model, tokenizer, template, system, gen_config: GenerationConfig, 
     stop_strings, stop_ids = stop_criteria(tokenizer, template)
     call_end = tool_call_end(template) if agent else ""
     stop_after = (call_end,) if call_end else ()
-    guide = tool_call_guide(tokenizer, template, scored) if agent and constrained else None
+    guide = tool_call_guide(tokenizer, template, scored, grounded) if agent and constrained else None
     history: list[Message] = []
     pending = [_checked_image(image, processor) for image in images]
     while True:
@@ -141,8 +141,9 @@ def infer(config, echo=print) -> list[dict]:
     conversations, _ = dataset_conversations(config, settings)
     cases = [split_last_turn(conversation) for conversation in conversations]
     prompts = [prompt_inputs(prompt, tokenizer, settings.template, settings.system, settings.processor) for prompt, _ in cases]
-    guide = tool_call_guide(tokenizer, settings.template, config.score_tool_calls) if config.constrained_tool_calls else None
-    tools = [conversation_tools(prompt, settings.system) for prompt, _ in cases]
+    guide = tool_call_guide(tokenizer, settings.template, config.score_tool_calls,
+                            config.ground_tool_values) if config.constrained_tool_calls else None
+    tools = [guide.tools_for(prompt, settings.system) for prompt, _ in cases] if guide else None
     progress = Throughput(len(prompts), desc="infer")
     predictions = generate_all(model, tokenizer, [ids for ids, _ in prompts], generation_config(config),
                                stop_criteria(tokenizer, get_template(settings.template)), config.batch_size,

@@ -40,6 +40,9 @@ CONSTRAINED_HELP = ("in agent mode (chat --agent, infer, eval --metrics agent, d
                     "and value types (false: free, to compare)")
 SCORED_HELP = ("with constrained tool calls and several tools offered, write the best call to each tool and keep the "
                "one the model finds likeliest as a whole (false: the tool is picked token by token)")
+GROUNDED_HELP = ("with constrained tool calls, a date parameter may only take a day the user's turns name (relative "
+                 "days read against the system prompt's 'Today is YYYY-MM-DD') and a string parameter only a run of "
+                 "their words, where they name any (true: for tools whose values are copied from the request)")
 TRUE = ("true", "1", "yes", "on")
 FALSE = ("false", "0", "no", "off")
 
@@ -200,6 +203,7 @@ class TrainConfig(DataOptions):
     eval_max_new_tokens: int = option(256, "longest generated answer during evaluation")
     constrained_tool_calls: bool = option(True, CONSTRAINED_HELP + " (with eval_generation_mode agent)")
     score_tool_calls: bool = option(True, SCORED_HELP)
+    ground_tool_values: bool = option(False, GROUNDED_HELP)
     save_steps: int | None = option(None, "save every this many steps (default: eval_steps)")
     save_total_limit: int = option(2, "keep at most this many checkpoints besides the best")
     only_save_model: bool = option(False, "checkpoints hold only weights (no optimizer state: cannot resume)")
@@ -574,6 +578,7 @@ class GenerateOptions:
     seed: int | None = option(None, "seed for sampling, so a sampled run can be repeated")
     constrained_tool_calls: bool = option(True, CONSTRAINED_HELP)
     score_tool_calls: bool = option(True, SCORED_HELP)
+    ground_tool_values: bool = option(False, GROUNDED_HELP)
     trust_remote_code: bool = option(False, "allow a base model whose repository ships Python code")
 
     def problems(self) -> list[str]:

@@ -15,6 +15,9 @@ model writes its best call to each offered tool alone (one batch), and the call 
 whole wins; its tokens are then forced. A small model often opens the similar-named tool with the wrong
 parameters (`weather_forecast` for "weather in Paris"), and then has to invent a value ("days": 3) that it
 finds unlikely: the whole call's probability says what the first diverging token could not.
+
+Grounded (`grounded=True`, off by default): each tool's date and string parameters are first narrowed to the
+days and words the conversation names (sftkit.grounding).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import torch
 
 from .data.formats import Message
 from .data.templates import Template, get_template
+from .grounding import ground_tools
 from .tools import Tool, call_schema, conversation_tools
 
 # Compact JSON as json.dumps writes it is what the data holds, but MSAgent-Bench also pretty-prints calls;
@@ -37,6 +41,8 @@ JSON_OPTIONS = {"item_separator": ",", "key_separator": ":", "whitespace_flexibl
                 "whitespace_pattern": r"[ \t\n]{0,16}"}
 
 _VOCABULARIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Compiled grammars a guide keeps before it starts again.
+MAX_GRAMMARS = 1024
 
 
 @dataclass(frozen=True)
@@ -66,12 +72,13 @@ class ToolCallGuide:
     generate_batch.
     """
 
-    def __init__(self, tokenizer, template: "str | Template", scored: bool = True):
+    def __init__(self, tokenizer, template: "str | Template", scored: bool = True, grounded: bool = False):
         opener, found, closer = get_template(template).tool_call.partition("{{CONTENT}}")
         if not found or not opener or not closer:
             raise ValueError("the template's tool_call has no opener and closer around {{CONTENT}} to constrain")
         self.vocabulary = _vocabulary(tokenizer)
-        self.tokenizer, self.opener, self.closer, self.scored = tokenizer, opener.encode(), closer, scored
+        self.tokenizer, self.opener, self.closer = tokenizer, opener.encode(), closer
+        self.scored, self.grounded = scored, grounded
         self._grammars: dict[tuple, str | None] = {}
         self._valid_starts: dict[tuple[str, bytes], bool] = {}
         self._fresh: dict[str, object] = {}
@@ -85,12 +92,24 @@ class ToolCallGuide:
 
     def for_conversations(self, conversations: list[list[Message]], system: str | None = None) -> "CallConstraint | None":
         """The constraint for prompts built from these conversations: each row gets the tools its system prompt offers."""
-        return self.constraint([conversation_tools(conversation, system) for conversation in conversations])
+        return self.constraint([self.tools_for(conversation, system) for conversation in conversations])
+
+    def tools_for(self, conversation: list[Message], system: str | None = None) -> tuple[Tool, ...]:
+        """The tools a conversation offers, their values narrowed to what it names when the guide is grounded."""
+        tools = conversation_tools(conversation, system)
+        if not self.grounded or not tools:
+            return tools
+        if system is not None and not any(message.role == "system" for message in conversation):
+            conversation = [Message("system", system), *conversation]  # its "Today is" line dates the request
+        return ground_tools(tools, conversation)
 
     def grammar(self, tools: tuple[Tool, ...]) -> str | None:
         """The Lark grammar of a call to one of `tools` then the closer (cached); None, with a warning, if it cannot compile."""
         key = tuple((tool.name, json.dumps(tool.parameters, sort_keys=True), tool.url) for tool in tools)
         if key not in self._grammars:
+            if len(self._grammars) >= MAX_GRAMMARS:  # grounded tools make a grammar per conversation: a server's would grow
+                for cache in (self._grammars, self._valid_starts, self._fresh):
+                    cache.clear()
             import llguidance
 
             schema = {"x-guidance": JSON_OPTIONS, **call_schema(tools)}
@@ -341,9 +360,10 @@ def _single_tool_matcher(guide: ToolCallGuide, tool: Tool, start: bytes):
     return guide.matcher(grammar, start) if grammar else None
 
 
-def tool_call_guide(tokenizer, template: "str | Template", scored: bool = True) -> ToolCallGuide | None:
+def tool_call_guide(tokenizer, template: "str | Template", scored: bool = True,
+                    grounded: bool = False) -> ToolCallGuide | None:
     """A guide for the template's call markers, or None for a template without them (nothing to constrain)."""
     try:
-        return ToolCallGuide(tokenizer, template, scored)
+        return ToolCallGuide(tokenizer, template, scored, grounded)
     except ValueError:
         return None

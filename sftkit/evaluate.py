@@ -64,7 +64,8 @@ def generation_metrics(model, tokenizer, config, examples: list[dict], *, autoca
                                      gen_config=GenerationConfig(max_new_tokens=config.eval_max_new_tokens),
                                      limit=config.eval_generation_limit, batch_size=config.eval_batch_size,
                                      world=world, lockstep=lockstep, constrained_tool_calls=config.constrained_tool_calls,
-                                     score_tool_calls=config.score_tool_calls, processor=processor)
+                                     score_tool_calls=config.score_tool_calls,
+                                     ground_tool_values=config.ground_tool_values, processor=processor)
     return {f"eval_{key}": value for key, value in report["metrics"].items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
@@ -175,19 +176,19 @@ def generate_all(model, tokenizer, prompts: list[list[int]], gen_config: Generat
 
 def agent_replies(model, tokenizer, template, cases, gen_config: GenerationConfig, *, system=None, batch_size=8,
                   lockstep: Lockstep | None = None, constrained: bool = True, progress: Throughput | None = None,
-                  processor=None, scored: bool = True):
+                  processor=None, scored: bool = True, grounded: bool = False):
     """Answer each (prompt, reference turn) as a user of the agent would see it; returns (replies, results inserted).
 
     Generate until a tool call closes or the turn ends; after a call, insert the reference turn's next tool
     result and continue. Each continuation uses up one reference result, so an example generates at most
     (its reference results + 1) times. A reply holds its calls, the inserted results and the final answer.
     With `constrained`, calls are restricted to the tools each conversation offers, and `scored` picks the likeliest
-    whole call among them (never in lockstep: its extra forwards would be one rank's only).
+    whole call among them (never in lockstep: its extra forwards would be one rank's only); `grounded` narrows their
+    values to what the conversation so far names.
     """
     template = get_template(template)
     stops, call_end = stop_criteria(tokenizer, template), tool_call_end(template)
-    guide = tool_call_guide(tokenizer, template, scored and lockstep is None) if constrained else None
-    tools = [conversation_tools(prompt, system) for prompt, _ in cases]
+    guide = tool_call_guide(tokenizer, template, scored and lockstep is None, grounded) if constrained else None
     results = [[message for message in reference if message.role == "tool"] for _, reference in cases]
     turns: list[list[Message]] = [[] for _ in cases]
     replies, used = [""] * len(cases), [0] * len(cases)
@@ -195,7 +196,8 @@ def agent_replies(model, tokenizer, template, cases, gen_config: GenerationConfi
     while (lockstep.batches(len(active)) if lockstep else len(active)) > 0:
         prompts = [prompt_inputs(cases[i][0] + turns[i], tokenizer, template, system, processor) for i in active]
         outputs = generate_all(model, tokenizer, [ids for ids, _ in prompts], gen_config, stops, batch_size,
-                               stop_after=(call_end,), lockstep=lockstep, guide=guide, tools=[tools[i] for i in active],
+                               stop_after=(call_end,), lockstep=lockstep, guide=guide,
+                               tools=[guide.tools_for(cases[i][0] + turns[i], system) for i in active] if guide else None,
                                progress=progress, images=[images for _, images in prompts])
         waiting = []
         for index, text in zip(active, outputs):
@@ -215,11 +217,12 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
                         gen_config: GenerationConfig, system: str | None = None, limit: int | None = None,
                         batch_size: int = 8, world: distributed.World = distributed.World(),
                         lockstep: bool = False, constrained_tool_calls: bool = True, progress: bool = False,
-                        processor=None, score_tool_calls: bool = True) -> dict:
+                        processor=None, score_tool_calls: bool = True, ground_tool_values: bool = False) -> dict:
     """Generate an answer to each conversation's last user turn and score it against the reference answer.
 
     rouge: one generation, ROUGE-L and BLEU-4 over the whole answer. agent: calls (constrained to the offered
-    tools unless constrained_tool_calls is false, the likeliest whole call unless score_tool_calls is false),
+    tools unless constrained_tool_calls is false, the likeliest whole call unless score_tool_calls is false, values
+    narrowed to what the conversation names with ground_tool_values),
     inserted reference results and the final answer (agent_replies), scored with agent_metrics, plus each call
     error by kind with the worst examples of each.
     The report holds the metrics, counts, unparsed calls, the worst examples by ROUGE-L and every example with
@@ -233,7 +236,8 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
         raise ValueError("no conversations to evaluate")
     references = [response_text(reference, template) for _, reference in cases]
     predictions, inserted = _predictions(model, tokenizer, template, cases, mode, gen_config, system, batch_size,
-                                         world, lockstep, constrained_tool_calls, progress, processor, score_tool_calls)
+                                         world, lockstep, constrained_tool_calls, progress, processor,
+                                         (score_tool_calls, ground_tool_values))
     if mode == "rouge":
         metrics, unparsed = text_metrics(predictions, references), []
     else:
@@ -246,6 +250,7 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
     if mode == "agent":
         agent_part = {"constrained_tool_calls": constrained_tool_calls,
                       "score_tool_calls": constrained_tool_calls and score_tool_calls and not lockstep,
+                      "ground_tool_values": constrained_tool_calls and ground_tool_values,
                       "errors": _call_errors(cases, predictions, references, scores, tokenizer, template, system)}
     return {
         "mode": mode,
@@ -264,8 +269,9 @@ def evaluate_generation(model, tokenizer, template, conversations: list[list[Mes
 
 
 def _predictions(model, tokenizer, template, cases, mode, gen_config, system, batch_size, world, lockstep,
-                 constrained, progress, processor, scored) -> tuple[list[str], int]:
-    """Every case's generated answer (each rank generates its share; all ranks get all), and the tool results inserted."""
+                 constrained, progress, processor, calls: tuple[bool, bool]) -> tuple[list[str], int]:
+    """Every case's generated answer (each rank generates its share; all ranks get all), and the tool results inserted
+    (`calls`: whether calls are scored, and grounded)."""
     mine = list(range(world.rank, len(cases), world.size))
     sync = Lockstep(world) if lockstep else None
     inserted = 0
@@ -278,7 +284,7 @@ def _predictions(model, tokenizer, template, cases, mode, gen_config, system, ba
     else:
         outputs, inserted = agent_replies(model, tokenizer, template, [cases[i] for i in mine], gen_config,
                                           system=system, batch_size=batch_size, lockstep=sync, constrained=constrained,
-                                          progress=bar, processor=processor, scored=scored)
+                                          progress=bar, processor=processor, scored=calls[0], grounded=calls[1])
     if bar:
         bar.close()
     predictions = [""] * len(cases)
@@ -317,7 +323,8 @@ def evaluate_checkpoint(config) -> dict:
     report = evaluate_generation(model, tokenizer, settings.template, conversations, mode=config.metrics,
                                  gen_config=generation_config(config), system=settings.system, limit=config.limit,
                                  batch_size=config.batch_size, constrained_tool_calls=config.constrained_tool_calls,
-                                 score_tool_calls=config.score_tool_calls, progress=True, processor=settings.processor)
+                                 score_tool_calls=config.score_tool_calls, ground_tool_values=config.ground_tool_values,
+                                 progress=True, processor=settings.processor)
     report = {"ckpt_dir": settings.ckpt_dir, "model_dir": settings.model_dir, "dataset": specs, **report}
     path = output_path(config, settings, "eval_report.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

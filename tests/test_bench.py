@@ -130,7 +130,7 @@ def test_constrained_decoding_quick(tmp_path):
     assert {"benchmark", "machine", "settings", "guide", "mask_per_token", "generation", "libraries"} <= result.keys()
     assert result["mask_per_token"]["in_call_us"]["count"] > 0 and result["mask_per_token"]["outside_us"]["count"] > 0
     assert result["mask_per_token"]["reference_tokens_refused"] == 0  # every reference call fits its grammar
-    assert [run["side"] for run in result["generation"]["runs"]] == ["free", "token", "scored"]
+    assert [run["side"] for run in result["generation"]["runs"]] == ["free", "token", "scored", "grounded"]
     assert set(result["libraries"]) == {"llguidance", "xgrammar", "lm-format-enforcer", "outlines-core"}
     assert result["libraries"]["llguidance"]["reference_calls_accepted"].split("/")[0] == \
         result["libraries"]["llguidance"]["reference_calls_accepted"].split("/")[1]

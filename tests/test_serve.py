@@ -193,6 +193,22 @@ def test_calls_are_constrained_to_the_request_tools_unless_turned_off(agent):
     assert free.message.tool_calls is None and "<|startofthink|>" in free.message.content
 
 
+def test_grounded_calls_take_their_values_from_the_request(agent):
+    """For "hello" the constrained call names a city of the model's own; with --ground_tool_values the city can only
+    be a run of the request's words, and "hello" is the only one."""
+    url, best = agent
+    messages = [{"role": "user", "content": "hello"}]
+    [call] = client(url).chat.completions.create(model="agent", messages=messages, tools=TOOLS,
+                                                 max_tokens=40).choices[0].message.tool_calls
+    assert json.loads(call.function.arguments)["city"] != "hello"
+    service = load_service(DeployConfig(ckpt_dir=best, served_model_name="agent", max_new_tokens=64,
+                                        ground_tool_values=True))
+    with running(service) as grounded_url:
+        [call] = client(grounded_url).chat.completions.create(model="agent", messages=messages, tools=TOOLS,
+                                                              max_tokens=40).choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "hello"}
+
+
 def test_without_tools_the_reply_is_plain_text(agent):
     """tool_choice none (or no tools) returns what the model writes, markers and all, as content."""
     reply = client(agent[0]).chat.completions.create(

@@ -1,9 +1,10 @@
 """Reproduce the README's agent tables: regenerate the data, score the base model, fine-tune, score again on the
 in-distribution split (test.jsonl) and the generalisation split (test_general.jsonl), with calls constrained to
-the offered tools (scored: the likeliest whole call; token: picked token by token) and free.
+the offered tools (grounded: the likeliest whole call, with dates and strings kept to what the conversation
+names; scored: the likeliest whole call; token: picked token by token) and free.
 
     python examples/agent/reproduce.py [--device cpu|cuda] [--out output/agent-report]
-                                       [--splits test,general] [--modes scored,token,free]
+                                       [--splits test,general] [--modes grounded,scored,token,free]
                                        [--train_dataset_sample N] [--skip_before] [--skip_train RUN_DIR] [--limit N]
 
 Writes <out>/<when>-<split>-<mode>.json (sftkit eval reports) and <out>/table.md.
@@ -30,7 +31,8 @@ def run(command: list[str]) -> None:
     subprocess.run(command, check=True, cwd=ROOT)
 
 
-MODES = {"scored": ["--constrained_tool_calls", "true", "--score_tool_calls", "true"],
+MODES = {"grounded": ["--constrained_tool_calls", "true", "--score_tool_calls", "true", "--ground_tool_values", "true"],
+         "scored": ["--constrained_tool_calls", "true", "--score_tool_calls", "true"],
          "token": ["--constrained_tool_calls", "true", "--score_tool_calls", "false"],
          "free": ["--constrained_tool_calls", "false"]}
 
@@ -49,9 +51,10 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--out", default="output/agent-report")
     parser.add_argument("--splits", default="test,general", help="test (in distribution) and/or general (held out)")
-    parser.add_argument("--modes", default="scored,free",
-                        help="how the tuned model's calls are made: scored (constrained, the likeliest whole call), "
-                             "token (constrained, token by token), free")
+    parser.add_argument("--modes", default="grounded,scored,free",
+                        help="how the tuned model's calls are made: grounded (scored, values kept to what the "
+                             "conversation names), scored (constrained, the likeliest whole call), token (constrained, "
+                             "token by token), free")
     parser.add_argument("--train_dataset_sample", type=int, default=None, help="override the recipe's training rows")
     parser.add_argument("--skip_before", action="store_true", help="do not score the base model")
     parser.add_argument("--skip_train", type=Path, default=None, help="score this finished run folder instead of training")

@@ -48,7 +48,8 @@ def load_service(config: DeployConfig) -> Service:
                            folders)
     check_prompts(models, tokenizer)
     if config.constrained_tool_calls:
-        models = {name: replace(served, guide=tool_call_guide(tokenizer, served.template, config.score_tool_calls))
+        models = {name: replace(served, guide=tool_call_guide(tokenizer, served.template, config.score_tool_calls,
+                                                              config.ground_tool_values))
                   for name, served in models.items()}
     engine = Engine(model, tokenizer, max_num_seqs=config.max_num_seqs, max_queue=config.max_queue, adapter_rows=rows)
     return Service(engine, tokenizer, models, config.max_model_len or context_length(model.config),

@@ -56,7 +56,7 @@ class Server:
         self.job: jobs.TrainJob | None = None
         self.job_overrides: dict = {}
         self._chat_key, self._chat_model = None, None
-        self._guides: dict = {}  # (template name, scored) -> ToolCallGuide for the loaded model's tokenizer
+        self._guides: dict = {}  # (template name, scored, grounded) -> ToolCallGuide for the loaded model's tokenizer
         self._lock = threading.Lock()
 
     def chat_model(self, config: ChatConfig):
@@ -71,14 +71,14 @@ class Server:
                 self._chat_key = key
             return self._chat_model
 
-    def tool_guide(self, tokenizer, template: str, scored: bool = True):
+    def tool_guide(self, tokenizer, template: str, scored: bool = True, grounded: bool = False):
         """The loaded model's ToolCallGuide for a template, built once (None: the template has no call markers)."""
         from ..constrained import tool_call_guide
 
         with self._lock:
-            if (template, scored) not in self._guides:
-                self._guides[template, scored] = tool_call_guide(tokenizer, template, scored)
-            return self._guides[template, scored]
+            if (template, scored, grounded) not in self._guides:
+                self._guides[template, scored, grounded] = tool_call_guide(tokenizer, template, scored, grounded)
+            return self._guides[template, scored, grounded]
 
     def checkpoints(self) -> list[tuple[str, str]]:
         return jobs.checkpoint_choices(self.output_dir)
@@ -334,7 +334,8 @@ def send_message(server: Server, names: list[str], text: str, past: list[Message
         model, tokenizer, settings = server.chat_model(config)
         system = config.system if config.system is not None else settings.system
         template = config.template or settings.template
-        guide = server.tool_guide(tokenizer, template, config.score_tool_calls) if config.agent and config.constrained_tool_calls else None
+        guide = server.tool_guide(tokenizer, template, config.score_tool_calls,
+                                  config.ground_tool_values) if config.agent and config.constrained_tool_calls else None
         started = time.time()
         for conversation, calling in stream_turn(model, tokenizer, template, system, past, text,
                                                  generation_config(config), agent=config.agent,

@@ -32,6 +32,7 @@ TRAIN_GROUPS = {
                  "fused_loss", "torch_compile", "cuda_graphs", "seed"),
     "evaluation / saving": ("eval_steps", "eval_batch_size", "metric_for_best_model", "metric_rule_for_best_model",
                             "predict_with_generate", "eval_generation_mode", "constrained_tool_calls", "score_tool_calls",
+                            "ground_tool_values",
                             "eval_generation_limit", "eval_max_new_tokens", "save_steps", "save_total_limit",
                             "only_save_model", "logging_steps", "output_dir",
                             "add_output_dir_suffix", "resume_from_checkpoint", "ignore_args_mismatch", "trust_checkpoint",
