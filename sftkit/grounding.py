@@ -19,6 +19,7 @@ expression from "twelve times three") needs free values.
 from __future__ import annotations
 
 import datetime
+import json
 import re
 from dataclasses import replace
 
@@ -89,11 +90,14 @@ def _compiled(pattern):
 
 
 def word_spans(conversation: list[Message], max_words: int = MAX_SPAN_WORDS) -> list[str]:
-    """Every run of up to max_words words in the user turns and tool results, edge punctuation stripped, deduplicated."""
+    """Every run of up to max_words words in the user turns and tool results, edge punctuation stripped, and every
+    string a JSON tool result holds (an id a later call passes on), deduplicated."""
     spans: dict[str, None] = {}
     for message in conversation:
         if message.role not in ("user", "tool"):
             continue
+        if message.role == "tool":
+            spans.update(dict.fromkeys(_json_strings(message.content)))
         for line in message.content.splitlines():
             words = line.split()
             for start in range(len(words)):
@@ -102,6 +106,24 @@ def word_spans(conversation: list[Message], max_words: int = MAX_SPAN_WORDS) -> 
                     if span:
                         spans[span] = None
     return list(spans)
+
+
+def _json_strings(text: str) -> list[str]:
+    """The non-empty strings anywhere in a JSON text (fenced or not); none when it is not JSON."""
+    body = text.strip().removeprefix("```JSON").removeprefix("```json").removeprefix("```").removesuffix("```")
+    try:
+        stack, found = [json.loads(body)], []
+    except ValueError:
+        return []
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack += value.values()
+        elif isinstance(value, list):
+            stack += value
+        elif isinstance(value, str) and value.strip():
+            found.append(value)
+    return found
 
 
 def conversation_today(conversation: list[Message]) -> datetime.date | None:

@@ -51,6 +51,12 @@ def test_named_dates_read_today_from_the_system_prompt_and_days_from_user_turns(
     assert named_dates(conversation) == {"2026-03-05", "2026-05-01"}  # a tool result's date is not the user's
 
 
+def test_a_json_tool_result_gives_its_strings_whole():
+    spans = word_spans([Message("tool", '```JSON\n{"results": [{"id": "fl-2291 b", "seats": 3}]}\n```')])
+    assert "fl-2291 b" in spans and "fl-2291" in spans  # the whole string, and its words as any text gives them
+    assert word_spans([Message("tool", "not json {")]) == ["not", "not json", "not json {", "json", "json {", "{"]
+
+
 def test_word_spans_strip_edge_punctuation_and_quotes():
     spans = word_spans([Message("user", 'Block 14:30 today for "Vet visit".'), Message("assistant", "Berlin")])
     assert {"Vet visit", "Block 14:30", "14:30", "today"} <= set(spans)
