@@ -24,6 +24,7 @@ import re
 from dataclasses import replace
 
 from .data.formats import Message
+from .metrics import unfenced
 from .tools import Tool
 
 # Runs of at most this many words are values; a longer run is rarely one argument.
@@ -39,8 +40,9 @@ _WEEKDAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday",
 _MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
            "november", "december"]
 # Relative days, longest first: "the day after tomorrow" must not also read as "tomorrow".
-_FIXED = [(r"the day after tomorrow|day after tomorrow", 2), (r"the day before yesterday", -2),
-          (r"tomorrow", 1), (r"yesterday", -1), (r"today|tonight", 0)]
+_FIXED = [(re.compile(rf"(?i)\b(?:{phrase})\b"), offset) for phrase, offset in [
+    (r"the day after tomorrow|day after tomorrow", 2), (r"the day before yesterday", -2), (r"tomorrow", 1),
+    (r"yesterday", -1), (r"today|tonight", 0)]]
 _IN_DAYS = re.compile(rf"(?i)\b(?:in {_COUNT} (days?|weeks?)|{_COUNT} (days?|weeks?) (?:from now|from today|later|ago))\b")
 _WEEKDAY = re.compile(r"(?i)\b(?:(next|this|on|coming) )?(" + "|".join(_WEEKDAYS) + r")\b")
 _NEXT_WEEK = re.compile(r"(?i)\bnext week\b")
@@ -110,9 +112,8 @@ def word_spans(conversation: list[Message], max_words: int = MAX_SPAN_WORDS) -> 
 
 def _json_strings(text: str) -> list[str]:
     """The non-empty strings anywhere in a JSON text (fenced or not); none when it is not JSON."""
-    body = text.strip().removeprefix("```JSON").removeprefix("```json").removeprefix("```").removesuffix("```")
     try:
-        stack, found = [json.loads(body)], []
+        stack, found = [json.loads(unfenced(text))], []
     except ValueError:
         return []
     while stack:
@@ -152,8 +153,7 @@ def text_dates(text: str, today: datetime.date | None) -> set[datetime.date]:
     if today is None:
         return days
     rest = text
-    for phrase, offset in _FIXED:
-        pattern = re.compile(rf"(?i)\b(?:{phrase})\b")
+    for pattern, offset in _FIXED:
         if pattern.search(rest):
             days.add(today + datetime.timedelta(days=offset))
             rest = pattern.sub(" ", rest)

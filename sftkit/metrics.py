@@ -159,16 +159,21 @@ class ToolCall:
     arguments: dict
 
 
+def unfenced(text: str) -> str:
+    """The text inside a ```JSON fence (any language tag), or the stripped text when it is not fenced."""
+    text = text.strip()
+    fenced = _FENCE.fullmatch(text)
+    return fenced.group(1) if fenced else text
+
+
 def parse_call_payload(payload: str) -> ToolCall | None:
     """The call in one think block, or None unless it is a JSON object naming a tool with object arguments.
 
     Accepts MSAgent-Bench's {"api_name", "parameters"} and OpenAI's {"name", "arguments"}, where arguments
     may be a JSON string; a missing or null argument object means a call without arguments.
     """
-    text = payload.strip()
-    fenced = _FENCE.fullmatch(text)
     try:
-        call = json.loads(fenced.group(1) if fenced else text)
+        call = json.loads(unfenced(payload))
         if not isinstance(call, dict):
             return None
         name = call.get("api_name", call.get("name"))
