@@ -95,7 +95,7 @@ def generate_stream(model, tokenizer, input_ids, config: GenerationConfig, stop_
     stops = stop_token_set(model, tokenizer, stop_token_ids)
     reply = ReplyText(tokenizer, stop_strings, stop_after)
     padded = _left_pad([list(input_ids)], pad_token_id(tokenizer), model.device)
-    for tokens in _token_steps(model, *padded, config, constraint, _image_inputs([images], padded[0].shape[1], model.device)):
+    for tokens in _token_steps(model, *padded, config, constraint, image_inputs([images], padded[0].shape[1], model.device)):
         token = int(tokens[0])
         if token in stops:
             break
@@ -124,7 +124,7 @@ def generate_batch(model, tokenizer, batch_input_ids, config: GenerationConfig, 
     stops = stop_token_set(model, tokenizer, stop_token_ids)
     replies = [ReplyText(tokenizer, stop_strings, stop_after) for _ in batch_input_ids]
     padded = _left_pad([list(ids) for ids in batch_input_ids], pad_token_id(tokenizer), model.device)
-    for tokens in _token_steps(model, *padded, config, constraint, _image_inputs(images or [], padded[0].shape[1], model.device)):
+    for tokens in _token_steps(model, *padded, config, constraint, image_inputs(images or [], padded[0].shape[1], model.device)):
         if on_tokens is not None:
             on_tokens(sum(not reply.done for reply in replies))
         for row, (reply, token) in enumerate(zip(replies, tokens.tolist())):
@@ -259,7 +259,7 @@ def evaluating(model):
             model.train()
 
 
-def _image_inputs(images: list[dict | None], width: int, device) -> dict | None:
+def image_inputs(images: list[dict | None], width: int, device) -> dict | None:
     """The image inputs of left-padded prompts as one batch: every image's patches and grid in row order, and
     mm_token_type_ids padded on the left like the ids. None when no prompt has images."""
     present = [one for one in images if one is not None]

@@ -222,11 +222,15 @@ def _checkpointed(module: torch.nn.Module, forward):
     return run
 
 
+def weight_bytes(model) -> int:
+    """Weights and buffers as they are."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
 def fixed_bytes(model, optimizer_bytes_per_parameter: int = 12) -> int:
-    """Weights and buffers as they are, plus each trainable parameter's float32 gradient and two AdamW moments."""
-    weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    """Weights and buffers, plus each trainable parameter's float32 gradient and two AdamW moments."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return weights + trainable * optimizer_bytes_per_parameter
+    return weight_bytes(model) + trainable * optimizer_bytes_per_parameter
 
 
 def device_budget(device: torch.device, processes: int = 1) -> int:
@@ -275,14 +279,15 @@ def limit_heap_fragmentation(threshold: int = 2**20) -> bool:
 
 def prepare_memory(model, config, device: torch.device, examples: list[dict], say=print, processes: int = 1,
                    fused_loss: bool = False, sequences=lambda example: [example], padding_free: bool = False,
-                   forward_tokens: int | None = None) -> int:
+                   forward_tokens: int | None = None, held_bytes: int = 0) -> int:
     """Before the first step: on CPU tune the allocator, print the estimated peak of a micro-batch and, when it
     exceeds --max_memory, checkpoint what makes it fit. Returns the estimated peak in bytes.
 
     sequences(example) are the rows an example puts in a micro-batch (a preference pair: its two answers);
     padding_free: a micro-batch is its rows without pads (at most the longest rows together), else batch x longest;
     forward_tokens: a padding-free or packed micro-batch runs in forward passes of whole rows of at most that many
-    tokens together (or one longer row)."""
+    tokens together (or one longer row); held_bytes: weights the objective keeps beside the model (a frozen
+    reference copy)."""
     from .attention import VARLEN
 
     shape = ModelShape.from_config(model.config)
@@ -309,7 +314,7 @@ def prepare_memory(model, config, device: torch.device, examples: list[dict], sa
         lora_dropout=config.sft_type == "lora" and config.lora_dropout > 0, full=config.sft_type == "full",
         attention="varlen" if implementation in (VARLEN, "flash_attention_2", "flash_attention_3") else implementation,
         sequence=longest, fused_loss=fused_loss)
-    fixed = fixed_bytes(model)
+    fixed = fixed_bytes(model) + held_bytes
     if device.type == "cpu" and limit_heap_fragmentation():
         say("[sftkit] CPU allocator: tensors of 1 MB or more get their own memory mapping (less heap fragmentation)")
     budget = parse_memory(config.max_memory)
@@ -321,7 +326,8 @@ def prepare_memory(model, config, device: torch.device, examples: list[dict], sa
         f"{tokens} tokens ({batch} rows, no padding)" if padding_free else f"{batch} x {longest} tokens"
     say(f"[sftkit] estimated peak memory per micro-batch of {batch_shape}: {size(peak)} (activations "
         f"{size(estimate.activations(CheckpointPlan()))} without checkpointing, loss logits {size(estimate.logits)} of them; "
-        f"weights, gradients and optimizer {size(fixed)})" + (f"; budget {size(budget)}" if budget else ""))
+        f"weights, gradients and optimizer {size(fixed)}" + (f", the frozen reference {size(held_bytes)} of them" if held_bytes
+                                                              else "") + ")" + (f"; budget {size(budget)}" if budget else ""))
     if plan.part and not config.gradient_checkpointing:
         extra = plan.layers * estimate.recompute_flops(plan.part) / (3 * shape.layers * (estimate.flops_attention + estimate.flops_mlp))
         apply_plan(model, plan)

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from . import distributed, evaluate
+from . import distributed, evaluate, memory
 from .config import RLHFConfig
 from .attention import uses_varlen
 from .data.pipeline import collate, collate_flat, collate_packed, collate_preference, pack, trainable_tokens
@@ -44,6 +44,7 @@ class Objective:
     summarise: Callable  # a window's metric totals -> the logged means
     evaluate: Callable  # (model, tokenizer, config, examples, *, device, autocast, world, lockstep, processor) -> record
     score: Callable = lambda examples, tokenizer, say=print: examples  # examples with what the loss needs precomputed
+    held_bytes: int = 0  # weights kept beside the model (a frozen reference), for memory planning
 
 
 def tokenizer_for(config):
@@ -134,7 +135,8 @@ def preference_objective(config: RLHFConfig, model, *, device, autocast, world: 
                                                                   row_lengths(config, examples, pair_sequences)),
         sequences=pair_sequences,
         counts=partial(preference_counts, unit=unit, scored=scored),
-        loss=loss, summarise=summarise, evaluate=partial(preference_evaluation, loss=loss))
+        loss=loss, summarise=summarise, evaluate=partial(preference_evaluation, loss=loss),
+        held_bytes=memory.weight_bytes(frozen) if frozen is not None else 0)
 
 
 def pair_sequences(example: dict) -> list[dict]:

@@ -73,7 +73,7 @@ def train(config: TrainConfig, *, loss_fn=None, on_record: Callable[[dict], None
     train_examples, val_examples = objective.score((train_examples, val_examples), tokenizer, say)
     train_examples, collate_train, lengths = objective.rows(config, train_examples, say, processor)
     levers, peak = prepare_step(model, config, device, train_examples, world, say, objective.sequences,
-                                padding_free=collate_train is collate_flat)
+                                padding_free=collate_train is collate_flat, held_bytes=objective.held_bytes)
     batches_per_epoch, total_steps = run_length(config, len(train_examples), world.size)
 
     # Run folder (a resumed run writes on into the folder of its checkpoint; rank 0 writes shared files), the
@@ -165,13 +165,13 @@ def train(config: TrainConfig, *, loss_fn=None, on_record: Callable[[dict], None
 
 
 def prepare_step(model, config: TrainConfig, device: torch.device, examples: list[dict], world: distributed.World, say=print,
-                 sequences=lambda row: [row], padding_free: bool = False):
+                 sequences=lambda row: [row], padding_free: bool = False, held_bytes: int = 0):
     """Before the first step: the speed levers for this device, the memory plan, then the levers applied (compiled
     layers include the plan's checkpoints). Returns (levers, estimated peak bytes)."""
     levers = speed.resolve_levers(config, device, examples if config.packing else None, processes=world.size)
     peak = memory.prepare_memory(model, config, device, examples, say, processes=world.size if device.type == "cpu" else 1,
                                  fused_loss=levers.fused_loss, sequences=sequences, padding_free=padding_free,
-                                 forward_tokens=levers.forward_tokens)
+                                 forward_tokens=levers.forward_tokens, held_bytes=held_bytes)
     speed.apply_levers(model, levers)
     say(f"[sftkit] {levers.describe()}")
     return levers, peak

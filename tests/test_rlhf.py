@@ -10,9 +10,11 @@ import signal
 import pytest
 import torch
 from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
 from safetensors.torch import load_file
 
 from launch import options, records, torchrun
+from sftkit import memory
 from sftkit.config import RLHFConfig
 from sftkit.errors import TrainingStopped
 from sftkit.train import train
@@ -72,10 +74,13 @@ def test_each_method_trains_with_falling_loss(rlhf_type, tiny_model_dir, pairs_f
         assert steps(tmp_path)[0]["examples"] == 4 and "eval_kl" in evaluation
 
 
-def test_full_fine_tuning_uses_a_frozen_copy_as_reference(tiny_model_dir, pairs_file, tmp_path):
+def test_full_fine_tuning_uses_a_frozen_copy_as_reference(tiny_model_dir, pairs_file, tmp_path, capsys):
+    """The copy trains nothing and its weights count in the memory estimate."""
     train(config(tiny_model_dir, pairs_file, tmp_path, sft_type="full", learning_rate=1e-3, max_steps=4, eval_steps=10))
     losses = [record["loss"] for record in steps(tmp_path)]
     assert losses[0] == LN2 and losses[-1] < losses[0]
+    weights = memory.weight_bytes(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32))
+    assert f"the frozen reference {memory.size(weights)} of them" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")

@@ -6,6 +6,7 @@ model never writes a valid call, and a trained one exercises the real path end t
 in the prompt, the generated markers, the parser, and the call rendered back as the model wrote it.
 """
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -18,17 +19,18 @@ import urllib.error
 import urllib.request
 
 import pytest
+import torch
 
 pytest.importorskip("uvicorn", reason="the deploy extra is not installed")
 openai = pytest.importorskip("openai", reason="the dev extra (openai client) is not installed")
 
 from serving import client, running, save_two_adapters  # noqa: E402
 from sftkit.inference import load_for_inference  # noqa: E402
-from sftkit.prompts import prompt_ids  # noqa: E402
+from sftkit.prompts import prompt_ids, prompt_inputs  # noqa: E402
 from sftkit.config import DeployConfig, TrainConfig  # noqa: E402
 from sftkit.data.formats import to_messages  # noqa: E402
 from sftkit.data.templates import get_template  # noqa: E402
-from sftkit.generation import GenerationConfig, generate_stream, stop_criteria  # noqa: E402
+from sftkit.generation import GenerationConfig, generate_batch, generate_stream, stop_criteria  # noqa: E402
 from sftkit.lora import load_adapter  # noqa: E402
 from sftkit.serve.deploy import load_service  # noqa: E402
 
@@ -243,6 +245,47 @@ def test_adapters_are_chosen_by_model_name_in_one_batch(tiny_model_dir, tmp_path
         for thread in threads:
             thread.join()
     assert replies == expected
+
+
+def data_url(path) -> str:
+    with open(path, "rb") as handle:
+        return "data:image/png;base64," + base64.b64encode(handle.read()).decode()
+
+
+def test_images_in_messages_reach_a_vision_language_model(vlm_dir, vision, pictures, plain):
+    """OpenAI image_url parts (data URLs) are the prompt's images: replies, sent together so rows with and without
+    images share a batch, are what sftkit's generation (itself checked against transformers' generate) writes
+    alone. A file path is refused (a client must not make the server open its files), as are images to a text model."""
+    tokenizer, processor = vision
+    service = load_service(DeployConfig(model=vlm_dir, template="qwen", max_new_tokens=8, served_model_name="vlm"))
+    with torch.no_grad():  # sharper attention: a random model barely looks at positions, and this test is about them
+        for name, weight in service.backend.model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")) and "visual" not in name:
+                weight.mul_(30)
+    asked = [[pictures[0]], [pictures[1]], [], [pictures[2], pictures[0]]]
+    messages = [[{"role": "user", "content": [*({"type": "image_url", "image_url": {"url": data_url(p)}} for p in images),
+                                              {"type": "text", "text": "What colour is it?"}]}] for images in asked]
+    expected = []
+    for images in asked:
+        row = {"messages": [{"role": "user", "content": "<image>" * len(images) + "What colour is it?"}], "images": images}
+        ids, inputs = prompt_inputs(to_messages(row, "messages", require_response=False), tokenizer, "qwen",
+                                    processor=processor)
+        expected.append((generate_batch(service.backend.model, tokenizer, [ids], GenerationConfig(max_new_tokens=8),
+                                        *stop_criteria(tokenizer, get_template("qwen")), images=[inputs])[0], len(ids)))
+    assert len({text for text, _ in expected}) > 1
+
+    async def together(url):
+        api = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0)
+        replies = await asyncio.gather(*(api.chat.completions.create(model="vlm", messages=m) for m in messages))
+        return [(reply.choices[0].message.content, reply.usage.prompt_tokens) for reply in replies]
+
+    with running(service) as url:
+        assert asyncio.run(together(url)) == expected
+        with pytest.raises(openai.BadRequestError, match="data URL"):
+            client(url).chat.completions.create(model="vlm", messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": pictures[0]}}, {"type": "text", "text": "hi"}]}])
+    with pytest.raises(openai.BadRequestError, match="takes no images"):
+        client(plain[0]).chat.completions.create(model="tiny", messages=messages[0])
 
 
 def raw(url, path, body=None, headers=None, method=None):

@@ -54,7 +54,7 @@ def load_service(config: DeployConfig) -> Service:
     engine = Engine(model, tokenizer, max_num_seqs=config.max_num_seqs, max_queue=config.max_queue, adapter_rows=rows)
     return Service(engine, tokenizer, models, config.max_model_len or context_length(model.config),
                    generation_config(config), vocab_size=model.get_input_embeddings().num_embeddings,
-                   api_key=config.api_key, tools_prompt=config.tools_prompt)
+                   api_key=config.api_key, tools_prompt=config.tools_prompt, processor=settings.processor)
 
 
 def served_models(config: DeployConfig, main: str, main_adapter: str | None, template: str, system: str | None,

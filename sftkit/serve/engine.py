@@ -18,7 +18,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..generation import GenerationConfig, ReplyText, evaluating, fork_rows, next_tokens, pad_token_id, stop_token_set
+from .. import vlm
+from ..generation import (GenerationConfig, ReplyText, evaluating, fork_rows, image_inputs, next_tokens, pad_token_id,
+                          stop_token_set)
 
 log = logging.getLogger("sftkit.serve")
 
@@ -28,8 +30,9 @@ KVLayers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), 
 
 @dataclass(frozen=True)
 class EngineRequest:
-    """One generation: the prompt's token ids, how to pick tokens, where to stop, which adapter (None: the base) and
-    the constraint on its tool calls (constrained.CallConstraint for this one row, or None)."""
+    """One generation: the prompt's token ids, how to pick tokens, where to stop, which adapter (None: the base),
+    the constraint on its tool calls (constrained.CallConstraint for this one row, or None) and the prompt's image
+    inputs (prompts.prompt_inputs; None without images)."""
 
     prompt_ids: tuple[int, ...]
     config: GenerationConfig
@@ -38,6 +41,7 @@ class EngineRequest:
     stop_after: tuple[str, ...] = ()
     adapter: str | None = None
     constraint: object = None
+    images: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -211,15 +215,19 @@ class Engine:
                     sequence.deliver(Event(error=f"generation failed: {type(error).__name__}: {error}"))
             self._keep([])
 
-    def _forward(self, input_ids, attention_mask, position_ids, cache, rows: list[Sequence]) -> torch.Tensor:
+    def _forward(self, input_ids, attention_mask, position_ids, cache, rows: list[Sequence], images=None) -> torch.Tensor:
         if self.adapter_rows is not None:
             self.adapter_rows.assign([row.request.adapter for row in rows], self.device)
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=cache, use_cache=True, logits_to_keep=1)
+                            past_key_values=cache, use_cache=True, logits_to_keep=1, **(images or {}))
         return output.logits[:, -1, :].float()
 
     def _prefill(self, arrivals: list[Sequence]) -> None:
-        """Run the new prompts together (left-padded, positions counting real tokens) and join the batch."""
+        """Run the new prompts together (left-padded, positions counting real tokens) and join the batch.
+
+        With images the prompts' positions are the model's own (3-D for the Qwen2-VL family); every token after
+        the prompt then takes the same next position in all three, so decoding needs only each row's next one.
+        """
         from transformers import DynamicCache
 
         prompts = [list(sequence.request.prompt_ids) for sequence in arrivals]
@@ -227,12 +235,17 @@ class Engine:
         ids = torch.tensor([[self.pad_id] * (longest - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        images = image_inputs([sequence.request.images for sequence in arrivals], longest, self.device)
+        if images is not None:
+            model_positions = vlm.rope_positions(self.model, ids, mask, images)
+            positions = positions if model_positions is None else model_positions
         cache = DynamicCache()
-        logits = self._forward(ids, mask, positions, cache, arrivals)
-        for sequence, prompt in zip(arrivals, prompts):
+        logits = self._forward(ids, mask, positions, cache, arrivals, images)
+        for row, (sequence, prompt) in enumerate(zip(arrivals, prompts)):
+            sequence.position = int(positions[..., row, :].max()) + 1
             _prepare_sampling(sequence, prompt, logits.shape[-1], self.device)
             if sequence.request.constraint is not None:
-                sequence.request.constraint.begin(self.model)
+                sequence.request.constraint.begin(self.model, sequence.request.images)
         self._take(logits, arrivals, cache, mask)
         if self._running:
             kv, mask = _merged(_kv(self._cache), self._mask, _kv(cache), mask)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..data.errors import DataError
+from ..data.images import DATA_URL, URL_PREFIXES
 from ..data.formats import Message, to_messages
 from ..data.templates import Template
 from ..generation import GenerationConfig, visible_end
@@ -60,6 +61,27 @@ class TextPart(_Strict):
     text: str
 
 
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; the processor decides the resolution
+
+    @field_validator("url")
+    @classmethod
+    def _sent_not_local(cls, url: str) -> str:
+        """A data URL or an http(s) URL: a client must not make the server open its own files."""
+        if not (DATA_URL.match(url) or url.startswith(URL_PREFIXES)):
+            raise ValueError("an image is sent as a data URL (data:image/png;base64,...) or an http(s) URL")
+        return url
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class FunctionCall(_Strict):
     name: str
     arguments: str
@@ -76,7 +98,7 @@ class ChatMessage(_Strict):
     result answers the call before it)."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCallParam] | None = None
     tool_call_id: str | None = None
@@ -199,7 +221,7 @@ def conversation(messages: list[ChatMessage], tools: list | None, known_calls: M
     rows = []
     for message in messages:
         role = "system" if message.role == "developer" else message.role
-        content = _text(message.content)
+        content = _content(message.content)
         if role != "assistant" or not message.tool_calls:
             rows.append({"role": role, "content": content})
             continue
@@ -220,9 +242,12 @@ def conversation(messages: list[ChatMessage], tools: list | None, known_calls: M
     return canonical
 
 
-def _text(content: str | list[TextPart] | None) -> str:
+def _content(content: str | list[ContentPart] | None) -> str | list[dict]:
+    """A message's text, or its parts in the OpenAI shape when it has images (to_messages reads those)."""
     if content is None or isinstance(content, str):
         return content or ""
+    if any(part.type == "image_url" for part in content):
+        return [part.model_dump(exclude_none=True) for part in content]
     return "".join(part.text for part in content)
 
 

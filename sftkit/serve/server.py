@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..prompts import prompt_ids
+from ..prompts import prompt_inputs
 from ..data.templates import Template
 from ..generation import GenerationConfig, stop_criteria
 from .engine import EngineRequest, Event, QueueFull
@@ -90,6 +90,7 @@ class Service:
     vocab_size: int
     api_key: str | None = None
     tools_prompt: str = "sftkit"
+    processor: Any = None  # a vision-language model's (vlm processor), which makes a prompt's image inputs
     calls: CallMemory = field(default_factory=CallMemory)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -277,8 +278,8 @@ def _chat_request(service: Service, served: ServedModel, body: ChatRequest, data
     tools = data.get("tools") if body.calls_tools and service.tools_prompt == "sftkit" else None
     messages = conversation(body.messages, tools, service.calls)
     try:
-        prompt = prompt_ids(messages, service.tokenizer, served.template, served.system)
-    except ValueError as error:
+        prompt, images = prompt_inputs(messages, service.tokenizer, served.template, served.system, service.processor)
+    except ValueError as error:  # DataError too: an image that does not open, or images for a text model
         raise RequestError(400, f"cannot render the conversation: {error}", param="messages") from None
     stop_strings, stop_ids = stop_criteria(service.tokenizer, served.template)
     closer = tool_call_markers(served.template)[1] if body.calls_tools else ""
@@ -286,7 +287,7 @@ def _chat_request(service: Service, served: ServedModel, body: ChatRequest, data
     config = generation_options(body, service.defaults, len(prompt), service.context, max_tokens)
     constraint = served.guide.for_conversations([messages], served.system) if served.guide and body.calls_tools else None
     return EngineRequest(tuple(prompt), config, stop_strings + stop_list(body.stop), stop_ids,
-                         (closer,) if closer else (), served.adapter, constraint)
+                         (closer,) if closer else (), served.adapter, constraint, images)
 
 
 def _completion_prompts(service: Service, prompt: str | list) -> list[list[int]]:
