@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import vlm
-from ..generation import (GenerationConfig, ReplyText, evaluating, fork_rows, image_inputs, next_tokens, pad_token_id,
-                          stop_token_set)
+from ..generation import (GenerationConfig, ReplyText, cache_argument, evaluating, fork_rows, image_inputs, next_tokens,
+                          pad_token_id, stop_token_set)
 
 log = logging.getLogger("sftkit.serve")
 
@@ -135,6 +135,7 @@ class Engine:
         self.device = model.device
         self.pad_id = pad_token_id(tokenizer)
         self.eos_ids = stop_token_set(model, tokenizer)
+        self.cache_name = cache_argument(model)
         self.decode_steps = 0
         self.batch_sizes: deque[int] = deque(maxlen=RECENT_STEPS)  # rows decoded together at each recent step
         self._waiting: deque[Sequence] = deque()
@@ -219,7 +220,7 @@ class Engine:
         if self.adapter_rows is not None:
             self.adapter_rows.assign([row.request.adapter for row in rows], self.device)
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=cache, use_cache=True, logits_to_keep=1, **(images or {}))
+                            use_cache=True, logits_to_keep=1, **{self.cache_name: cache}, **(images or {}))
         return output.logits[:, -1, :].float()
 
     def _prefill(self, arrivals: list[Sequence]) -> None:

@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +93,7 @@ class Service:
     tools_prompt: str = "sftkit"
     processor: Any = None  # a vision-language model's (vlm processor), which makes a prompt's image inputs
     calls: CallMemory = field(default_factory=CallMemory)
+    renderer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="sftkit-prompts"))
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -146,7 +148,9 @@ async def chat_completions(service: Service, request: Request) -> Response:
     _authorize(service, request)
     body, data = parse_request(ChatRequest, await request.body())
     served = _served(service, body.model)
-    engine_request = _chat_request(service, served, body, data)
+    # Off the event loop (images are downloaded and made into pixels here), one prompt at a time as before.
+    engine_request = await asyncio.get_running_loop().run_in_executor(service.renderer, _chat_request, service, served,
+                                                                       body, data)
     [listener] = _listen(service, [engine_request])
     reply = ChatReply(service, served, body, len(engine_request.prompt_ids))
     if body.stream:
