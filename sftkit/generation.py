@@ -271,6 +271,14 @@ def image_inputs(images: list[dict | None], width: int, device) -> dict | None:
             "mm_token_type_ids": torch.tensor([[0] * (width - len(row)) + row for row in types], device=device)}
 
 
+def prompt_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     images: dict | None = None) -> torch.Tensor:
+    """The positions of left-padded prompts: counting real tokens only, or with images the model's own (3-D for the
+    Qwen2-VL family)."""
+    model_positions = None if images is None else vlm.rope_positions(model, input_ids, attention_mask, images)
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0) if model_positions is None else model_positions
+
+
 @torch.no_grad()
 def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
                  constraint=None, images: dict | None = None, start: tuple | None = None):
@@ -289,12 +297,10 @@ def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     remote = is_remote_code(model)
     cache = None if remote else DynamicCache(config=model.config)
     cache_name = cache_argument(model)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     if start is not None:
         cache, positions = start
-    elif images is not None:
-        model_positions = vlm.rope_positions(model, input_ids, attention_mask, images)
-        positions = positions if model_positions is None else model_positions
+    else:
+        positions = prompt_positions(model, input_ids, attention_mask, images)
     seen = None  # [batch, vocab] tokens already in each row, for the repetition penalty
     generator = None
     if config.do_sample and config.seed is not None:

@@ -18,9 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import vlm
 from ..generation import (GenerationConfig, ReplyText, cache_argument, evaluating, fork_rows, image_inputs, next_tokens,
-                          pad_token_id, stop_token_set)
+                          pad_token_id, prompt_positions, stop_token_set)
 
 log = logging.getLogger("sftkit.serve")
 
@@ -235,11 +234,8 @@ class Engine:
         longest = max(map(len, prompts))
         ids = torch.tensor([[self.pad_id] * (longest - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         images = image_inputs([sequence.request.images for sequence in arrivals], longest, self.device)
-        if images is not None:
-            model_positions = vlm.rope_positions(self.model, ids, mask, images)
-            positions = positions if model_positions is None else model_positions
+        positions = prompt_positions(self.model, ids, mask, images)
         cache = DynamicCache()
         logits = self._forward(ids, mask, positions, cache, arrivals, images)
         for row, (sequence, prompt) in enumerate(zip(arrivals, prompts)):
