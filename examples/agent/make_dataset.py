@@ -22,9 +22,6 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 SEEN, HELD_OUT = "seen", "held_out"
-# Follow-ups and two-call clauses that only training draws: with them every seen tool is a follow-up's or a
-# clause's tool as often as its pair's other tool, so neither is the likelier answer when both are offered.
-TRAIN_ONLY = "train_only"
 POOL_OF_SPLIT = {"train": SEEN, "test": SEEN, "general": HELD_OUT}
 FILES = {"train": "train.jsonl", "test": "test.jsonl", "general": "test_general.jsonl"}
 # Shares of row kinds; the rest are single-call requests.
@@ -226,13 +223,6 @@ FOLLOW_UPS = {
     "translate": ("target_lang", {SEEN: ["And in {target_lang}?", "What about {target_lang}?"], HELD_OUT: ["Now in {target_lang}, please."]}),
     "local_time": ("city", {HELD_OUT: ["How about {city}?", "Same for {city}, please."]}),
     "flight_status": ("flight", {HELD_OUT: ["How about {flight}?", "Now {flight}."]}),
-    "weather_forecast": ("city", {TRAIN_ONLY: ["And in {city}?", "What about {city}?"]}),
-    "stock_history": ("symbol", {TRAIN_ONLY: ["And {symbol}?", "What about {symbol}?"]}),
-    "currency_rates": ("base", {TRAIN_ONLY: ["And {base}?", "What about {base}?"]}),
-    "detect_language": ("text", {TRAIN_ONLY: ['And "{text}"?', 'What about "{text}"?']}),
-    "calculator": ("expression", {TRAIN_ONLY: ["And {expression}?", "What about {expression}?"]}),
-    "calculate_tip": ("percent", {TRAIN_ONLY: ["And at {percent}%?", "What about {percent}%?"]}),
-    "calendar_list": ("date", {TRAIN_ONLY: ["And {when}?", "What about {when}?"]}),
 }
 CLAUSES = {
     "weather": {SEEN: "check the weather in {city}{u}", HELD_OUT: "look up the conditions in {city}{u}"},
@@ -242,11 +232,6 @@ CLAUSES = {
     "calculator": {SEEN: "calculate {expression}", HELD_OUT: "crunch {expression}"},
     "local_time": {HELD_OUT: "tell me the time in {city}"},
     "flight_status": {HELD_OUT: "check whether {flight} is on time"},
-    "weather_forecast": {TRAIN_ONLY: "get the {days}-day forecast for {city}"},
-    "stock_history": {TRAIN_ONLY: "show {symbol} prices for the last {days} days"},
-    "currency_rates": {TRAIN_ONLY: "list the exchange rates for {base}"},
-    "detect_language": {TRAIN_ONLY: 'tell me which language "{text}" is'},
-    "calculate_tip": {TRAIN_ONLY: "work out a {percent}% tip on {bill}"},
 }
 TWO_CALL_REQUESTS = {SEEN: ["Please {a} and {b}.", "Can you {a}, then {b}?", "First {a}, then {b}."],
                      HELD_OUT: ["Two things: {a}, and {b}.", "Could you {a}? Also {b}."]}
@@ -553,13 +538,6 @@ def offered(rng: random.Random, targets: list[str], pool: str) -> list[str]:
     return tools + (rng.sample(others, 1) if len(tools) < 4 else [])
 
 
-def forms(table: dict, split: str):
-    """What a split draws from a {pool: phrasing(s)} table: its pool's entry, or for training the train-only one
-    where the seen pool has none; None when the split has neither."""
-    pool = POOL_OF_SPLIT[split]
-    return table.get(pool, table.get(TRAIN_ONLY) if split == "train" else None)
-
-
 def pick_tool(rng: random.Random, split: str, choices=None) -> str:
     """A target tool: a held-out one for HELD_OUT_TOOL_SHARE of test_general's tool rows, a seen or invented one in
     train, else a seen one."""
@@ -580,26 +558,25 @@ def single_turn(rng, split, today, augment):
 
 def follow_up(rng, split, today, augment):
     pool = POOL_OF_SPLIT[split]
-    tool = pick_tool(rng, split, [name for name, (_, phrasings) in FOLLOW_UPS.items() if forms(phrasings, split)])
+    tool = pick_tool(rng, split, [name for name, (_, phrasings) in FOLLOW_UPS.items() if pool in phrasings])
     synthetic = augment and rng.random() < SYNTHETIC_SHARE
     arguments, fields = draw_call(rng, tool, pool, today, synthetic, augment)
     name, phrasings = FOLLOW_UPS[tool]
     kind = dict(TOOLS[tool][2])[name]
-    field = {"date": "when"}.get(kind, name)
-    changed, changed_text = arguments[name], fields[field]
+    changed, changed_text = arguments[name], fields[name]
     while changed == arguments[name]:
         changed, changed_text = draw_value(rng, kind, pool, today, synthetic and kind in ("city", "symbol"),
                                            {key: value for key, value in arguments.items() if key != name})
     second = {**arguments, name: changed}
     offer = Offer(rng, offered(rng, [tool], pool), augment)
     turns = [(rng.choice(REQUESTS[tool][pool]).format(**fields), offer.call(tool, arguments) + answer(tool, arguments, execute(tool, arguments))),
-             (rng.choice(forms(phrasings, split)).format(**{field: changed_text}), offer.call(tool, second) + answer(tool, second, execute(tool, second)))]
+             (rng.choice(phrasings[pool]).format(**{name: changed_text}), offer.call(tool, second) + answer(tool, second, execute(tool, second)))]
     return offer, turns
 
 
 def two_calls(rng, split, today, augment):
     pool = POOL_OF_SPLIT[split]
-    choices = [tool for tool, clauses in CLAUSES.items() if forms(clauses, split)]
+    choices = [tool for tool, clauses in CLAUSES.items() if pool in clauses]
     first = pick_tool(rng, split, choices)
     second = rng.choice([tool for tool in choices if tool != first and tool not in HELD_OUT_TOOLS])
     synthetic = augment and rng.random() < SYNTHETIC_SHARE
@@ -609,7 +586,7 @@ def two_calls(rng, split, today, augment):
     else:
         tools = [first, second]
     offer = Offer(rng, offered(rng, tools, pool), augment)
-    clauses = [forms(CLAUSES[tool], split).format(**fields) for tool, (_, fields) in zip(tools, drawn)]
+    clauses = [CLAUSES[tool][pool].format(**fields) for tool, (_, fields) in zip(tools, drawn)]
     request = rng.choice(TWO_CALL_REQUESTS[pool]).format(a=clauses[0], b=clauses[1])
     calls = "".join(offer.call(tool, arguments) for tool, (arguments, _) in zip(tools, drawn))
     answers = " ".join(answer(tool, arguments, execute(tool, arguments)) for tool, (arguments, _) in zip(tools, drawn))
