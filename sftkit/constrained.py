@@ -193,9 +193,9 @@ class CallConstraint:
         self.model = None  # set by begin when calls are scored
         self.failures = 0  # calls left unconstrained part way (reported by the benchmark; expected to stay 0)
 
-    def begin(self, model, images=None) -> None:
-        """Keep the model to score calls with; a prompt with images is not scored (its positions are the model's own)."""
-        if self.guide.scored and images is None:
+    def begin(self, model) -> None:
+        """Keep the model to score calls with."""
+        if self.guide.scored:
             self.model = model
 
     def drop(self, row: int) -> None:
@@ -332,7 +332,7 @@ class _Candidates:
         self.scores, self.tokens = [0.0] * len(rows), [[] for _ in rows]
         self.size, self.log_probs = len(guide.vocabulary.token_bytes), None
 
-    def begin(self, model, images=None) -> None:
+    def begin(self, model) -> None:
         pass
 
     def restrict(self, logits: torch.Tensor) -> torch.Tensor:

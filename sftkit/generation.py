@@ -307,7 +307,7 @@ def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
         generator = torch.Generator(device=input_ids.device).manual_seed(config.seed)
     step_ids = input_ids
     if constraint is not None:
-        constraint.begin(model, images)
+        constraint.begin(model)
     with evaluating(model):
         for step in range(config.max_new_tokens):
             if step:
@@ -327,8 +327,7 @@ def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
                 seen = _seen_tokens(input_ids, attention_mask, logits.shape[-1])
             tokens = next_tokens(logits, config, seen, generator)
             if constraint is not None:
-                fork = None if remote or images is not None else \
-                    functools.partial(fork_rows, model, cache, attention_mask, positions, tokens)
+                fork = None if remote else functools.partial(fork_rows, model, cache, attention_mask, positions, tokens)
                 constraint.advance(tokens.tolist(), fork)
             yield tokens
 
@@ -336,14 +335,15 @@ def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
 def fork_rows(model, cache, attention_mask: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor,
           rows: list[int]) -> tuple:
     """These rows (one repeated as often as it is listed), each with its just-picked token, as a batch that
-    _token_steps can go on from (input ids, attention mask, start): their KV cache is copied, not recomputed."""
+    _token_steps can go on from (input ids, attention mask, start): their KV cache is copied, not recomputed.
+    Positions are [batch, length], or [3, batch, length] for a prompt with images in the Qwen2-VL family."""
     from transformers import DynamicCache
 
     index = torch.tensor(rows, device=attention_mask.device)
     copied = DynamicCache([(keys[index], values[index]) if keys is not None else (None, None) for keys, values, *_ in cache],
                           config=model.config)
     mask = torch.cat([attention_mask[index], attention_mask.new_ones((len(rows), 1))], dim=-1)
-    return tokens[index][:, None], mask, (copied, positions[index][:, -1:] + 1)
+    return tokens[index][:, None], mask, (copied, positions.index_select(-2, index)[..., -1:] + 1)
 
 
 def cache_argument(model) -> str:

@@ -1,7 +1,10 @@
-"""Tiny random models pushed to write given tokens: tool calls for the constrained-decoding tests."""
+"""Tiny random models pushed to write given tokens (tool calls for the constrained-decoding tests), and a constraint
+that records what the generation loop shows it."""
 import weakref
 
 import torch
+
+from sftkit.generation import cache_argument
 
 
 class Steered(torch.nn.Module):
@@ -19,7 +22,7 @@ class Steered(torch.nn.Module):
     def forward(self, input_ids, past_key_values=None, **kwargs):
         if past_key_values is None or past_key_values.get_seq_length() == 0:
             self.step = 0  # a new generation
-        output = self.inner(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
+        output = self.inner(input_ids=input_ids, **{cache_argument(self.inner): past_key_values}, **kwargs)
         logits = output.logits.clone()
         for row, script in enumerate(self.scripts[:len(logits)]):  # a scored call's candidates may be fewer rows
             if self.step < len(script):
@@ -58,7 +61,7 @@ class Preferring(torch.nn.Module):
         else:
             cache, scripts, rows = known
             self.generations[key] = (cache, scripts, [row + [int(token)] for row, token in zip(rows, input_ids[:, -1])])
-        output = self.inner(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
+        output = self.inner(input_ids=input_ids, **{cache_argument(self.inner): past_key_values}, **kwargs)
         logits = output.logits.clone()
         for row, (script, generated) in enumerate(zip(*self.generations[key][1:])):
             logits[row, -1, script[min(len(generated), len(script) - 1)]] += 10.0
@@ -66,3 +69,22 @@ class Preferring(torch.nn.Module):
                 logits[row, -1, self.tempting[self.fork]] += 20.0
         output.logits = logits
         return output
+
+
+class Record:
+    """A constraint that keeps every step's logits; with `forks` (rows, e.g. [1, 1, 1]), forks those rows after the
+    second token, as a scored call's candidates are forked."""
+
+    def __init__(self, forks=()):
+        self.logits, self.forked, self.forks = [], None, list(forks)
+
+    def begin(self, model):
+        pass
+
+    def restrict(self, logits):
+        self.logits.append(logits.clone())
+        return logits
+
+    def advance(self, tokens, fork=None):
+        if self.forks and len(self.logits) == 2:
+            self.forked = fork(self.forks)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tiny
-from steered import Preferring, Steered
+from steered import Preferring, Record, Steered
 from sftkit.evaluate import evaluate_generation
 from sftkit.constrained import ToolCallGuide, tool_call_guide
 from sftkit.data.formats import Message
@@ -123,25 +123,8 @@ def test_a_forked_row_goes_on_as_the_row_alone_would(model, tokenizer):
     """A scored call's candidates start from a copy of one row's KV cache in a left-padded batch: the same logits."""
     from sftkit.generation import _left_pad, _token_steps
 
-    class Record:
-        """Keeps every step's logits; with `forks`, forks row 1 after the second token."""
-
-        def __init__(self, forks=False):
-            self.logits, self.forked, self.forks = [], None, forks
-
-        def begin(self, model, images=None):
-            pass
-
-        def restrict(self, logits):
-            self.logits.append(logits.clone())
-            return logits
-
-        def advance(self, tokens, fork=None):
-            if self.forks and len(self.logits) == 2:
-                self.forked = fork([1, 1, 1])
-
     short, long = ids_of(tokenizer, "<|im_start|>user\nhi<|im_end|>\n"), prompts(tokenizer, 1)[0]
-    batch, going_on, alone = Record(forks=True), Record(), Record()
+    batch, going_on, alone = Record(forks=[1, 1, 1]), Record(), Record()
     picked = [int(tokens[1]) for tokens in _token_steps(model, *_left_pad([long, short], 0, model.device),
                                                        GenerationConfig(max_new_tokens=2), batch)]
     assert batch.forked[0].tolist() == [[picked[1]]] * 3

@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 import tiny
+from steered import Preferring, Record
 from sftkit.chat import chat_repl, infer, merge
 from sftkit.config import EvalConfig, InferConfig, MergeConfig, TrainConfig
 from sftkit.data.formats import Message, to_messages
@@ -197,6 +198,57 @@ def test_batched_generation_with_images_equals_transformers_generate(vlm_dir, vi
     reference = [hf_greedy(model, tokenizer, ids, images, 8) for ids, images in prompts[:2]]
     assert ours[:2] == reference and all(ours)
     assert prompts[2][1] is None
+
+
+def image_and_text_prompts(vision, picture):
+    """(ids, images) of a prompt with one image, and of a longer one without."""
+    tokenizer, processor = vision
+    return [prompt_inputs(to_messages({"query": query, "response": "x", "images": images})[:1], tokenizer, "qwen",
+                          processor=processor)
+            for query, images in [("<image>What colour is the square?", [picture]),
+                                  ("No image at all in this one, only a question that is longer than the other.", [])]]
+
+
+def test_a_forked_row_with_an_image_goes_on_as_the_row_alone_would(vlm_dir, vision, pictures):
+    """Scored tool calls fork a row's KV cache; with images its positions are the model's own [3, batch, length]
+    ones, taken at the row's place in the batch."""
+    from sftkit.generation import _left_pad, _token_steps, image_inputs
+
+    tokenizer, _ = vision
+    model = load_model(vlm_dir).eval()
+    (image_ids, images), (text_ids, _) = image_and_text_prompts(vision, pictures[1])
+    batch, going_on, alone = Record(forks=[1, 1]), Record(), Record()
+    padded = _left_pad([text_ids, image_ids], tokenizer.pad_token_id, model.device)
+    list(_token_steps(model, *padded, GenerationConfig(max_new_tokens=2), batch,
+                      image_inputs([None, images], padded[0].shape[1], model.device)))
+    list(_token_steps(model, *batch.forked[:2], GenerationConfig(max_new_tokens=4), going_on, start=batch.forked[2]))
+    single = _left_pad([image_ids], tokenizer.pad_token_id, model.device)
+    list(_token_steps(model, *single, GenerationConfig(max_new_tokens=6), alone,
+                      image_inputs([images], single[0].shape[1], model.device)))
+    for step, logits in enumerate(going_on.logits):
+        assert torch.allclose(logits, alone.logits[step + 2].expand_as(logits), atol=1e-4), step
+
+
+def test_tool_calls_on_a_prompt_with_an_image_are_scored_as_whole_calls(vlm_dir, vision, pictures):
+    from sftkit.constrained import ToolCallGuide
+    from sftkit.tools import offered_tools
+
+    tokenizer, _ = vision
+    model = load_model(vlm_dir).eval()
+    system = "Tools:\n" + "\n".join(f"{i}. " + json.dumps({"name": name, "parameters": params}) for i, (name, params) in enumerate(
+        [("weather", [{"name": "city", "enum": ["Paris", "Oslo"], "required": True}]),
+         ("book_table", [{"name": "people", "type": "integer", "minimum": 1, "maximum": 9, "required": True}])], 1))
+    opener, closer = "<|startofthink|>", "<|endofthink|>"
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    liked = ids('{"api_name": "weather", "parameters": {"city": "Oslo"}}' + closer)
+    pushed = Preferring(model, ids(opener), liked, ids('{"api_name": "book_table", "parameters": {"people": 2}}' + closer))
+    pushed.model, pushed.base_model_prefix = model.model, "model"  # the model's own 3-D positions
+    (image_ids, images), _ = image_and_text_prompts(vision, pictures[0])
+    texts = {scored: generate_batch(pushed, tokenizer, [image_ids], GenerationConfig(max_new_tokens=60), stop_after=(closer,),
+                                    images=[images], constraint=ToolCallGuide(tokenizer, "qwen", scored).constraint([offered_tools(system)]))[0]
+             for scored in (False, True)}
+    assert texts[False].startswith(opener + '{"api_name": "book_table"')
+    assert texts[True] == opener + tokenizer.decode(liked)
 
 
 def test_chat_takes_images_from_the_repl_and_from_the_command_line(vlm_dir, vision, pictures, tokenizer, tiny_model_dir):

@@ -242,7 +242,7 @@ class Engine:
             sequence.position = int(positions[..., row, :].max()) + 1
             _prepare_sampling(sequence, prompt, logits.shape[-1], self.device)
             if sequence.request.constraint is not None:
-                sequence.request.constraint.begin(self.model, sequence.request.images)
+                sequence.request.constraint.begin(self.model)
         self._take(logits, arrivals, cache, mask)
         if self._running:
             kv, mask = _merged(_kv(self._cache), self._mask, _kv(cache), mask)
