@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
 import sys
 
 import click
@@ -55,14 +54,14 @@ def rlhf(config: RLHFConfig):
 
 
 def run_training(config: TrainConfig) -> None:
-    from sftkit.distributed import launch_command
+    from sftkit.distributed import launch_command, run_launcher
     from sftkit.train import train as run_train
 
     command = launch_command(os.environ, sys.argv[1:])
     if command:
         # As ms-swift does: NPROC_PER_NODE=N [NNODES=M NODE_RANK=i MASTER_ADDR=...] sftkit train|rlhf ... reruns
         # itself under torchrun; a process that torchrun, deepspeed or srun started runs here.
-        sys.exit(subprocess.call(command))
+        sys.exit(run_launcher(command))
     run_train(config)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +19,11 @@ import torch
 import torch.distributed as dist
 
 from .errors import SftkitError
+
+# Seconds torchrun gives its workers to finish the step and save after a stop signal, before it kills them.
+SHUTDOWN_TIMEOUT_S = 600
+# The file where ranks started by run_launcher write the exit code of a run stopped after saving.
+STOP_REPORT_ENV = "SFTKIT_STOP_REPORT"
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,45 @@ def launch_command(env: Mapping[str, str], argv: list[str]) -> list[str] | None:
     else:
         args += [f"--node_rank={node_rank or 0}", f"--master_addr={address or '127.0.0.1'}", f"--master_port={port}"]
     return [sys.executable, "-m", "torch.distributed.run", *args, "-m", "sftkit_cli.main", *argv]
+
+
+def run_launcher(command: list[str], env: Mapping[str, str] | None = None) -> int:
+    """Run torchrun to its end, handing it each SIGINT/SIGTERM this process gets; its exit code, or 130/143 when
+    the ranks stopped on a signal after saving.
+
+    Dying here would leave torchrun and its workers training (they run in sessions of their own), and a Ctrl-C
+    reaching torchrun twice (from the terminal and from here) would abort the workers without saving; so torchrun
+    runs in a session of its own and hears each signal once, from here. It passes the signal to the workers,
+    which finish their step and save; they get SHUTDOWN_TIMEOUT_S for that unless TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+    says otherwise (torchrun kills them after 30 s by default). torchrun's own code then only says that its
+    workers ended early, so the ranks report a saved stop's code in a file (report_stop).
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="sftkit-launch-") as folder:
+        report = os.path.join(folder, "stopped")
+        env = {**(os.environ if env is None else env), STOP_REPORT_ENV: report}
+        env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
+        process = subprocess.Popen(command, env=env, start_new_session=True)
+        previous = {sig: signal.signal(sig, lambda signum, frame: process.send_signal(signum))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            code = process.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if code and os.path.exists(report):
+            with open(report) as handle:
+                return int(handle.read())
+    return code
+
+
+def report_stop(exit_code: int) -> None:
+    """Tell the `sftkit` that launched this rank (run_launcher) that the run stopped after saving, with this code."""
+    path = os.environ.get(STOP_REPORT_ENV)
+    if path:
+        with open(path, "w") as handle:
+            handle.write(str(exit_code))
 
 
 class LaunchError(SftkitError):

@@ -151,7 +151,9 @@ def train(config: TrainConfig, *, loss_fn=None, on_record: Callable[[dict], None
                 progress.close()
                 log.close()
                 distributed.shutdown(world)
-                raise TrainingStopped(stopping, checkpoint, config.command)
+                stopped = TrainingStopped(stopping, checkpoint, config.command)
+                distributed.report_stop(stopped.exit_code)
+                raise stopped
 
     # --- The end: curves, the best checkpoint, what to do next.
     progress.close()

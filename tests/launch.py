@@ -27,6 +27,35 @@ def torchrun(values: dict, nproc: int = 2, timeout: int = 300, command: str = "t
     return result
 
 
+def stop_launched_run(values: dict, sent: int, timeout: int = 180) -> tuple[int, str, list[int]]:
+    """Start `sftkit train` with NPROC_PER_NODE=2, send `sent` to it alone once its ranks are training, and wait:
+    (its exit code, its output, the processes it started that are still alive)."""
+    command = [sys.executable, "-m", "sftkit_cli.main", *_argv(values)]
+    env = {**_env(), "NPROC_PER_NODE": "2", "MASTER_PORT": str(_free_port())}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    metrics, started = os.path.join(values["output_dir"], "metrics.jsonl"), time.monotonic()
+    try:
+        while not os.path.exists(metrics) and process.poll() is None and time.monotonic() - started < timeout:
+            time.sleep(0.2)
+        launched = _tree(process.pid)
+        process.send_signal(sent)
+        output, _ = process.communicate(timeout=timeout)
+        time.sleep(1)
+        return process.returncode, output, [pid for pid in launched[1:] if _alive(pid)]
+    finally:
+        _signal_tree(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its parent to read its exit code."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def nodes(values: dict, count: int = 2, nproc_per_node: int = 1, timeout: int = 300, **env) -> list:
     """`sftkit train` started once per simulated node with ms-swift's variables (NNODES, NODE_RANK, MASTER_ADDR,
     MASTER_PORT), each relaunching itself under torchrun; returns every node's finished process."""

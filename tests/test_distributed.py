@@ -3,6 +3,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from safetensors.torch import load_file
 
 from sftkit.config import TrainConfig
 from sftkit.data.pipeline import build_example, collate
-from launch import assert_same_losses, options, records, torchrun
+from launch import assert_same_losses, options, records, stop_launched_run, torchrun
 from sftkit.loss import loss_sum
 from sftkit.placement import place, plan_placement
 from sftkit.train import train
@@ -72,11 +73,23 @@ def test_nproc_per_node_relaunches_under_torchrun(monkeypatch):
     monkeypatch.setenv("NPROC_PER_NODE", "2")
     for variable in ("LOCAL_RANK", "NNODES", "MASTER_PORT", "SLURM_PROCID"):
         monkeypatch.delenv(variable, raising=False)
-    monkeypatch.setattr(cli_main.subprocess, "call", lambda command: seen.setdefault("command", command) and 0)
+    monkeypatch.setattr("sftkit.distributed.run_launcher", lambda command: seen.setdefault("command", command) and 0)
     monkeypatch.setattr(cli_main.sys, "argv", ["sftkit", "train", "--max_steps", "2"])
     CliRunner().invoke(cli_main.main, ["train", "--max_steps", "2"])
     assert seen["command"][1:6] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", "--standalone"]
     assert seen["command"][-5:] == ["-m", "sftkit_cli.main", "train", "--max_steps", "2"]
+
+
+@pytest.mark.parametrize("sent,exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_the_launching_sftkit_stops_every_rank_after_saving(sent, exit_code, tiny_model_dir, data_file, tmp_path):
+    """`NPROC_PER_NODE=2 sftkit train` relaunches itself under torchrun: a stop signal to it (a scheduler's SIGTERM,
+    a Ctrl-C) reaches the ranks once, they save and stop, and it exits with the code of a saved stop."""
+    values = options(tiny_model_dir, data_file, tmp_path / "run", max_steps=100_000, eval_steps=100_000, save_steps=100_000)
+    code, output, left = stop_launched_run(values, sent)
+    assert code == exit_code, output[-3000:]
+    assert left == [], "processes left running"
+    saved = [name for name in os.listdir(tmp_path / "run") if name.startswith("checkpoint-")]
+    assert len(saved) == 1 and output.count(f"checkpoint saved: {tmp_path / 'run' / saved[0]}") == 2  # both ranks
 
 
 @pytest.mark.parametrize("sizes,devices,first,last,expected", [
