@@ -99,7 +99,7 @@ def test_the_cli_runs_in_place_under_a_launcher_and_takes_deepspeeds_local_rank(
     ran, relaunched = [], []
     for key, value in {**TWO_NODES, "LOCAL_RANK": "0", "RANK": "4", "WORLD_SIZE": "8"}.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(cli_main.subprocess, "call", lambda command: relaunched.append(command) or 0)
+    monkeypatch.setattr("sftkit.distributed.run_launcher", lambda command: relaunched.append(command) or 0)
     monkeypatch.setattr(sys.modules["sftkit.train"], "train", lambda config: ran.append(config.max_steps))
     result = CliRunner().invoke(cli_main.main, ["--local_rank=0", "train", "--max_steps", "2"])
     assert result.exit_code == 0, result.output
