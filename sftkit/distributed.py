@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -118,7 +119,7 @@ def launch_command(env: Mapping[str, str], argv: list[str]) -> list[str] | None:
     return [sys.executable, "-m", "torch.distributed.run", *args, "-m", "sftkit_cli.main", *argv]
 
 
-def run_launcher(command: list[str], env: Mapping[str, str] | None = None) -> int:
+def run_launcher(command: list[str]) -> int:
     """Run torchrun to its end, handing it each SIGINT/SIGTERM this process gets; its exit code, or 130/143 when
     the ranks stopped on a signal after saving.
 
@@ -129,11 +130,9 @@ def run_launcher(command: list[str], env: Mapping[str, str] | None = None) -> in
     says otherwise (torchrun kills them after 30 s by default). torchrun's own code then only says that its
     workers ended early, so the ranks report a saved stop's code in a file (report_stop).
     """
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="sftkit-launch-") as folder:
         report = os.path.join(folder, "stopped")
-        env = {**(os.environ if env is None else env), STOP_REPORT_ENV: report}
+        env = {**os.environ, STOP_REPORT_ENV: report}
         env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
         process = subprocess.Popen(command, env=env, start_new_session=True)
         previous = {sig: signal.signal(sig, lambda signum, frame: process.send_signal(signum))
