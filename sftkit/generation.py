@@ -94,7 +94,7 @@ def generate_stream(model, tokenizer, input_ids, config: GenerationConfig, stop_
     """
     stops = stop_token_set(model, tokenizer, stop_token_ids)
     reply = ReplyText(tokenizer, stop_strings, stop_after)
-    padded = _left_pad([list(input_ids)], pad_token_id(tokenizer), model.device)
+    padded = left_pad([list(input_ids)], pad_token_id(tokenizer), model.device)
     for tokens in _token_steps(model, *padded, config, constraint, image_inputs([images], padded[0].shape[1], model.device)):
         token = int(tokens[0])
         if token in stops:
@@ -123,7 +123,7 @@ def generate_batch(model, tokenizer, batch_input_ids, config: GenerationConfig, 
         return []
     stops = stop_token_set(model, tokenizer, stop_token_ids)
     replies = [ReplyText(tokenizer, stop_strings, stop_after) for _ in batch_input_ids]
-    padded = _left_pad([list(ids) for ids in batch_input_ids], pad_token_id(tokenizer), model.device)
+    padded = left_pad([list(ids) for ids in batch_input_ids], pad_token_id(tokenizer), model.device)
     for tokens in _token_steps(model, *padded, config, constraint, image_inputs(images or [], padded[0].shape[1], model.device)):
         if on_tokens is not None:
             on_tokens(sum(not reply.done for reply in replies))
@@ -236,7 +236,7 @@ def pad_token_id(tokenizer) -> int:
     return pad
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), left-padded so every row's next token lands in the last column."""
     if any(not row for row in rows):
         raise ValueError("cannot generate from an empty prompt")

@@ -121,15 +121,15 @@ def test_scored_calls_pick_the_likeliest_whole_call_not_the_likeliest_first_toke
 
 def test_a_forked_row_goes_on_as_the_row_alone_would(model, tokenizer):
     """A scored call's candidates start from a copy of one row's KV cache in a left-padded batch: the same logits."""
-    from sftkit.generation import _left_pad, _token_steps
+    from sftkit.generation import left_pad, _token_steps
 
     short, long = ids_of(tokenizer, "<|im_start|>user\nhi<|im_end|>\n"), prompts(tokenizer, 1)[0]
     batch, going_on, alone = Record(forks=[1, 1, 1]), Record(), Record()
-    picked = [int(tokens[1]) for tokens in _token_steps(model, *_left_pad([long, short], 0, model.device),
+    picked = [int(tokens[1]) for tokens in _token_steps(model, *left_pad([long, short], 0, model.device),
                                                        GenerationConfig(max_new_tokens=2), batch)]
     assert batch.forked[0].tolist() == [[picked[1]]] * 3
     list(_token_steps(model, *batch.forked[:2], GenerationConfig(max_new_tokens=4), going_on, start=batch.forked[2]))
-    list(_token_steps(model, *_left_pad([short], 0, model.device), GenerationConfig(max_new_tokens=6), alone))
+    list(_token_steps(model, *left_pad([short], 0, model.device), GenerationConfig(max_new_tokens=6), alone))
     for step, logits in enumerate(going_on.logits):
         assert torch.allclose(logits, alone.logits[step + 2].expand_as(logits), atol=1e-4), step
 

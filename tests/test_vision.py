@@ -212,17 +212,17 @@ def image_and_text_prompts(vision, picture):
 def test_a_forked_row_with_an_image_goes_on_as_the_row_alone_would(vlm_dir, vision, pictures):
     """Scored tool calls fork a row's KV cache; with images its positions are the model's own [3, batch, length]
     ones, taken at the row's place in the batch."""
-    from sftkit.generation import _left_pad, _token_steps, image_inputs
+    from sftkit.generation import left_pad, _token_steps, image_inputs
 
     tokenizer, _ = vision
     model = load_model(vlm_dir).eval()
     (image_ids, images), (text_ids, _) = image_and_text_prompts(vision, pictures[1])
     batch, going_on, alone = Record(forks=[1, 1]), Record(), Record()
-    padded = _left_pad([text_ids, image_ids], tokenizer.pad_token_id, model.device)
+    padded = left_pad([text_ids, image_ids], tokenizer.pad_token_id, model.device)
     list(_token_steps(model, *padded, GenerationConfig(max_new_tokens=2), batch,
                       image_inputs([None, images], padded[0].shape[1], model.device)))
     list(_token_steps(model, *batch.forked[:2], GenerationConfig(max_new_tokens=4), going_on, start=batch.forked[2]))
-    single = _left_pad([image_ids], tokenizer.pad_token_id, model.device)
+    single = left_pad([image_ids], tokenizer.pad_token_id, model.device)
     list(_token_steps(model, *single, GenerationConfig(max_new_tokens=6), alone,
                       image_inputs([images], single[0].shape[1], model.device)))
     for step, logits in enumerate(going_on.logits):

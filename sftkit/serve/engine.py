@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..generation import (GenerationConfig, ReplyText, cache_argument, evaluating, fork_rows, image_inputs, next_tokens,
-                          pad_token_id, prompt_positions, stop_token_set)
+from ..generation import (GenerationConfig, ReplyText, cache_argument, evaluating, fork_rows, image_inputs, left_pad,
+                          next_tokens, pad_token_id, prompt_positions, stop_token_set)
 
 log = logging.getLogger("sftkit.serve")
 
@@ -231,10 +231,8 @@ class Engine:
         from transformers import DynamicCache
 
         prompts = [list(sequence.request.prompt_ids) for sequence in arrivals]
-        longest = max(map(len, prompts))
-        ids = torch.tensor([[self.pad_id] * (longest - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        images = image_inputs([sequence.request.images for sequence in arrivals], longest, self.device)
+        ids, mask = left_pad(prompts, self.pad_id, self.device)
+        images = image_inputs([sequence.request.images for sequence in arrivals], ids.shape[1], self.device)
         positions = prompt_positions(self.model, ids, mask, images)
         cache = DynamicCache()
         logits = self._forward(ids, mask, positions, cache, arrivals, images)
